@@ -1,0 +1,120 @@
+//! The Python boundary: the only module that touches pyo3. It starts the interpreter, loads the app, and runs
+//! requests on a pool of threads that stay attached to the interpreter and hold the GIL only while Python runs.
+//!
+//! The async side hands a `Job` over a channel and gets `Reply` messages back over another; no Python object
+//! ever crosses to the async side.
+
+mod errors;
+mod file_wrapper;
+mod input;
+mod interpreter;
+mod loader;
+mod request;
+
+use std::sync::Arc;
+use std::thread;
+
+use pyo3::prelude::*;
+use tokio::sync::mpsc;
+
+use crate::body::Body;
+use crate::config::Config;
+use crate::environ::Environ;
+use crate::response::Reply;
+
+pub use loader::AppSpec;
+
+/// One request for the pool.
+pub struct Job {
+    pub environ: Environ,
+    pub body: Body,
+    /// Where the response goes, in order; dropped by the connection when the client went away.
+    pub reply: mpsc::Sender<Reply>,
+    /// The request's span, entered on the app thread so its log lines carry the request's fields.
+    pub span: tracing::Span,
+}
+
+/// Why the app could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot start the Python interpreter: {0}")]
+    Interpreter(String),
+    #[error(
+        "virtualenv {venv}: it was made with Python {found}, but ferrule embeds Python {embedded}"
+    )]
+    VirtualenvVersion {
+        venv: String,
+        found: String,
+        embedded: String,
+    },
+    #[error(
+        "invalid APP {0:?}: expected module:callable, module, path/to/file.py[:callable] or module:factory()"
+    )]
+    BadSpec(String),
+    #[error("cannot import the app from {target}: {error}")]
+    Import { target: String, error: String },
+    #[error("module {module:?} has no {tried} (name the callable: {module}:NAME)")]
+    NoCallable { module: String, tried: String },
+    #[error("{name} in {module:?} is not callable (it is a {kind})")]
+    NotCallable {
+        module: String,
+        name: String,
+        kind: String,
+    },
+    #[error("the app factory {name} failed: {error}")]
+    Factory { name: String, error: String },
+}
+
+/// What every request thread shares.
+struct Shared {
+    app: Py<PyAny>,
+    multithread: bool,
+    multiprocess: bool,
+}
+
+/// The threads that run the app.
+pub struct AppPool {
+    jobs: crossbeam_channel::Sender<Job>,
+    threads: usize,
+}
+
+impl AppPool {
+    /// Starts the interpreter, imports the app and starts `config.threads` request threads.
+    pub fn start(config: &Config) -> Result<AppPool, AppError> {
+        interpreter::initialize(config)?;
+        let spec = AppSpec::parse(&config.app)?;
+        let app = Python::attach(|py| loader::load(py, &spec))?;
+        let shared = Arc::new(Shared {
+            app,
+            multithread: config.threads > 1,
+            multiprocess: config.workers > 1,
+        });
+        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        for n in 0..config.threads {
+            let shared = Arc::clone(&shared);
+            let queue = queue.clone();
+            thread::Builder::new()
+                .name(format!("ferrule-app-{n}"))
+                .spawn(move || request::run_thread(&shared, &queue))
+                .map_err(|e| AppError::Interpreter(format!("cannot start app thread: {e}")))?;
+        }
+        Ok(AppPool {
+            jobs,
+            threads: config.threads,
+        })
+    }
+
+    /// Queues a request; the job comes back if the pool has stopped.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        self.jobs.send(job).map_err(|e| e.into_inner())
+    }
+
+    /// Requests queued but not yet picked up by a thread.
+    pub fn queued(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}

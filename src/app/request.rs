@@ -1,0 +1,546 @@
+//! One request on an app thread: the environ dict, `start_response` and `write()`, iterating the response
+//! and `close()`, all turned into `Reply` messages for the connection.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use bytes::{Bytes, BytesMut};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use tokio::sync::mpsc::{self, error::TrySendError};
+
+use super::errors::{ErrorStream, format_exception};
+use super::file_wrapper::{FileWrapper, SendableFile};
+use super::input::Input;
+use super::{Job, Shared};
+use crate::body::Body;
+use crate::environ::{Environ, UrlScheme};
+use crate::response::{self, Reply};
+
+/// How many distinct environ keys a thread keeps as ready Python strings; beyond it keys are made per request,
+/// so hostile header names cannot grow the cache without bound.
+const KEY_CACHE_LIMIT: usize = 512;
+
+/// The body of a request thread: wait for work with the GIL released, run it with the GIL held.
+pub(super) fn run_thread(shared: &Shared, queue: &crossbeam_channel::Receiver<Job>) {
+    Python::attach(|py| {
+        let ctx = match ThreadContext::new(py, shared) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                tracing::error!(traceback = %format_exception(py, &e), "cannot prepare an app thread");
+                return;
+            }
+        };
+        while let Ok(job) = py.detach(|| queue.recv()) {
+            let span = job.span.clone();
+            let _entered = span.enter();
+            ctx.handle(py, job);
+        }
+    });
+}
+
+/// Why a request could not be answered normally.
+enum Failure {
+    /// The app raised, or one of its calls to start_response/write was refused.
+    Python(PyErr),
+    /// The app broke a PEP 3333 rule the server noticed itself.
+    Protocol(String),
+    /// The connection is gone; there is nobody to answer.
+    ClientGone,
+}
+
+impl From<PyErr> for Failure {
+    fn from(e: PyErr) -> Failure {
+        Failure::Python(e)
+    }
+}
+
+/// Per-thread Python objects, made once.
+struct ThreadContext<'py> {
+    app: Bound<'py, PyAny>,
+    /// The constant part of every environ; each request starts from a copy.
+    base: Bound<'py, PyDict>,
+    keys: RefCell<HashMap<Bytes, Py<PyString>>>,
+}
+
+impl<'py> ThreadContext<'py> {
+    fn new(py: Python<'py>, shared: &Shared) -> PyResult<ThreadContext<'py>> {
+        let base = PyDict::new(py);
+        base.set_item("wsgi.version", (1, 0))?;
+        base.set_item("wsgi.errors", Bound::new(py, ErrorStream::new())?)?;
+        base.set_item("wsgi.multithread", shared.multithread)?;
+        base.set_item("wsgi.multiprocess", shared.multiprocess)?;
+        base.set_item("wsgi.run_once", false)?;
+        base.set_item("wsgi.file_wrapper", py.get_type::<FileWrapper>())?;
+        base.set_item("wsgi.input_terminated", true)?;
+        Ok(ThreadContext {
+            app: shared.app.bind(py).clone(),
+            base,
+            keys: RefCell::new(HashMap::new()),
+        })
+    }
+
+    fn handle(&self, py: Python<'py>, job: Job) {
+        let Job {
+            environ,
+            body,
+            reply,
+            span: _,
+        } = job;
+        let state = ResponseState::new(reply, &environ.method[..] == b"HEAD");
+        let start_response = match Bound::new(py, StartResponse { state }) {
+            Ok(sr) => sr,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create start_response");
+                return;
+            }
+        };
+        if let Err(failure) = self.run(py, &environ, body, &start_response) {
+            fail(py, &start_response, failure);
+        }
+    }
+
+    fn run(
+        &self,
+        py: Python<'py>,
+        environ: &Environ,
+        body: Body,
+        sr: &Bound<'py, StartResponse>,
+    ) -> Result<(), Failure> {
+        let env = self.environ_dict(py, environ, body)?;
+        let result = self.app.call1((env, sr))?;
+        let sent = respond(py, sr, &result);
+        // PEP 3333: close() is called whatever happened, including errors and client aborts.
+        close_iterable(py, &result);
+        sent
+    }
+
+    fn environ_dict(
+        &self,
+        py: Python<'py>,
+        environ: &Environ,
+        body: Body,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let env = self.base.copy()?;
+        for (key, value) in &environ.vars {
+            env.set_item(self.key(py, key), latin1(py, value))?;
+        }
+        let scheme = match environ.url_scheme {
+            UrlScheme::Http => intern!(py, "http"),
+            UrlScheme::Https => intern!(py, "https"),
+        };
+        env.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+        env.set_item(intern!(py, "wsgi.input"), Bound::new(py, Input::new(body))?)?;
+        Ok(env)
+    }
+
+    /// Environ keys repeat on every request: keep them as ready Python strings.
+    fn key(&self, py: Python<'py>, key: &Bytes) -> Bound<'py, PyString> {
+        let mut keys = self.keys.borrow_mut();
+        if let Some(k) = keys.get(key) {
+            return k.bind(py).clone();
+        }
+        let k = latin1(py, key);
+        if keys.len() < KEY_CACHE_LIMIT {
+            keys.insert(key.clone(), k.clone().unbind());
+        }
+        k
+    }
+}
+
+/// PEP 3333 "native strings": every byte becomes the code point of the same number (latin-1).
+fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if bytes.is_ascii() => PyString::new(py, s),
+        _ => {
+            let s: String = bytes.iter().map(|&b| char::from(b)).collect();
+            PyString::new(py, &s)
+        }
+    }
+}
+
+/// Sends the app's response iterable.
+fn respond<'py>(
+    py: Python<'py>,
+    sr: &Bound<'py, StartResponse>,
+    result: &Bound<'py, PyAny>,
+) -> Result<(), Failure> {
+    if let Ok(wrapper) = result.cast::<FileWrapper>() {
+        if let Some(file) = wrapper.borrow().sendable(py) {
+            return sr.borrow_mut().state.send_file(py, file);
+        }
+    }
+    // A list or tuple is the whole body at once: one write, with a Content-Length.
+    if let Ok(list) = result.cast::<PyList>() {
+        return send_whole(py, sr, list.iter());
+    }
+    if let Ok(tuple) = result.cast::<PyTuple>() {
+        return send_whole(py, sr, tuple.iter());
+    }
+    for item in result.try_iter()? {
+        let item = item?;
+        let chunk = as_bytes(&item)?;
+        sr.borrow_mut().state.send_chunk(py, chunk.as_bytes())?;
+    }
+    sr.borrow_mut().state.finish(py)
+}
+
+fn as_bytes<'a, 'py>(item: &'a Bound<'py, PyAny>) -> Result<&'a Bound<'py, PyBytes>, Failure> {
+    item.cast::<PyBytes>().map_err(|_| {
+        let kind = item
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        Failure::Protocol(format!(
+            "the response iterable yielded {kind}, but PEP 3333 requires bytes"
+        ))
+    })
+}
+
+fn send_whole<'py>(
+    py: Python<'py>,
+    sr: &Bound<'py, StartResponse>,
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+) -> Result<(), Failure> {
+    let items: Vec<Bound<'py, PyAny>> = items.collect();
+    let mut chunks = Vec::with_capacity(items.len());
+    for item in &items {
+        chunks.push(as_bytes(item)?.as_bytes());
+    }
+    sr.borrow_mut().state.send_whole(py, &chunks)
+}
+
+fn close_iterable(py: Python<'_>, result: &Bound<'_, PyAny>) {
+    // Lists and tuples have no close(); skip the failing attribute lookup on the hot path.
+    if result.is_exact_instance_of::<PyList>() || result.is_exact_instance_of::<PyTuple>() {
+        return;
+    }
+    if let Ok(close) = result.getattr(intern!(py, "close")) {
+        if let Err(e) = close.call0() {
+            tracing::error!(traceback = %format_exception(py, &e), "close() of the response iterable raised");
+        }
+    }
+}
+
+/// Logs the failure and gives nginx the right answer: a 500 if nothing was sent yet, else a reset.
+fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
+    match &failure {
+        Failure::ClientGone => {
+            tracing::debug!("client went away during the response");
+            return;
+        }
+        Failure::Python(e) => {
+            tracing::error!(traceback = %format_exception(py, e), "application error")
+        }
+        Failure::Protocol(msg) => tracing::error!(error = %msg, "application error"),
+    }
+    let mut sr = sr.borrow_mut();
+    let r = &mut sr.state;
+    if r.headers_sent {
+        let status = r.status_code();
+        let _ = r.send(
+            py,
+            Reply::Abort {
+                status,
+                body_bytes: r.body_bytes,
+            },
+        );
+    } else {
+        let (bytes, body_len) = response::server_response(500);
+        r.headers_sent = true;
+        if r.send(py, Reply::Send(bytes)).is_ok() {
+            let _ = r.send(
+                py,
+                Reply::Done {
+                    status: 500,
+                    body_bytes: body_len,
+                },
+            );
+        }
+    }
+}
+
+/// What start_response recorded and what has been sent so far.
+struct ResponseState {
+    /// The status line as the app gave it, and its code.
+    status: Option<(String, u16)>,
+    headers: Vec<(String, String)>,
+    /// Content-Length set by the app; the server never sends more body than this.
+    declared_length: Option<u64>,
+    headers_sent: bool,
+    body_bytes: u64,
+    is_head: bool,
+    warned_overlong: bool,
+    tx: mpsc::Sender<Reply>,
+}
+
+impl ResponseState {
+    fn new(tx: mpsc::Sender<Reply>, is_head: bool) -> ResponseState {
+        ResponseState {
+            status: None,
+            headers: Vec::new(),
+            declared_length: None,
+            headers_sent: false,
+            body_bytes: 0,
+            is_head,
+            warned_overlong: false,
+            tx,
+        }
+    }
+
+    fn status_code(&self) -> u16 {
+        self.status.as_ref().map_or(500, |s| s.1)
+    }
+
+    fn started(&self) -> Result<&(String, u16), Failure> {
+        self.status.as_ref().ok_or_else(|| {
+            Failure::Protocol("the app returned a body without calling start_response".into())
+        })
+    }
+
+    /// Hands a message to the connection, waiting (without the GIL) only when its queue is full.
+    fn send(&self, py: Python<'_>, msg: Reply) -> Result<(), Failure> {
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(msg)) => {
+                let tx = self.tx.clone();
+                py.detach(move || tx.blocking_send(msg))
+                    .map_err(|_| Failure::ClientGone)
+            }
+            Err(TrySendError::Closed(_)) => Err(Failure::ClientGone),
+        }
+    }
+
+    fn may_add_length(&self) -> bool {
+        let method: &[u8] = if self.is_head { b"HEAD" } else { b"GET" };
+        self.declared_length.is_none()
+            && response::may_add_content_length(method, self.status_code())
+    }
+
+    fn head(&self, content_length: Option<u64>, extra: usize) -> Result<BytesMut, Failure> {
+        let (status, _) = self.started()?;
+        let headers = self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+        Ok(response::encode_head(
+            status,
+            headers,
+            content_length,
+            extra,
+        ))
+    }
+
+    /// PEP 3333: never send more than the app's own Content-Length.
+    fn clip<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
+        let Some(limit) = self.declared_length else {
+            return data;
+        };
+        let room = limit.saturating_sub(self.body_bytes);
+        if (data.len() as u64) <= room {
+            return data;
+        }
+        if !self.warned_overlong {
+            self.warned_overlong = true;
+            tracing::warn!(
+                content_length = limit,
+                "the app sent more body than its Content-Length; the rest is dropped"
+            );
+        }
+        &data[..room as usize]
+    }
+
+    fn send_whole(&mut self, py: Python<'_>, chunks: &[&[u8]]) -> Result<(), Failure> {
+        let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let length = self.may_add_length().then_some(total);
+        let mut buf = self.head(length, usize::try_from(total).unwrap_or(0))?;
+        for chunk in chunks {
+            let chunk = self.clip(chunk);
+            buf.extend_from_slice(chunk);
+            self.body_bytes += chunk.len() as u64;
+        }
+        self.headers_sent = true;
+        self.send(py, Reply::Send(buf.freeze()))?;
+        self.finish(py)
+    }
+
+    fn send_chunk(&mut self, py: Python<'_>, data: &[u8]) -> Result<(), Failure> {
+        if data.is_empty() {
+            // PEP 3333: empty chunks do not send the headers early.
+            return Ok(());
+        }
+        let data = self.clip(data);
+        if self.headers_sent {
+            if data.is_empty() {
+                return Ok(());
+            }
+            self.body_bytes += data.len() as u64;
+            return self.send(py, Reply::Send(Bytes::copy_from_slice(data)));
+        }
+        // The head and the first chunk go out in one write.
+        let mut buf = self.head(None, data.len())?;
+        buf.extend_from_slice(data);
+        self.headers_sent = true;
+        self.body_bytes += data.len() as u64;
+        self.send(py, Reply::Send(buf.freeze()))
+    }
+
+    fn send_file(&mut self, py: Python<'_>, file: SendableFile) -> Result<(), Failure> {
+        let len = match self.declared_length {
+            Some(limit) => file.len.min(limit),
+            None => file.len,
+        };
+        let head = self.head(self.may_add_length().then_some(len), 0)?;
+        self.headers_sent = true;
+        self.send(py, Reply::Send(head.freeze()))?;
+        if len > 0 && !self.is_head {
+            self.send(
+                py,
+                Reply::SendFile {
+                    file: file.file,
+                    offset: file.offset,
+                    len,
+                },
+            )?;
+            self.body_bytes = len;
+        }
+        self.finish(py)
+    }
+
+    /// The body is complete: send the head if no chunk carried it, then tell the connection.
+    fn finish(&mut self, py: Python<'_>) -> Result<(), Failure> {
+        let (_, status) = *self.started()?;
+        if !self.headers_sent {
+            // Everything the app produced was empty, so the length is known to be zero.
+            let head = self.head(self.may_add_length().then_some(0), 0)?;
+            self.headers_sent = true;
+            self.send(py, Reply::Send(head.freeze()))?;
+        }
+        let short = self.declared_length.is_some_and(|l| {
+            self.body_bytes < l && !self.is_head && response::may_add_content_length(b"GET", status)
+        });
+        if short {
+            tracing::error!(
+                content_length = self.declared_length,
+                sent = self.body_bytes,
+                "the app sent less body than its Content-Length"
+            );
+            return self.send(
+                py,
+                Reply::Abort {
+                    status,
+                    body_bytes: self.body_bytes,
+                },
+            );
+        }
+        self.send(
+            py,
+            Reply::Done {
+                status,
+                body_bytes: self.body_bytes,
+            },
+        )
+    }
+}
+
+/// The `start_response` callable handed to the app; its `write` method is the PEP 3333 write() callable.
+#[pyclass(module = "ferrule")]
+pub struct StartResponse {
+    state: ResponseState,
+}
+
+#[pymethods]
+impl StartResponse {
+    #[pyo3(signature = (status, headers, exc_info = None))]
+    fn __call__<'py>(
+        slf: &Bound<'py, Self>,
+        status: &Bound<'py, PyAny>,
+        headers: &Bound<'py, PyAny>,
+        exc_info: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        {
+            let mut this = slf.borrow_mut();
+            let r = &mut this.state;
+            match exc_info.filter(|e| !e.is_none()) {
+                // PEP 3333: once the headers are out, start_response with exc_info re-raises the exception.
+                Some(exc) if r.headers_sent => return Err(PyErr::from_value(exc.get_item(1)?)),
+                Some(_) => {}
+                None if r.status.is_some() => {
+                    return Err(PyRuntimeError::new_err(
+                        "start_response() was called a second time without exc_info",
+                    ));
+                }
+                None => {}
+            }
+            let status: String = status
+                .cast::<PyString>()
+                .map_err(|_| PyTypeError::new_err("status must be a str such as '200 OK'"))?
+                .to_str()?
+                .to_owned();
+            let code = response::parse_status(&status)
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let (headers, declared_length) = parse_headers(headers)?;
+            r.status = Some((status, code));
+            r.headers = headers;
+            r.declared_length = declared_length;
+        }
+        slf.getattr(intern!(slf.py(), "write"))
+    }
+
+    /// The write() callable: sends the headers if needed, then `data`, before returning.
+    fn write(&mut self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let chunk = data
+            .cast::<PyBytes>()
+            .map_err(|_| PyTypeError::new_err("write() takes bytes"))?;
+        if self.state.status.is_none() {
+            return Err(PyRuntimeError::new_err(
+                "write() was called before start_response()",
+            ));
+        }
+        match self.state.send_chunk(py, chunk.as_bytes()) {
+            Ok(()) => Ok(()),
+            Err(Failure::ClientGone) => Err(PyOSError::new_err("the client disconnected")),
+            Err(Failure::Python(e)) => Err(e),
+            Err(Failure::Protocol(msg)) => Err(PyRuntimeError::new_err(msg)),
+        }
+    }
+}
+
+/// Checks the app's header list: (str, str) pairs, latin-1, no CR/LF/NUL, no hop-by-hop headers.
+fn parse_headers(headers: &Bound<'_, PyAny>) -> PyResult<(Vec<(String, String)>, Option<u64>)> {
+    if !(headers.is_instance_of::<PyList>() || headers.is_instance_of::<PyTuple>()) {
+        return Err(PyTypeError::new_err(
+            "response headers must be a list of (name, value) tuples",
+        ));
+    }
+    let mut out = Vec::with_capacity(headers.len()?);
+    let mut declared = None;
+    for item in headers.try_iter()? {
+        let item = item?;
+        let pair = || PyTypeError::new_err("each response header must be a (str, str) tuple");
+        if item.len().map_err(|_| pair())? != 2 {
+            return Err(pair());
+        }
+        let name = item.get_item(0)?;
+        let value = item.get_item(1)?;
+        let name = name
+            .cast::<PyString>()
+            .map_err(|_| pair())?
+            .to_str()?
+            .to_owned();
+        let value = value
+            .cast::<PyString>()
+            .map_err(|_| pair())?
+            .to_str()?
+            .to_owned();
+        response::check_header(&name, &value).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        if name.eq_ignore_ascii_case("content-length") {
+            let parsed = value.trim().parse::<u64>().map_err(|_| {
+                PyValueError::new_err(format!("invalid Content-Length header {value:?}"))
+            })?;
+            declared = Some(parsed);
+        }
+        out.push((name, value));
+    }
+    Ok((out, declared))
+}

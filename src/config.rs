@@ -1,0 +1,227 @@
+//! Command-line options, validated once into a `Config` that the rest of the server reads.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Serve a Python WSGI app to nginx over the uwsgi protocol.
+#[derive(Debug, Parser)]
+#[command(name = "ferrule", version, about, max_term_width = 100)]
+pub struct Options {
+    /// The WSGI app: `package.module:callable`, `module` (callable `application`, then `app`),
+    /// `path/to/file.py[:callable]`, or a factory `module:create_app()`
+    #[arg(value_name = "APP")]
+    pub app: String,
+
+    /// Where to listen (repeatable): `unix:/path`, `/abs/path`, `HOST:PORT` or `[v6]:PORT`
+    #[arg(long = "socket", value_name = "ADDR", default_value = "127.0.0.1:3031")]
+    pub sockets: Vec<String>,
+
+    /// File mode of Unix sockets, in octal (nginx usually runs as another user: 660 with a shared group)
+    #[arg(long, value_name = "OCTAL", value_parser = parse_octal_mode)]
+    pub socket_mode: Option<u32>,
+
+    /// Threads that run the app in each worker
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: u32,
+
+    /// Worker processes (this release serves from one process)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+
+    /// Change to this directory before loading the app
+    #[arg(long, value_name = "DIR")]
+    pub chdir: Option<PathBuf>,
+
+    /// Add a directory to the front of sys.path (repeatable)
+    #[arg(long, value_name = "DIR")]
+    pub pythonpath: Vec<PathBuf>,
+
+    /// Virtualenv whose packages the app imports
+    #[arg(long, value_name = "DIR", env = "VIRTUAL_ENV")]
+    pub virtualenv: Option<PathBuf>,
+
+    /// Largest uwsgi vars block accepted, in bytes (the protocol's maximum is 65535)
+    #[arg(long, value_name = "BYTES", default_value_t = 65535, value_parser = clap::value_parser!(u32).range(64..=65535))]
+    pub buffer_size: u32,
+
+    /// Request bodies larger than this are spooled to a temporary file instead of memory
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    pub body_buffer_size: u64,
+
+    /// Seconds a peer may take to send its whole request before it is dropped
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub read_timeout: u64,
+
+    /// Seconds in-flight requests get to finish on SIGTERM
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub graceful_timeout: u64,
+
+    /// Length of the listen queue of each socket
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub listen_backlog: i32,
+
+    /// Log one line per request
+    #[arg(long)]
+    pub access_log: bool,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+fn parse_octal_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("{s:?} is not an octal file mode like 660")),
+    }
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketSpec {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for SocketSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SocketSpec::Unix(p) => write!(f, "unix:{}", p.display()),
+            SocketSpec::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// A bad option, named so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--socket {0:?}: expected unix:/path, /abs/path, HOST:PORT or [v6]:PORT")]
+    BadSocket(String),
+    #[error("--socket {0:?}: a Unix socket path must be absolute")]
+    RelativeUnixPath(String),
+    #[error("--chdir {0}: {1}")]
+    BadChdir(PathBuf, std::io::Error),
+    #[error("--virtualenv {0}: not a virtualenv (no pyvenv.cfg)")]
+    BadVirtualenv(PathBuf),
+}
+
+/// Parses one `--socket` value.
+pub fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        return if path.starts_with('/') {
+            Ok(SocketSpec::Unix(PathBuf::from(path)))
+        } else {
+            Err(ConfigError::RelativeUnixPath(s.to_owned()))
+        };
+    }
+    if s.starts_with('/') {
+        return Ok(SocketSpec::Unix(PathBuf::from(s)));
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(SocketSpec::Tcp(addr));
+    }
+    // A host name such as localhost:3031: resolve once, at start-up.
+    match s.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+        Some(addr) if s.contains(':') => Ok(SocketSpec::Tcp(addr)),
+        _ => Err(ConfigError::BadSocket(s.to_owned())),
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub app: String,
+    pub sockets: Vec<SocketSpec>,
+    pub socket_mode: Option<u32>,
+    pub threads: usize,
+    pub workers: usize,
+    pub chdir: Option<PathBuf>,
+    pub pythonpath: Vec<PathBuf>,
+    pub virtualenv: Option<PathBuf>,
+    pub max_vars_size: usize,
+    pub body_buffer_size: u64,
+    pub read_timeout: Duration,
+    pub graceful_timeout: Duration,
+    pub listen_backlog: i32,
+    pub access_log: bool,
+}
+
+impl Config {
+    pub fn from_options(o: Options) -> Result<Config, ConfigError> {
+        let sockets = o
+            .sockets
+            .iter()
+            .map(|s| parse_socket(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chdir = match o.chdir {
+            Some(dir) => Some(
+                dir.canonicalize()
+                    .map_err(|e| ConfigError::BadChdir(dir, e))?,
+            ),
+            None => None,
+        };
+        let virtualenv = match o.virtualenv.filter(|v| !v.as_os_str().is_empty()) {
+            Some(venv) if !venv.join("pyvenv.cfg").is_file() => {
+                return Err(ConfigError::BadVirtualenv(venv));
+            }
+            Some(venv) => Some(std::path::absolute(&venv).unwrap_or(venv)),
+            None => None,
+        };
+        Ok(Config {
+            app: o.app,
+            sockets,
+            socket_mode: o.socket_mode,
+            threads: o.threads as usize,
+            workers: o.workers as usize,
+            chdir,
+            pythonpath: o.pythonpath,
+            virtualenv,
+            max_vars_size: o.buffer_size as usize,
+            body_buffer_size: o.body_buffer_size,
+            read_timeout: Duration::from_secs(o.read_timeout.max(1)),
+            graceful_timeout: Duration::from_secs(o.graceful_timeout),
+            listen_backlog: o.listen_backlog.max(1),
+            access_log: o.access_log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_forms() {
+        assert_eq!(
+            parse_socket("unix:/run/a.sock").unwrap(),
+            SocketSpec::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            parse_socket("/run/a.sock").unwrap(),
+            SocketSpec::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            parse_socket("127.0.0.1:3031").unwrap(),
+            SocketSpec::Tcp("127.0.0.1:3031".parse().unwrap())
+        );
+        assert_eq!(
+            parse_socket("[::1]:3031").unwrap(),
+            SocketSpec::Tcp("[::1]:3031".parse().unwrap())
+        );
+        assert!(parse_socket("unix:relative.sock").is_err());
+        assert!(parse_socket("nonsense").is_err());
+        assert!(parse_socket("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn octal_modes() {
+        assert_eq!(parse_octal_mode("660"), Ok(0o660));
+        assert_eq!(parse_octal_mode("0666"), Ok(0o666));
+        assert!(parse_octal_mode("999").is_err());
+        assert!(parse_octal_mode("7777").is_err());
+    }
+}

@@ -1,0 +1,367 @@
+//! One connection: read the packet and body, hand the request to the app pool, write the response.
+//!
+//! The request's last byte is peeked, not read, until the response is complete. Closing a socket with unread
+//! data makes the kernel report an error to the peer (an RST on TCP, ECONNRESET on a Unix socket), so an
+//! aborted response reaches nginx as an upstream error instead of a clean end of a truncated body; a complete
+//! response consumes the byte first and ends with an ordinary close.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::app::{AppPool, Job};
+use crate::body::Body;
+use crate::config::Config;
+use crate::environ::{Environ, EnvironError};
+use crate::listener::Stream;
+use crate::packet::{self, HEADER_LEN, MODIFIER_PING, MODIFIER_WSGI, PacketError, PacketHeader};
+use crate::response::{self, Reply};
+
+/// First peek size: a typical nginx packet (about 1 KiB of vars) fits with room to spare.
+const INITIAL_PEEK: usize = 8 * 1024;
+/// Read size while spooling a large body to its file.
+const SPOOL_CHUNK: usize = 256 * 1024;
+/// How many replies an app thread may queue ahead of the socket: enough to overlap Python and I/O, small
+/// enough that a fast generator and a slow client cannot pile up memory.
+const REPLY_QUEUE: usize = 8;
+/// After the server answers a request it refused, it reads and drops what the peer still sends for at most
+/// this long, so the answer is not lost to a reset.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+
+/// What every connection shares.
+pub struct ConnShared {
+    pub config: Arc<Config>,
+    pub pool: Arc<AppPool>,
+}
+
+/// Why a request was not handed to the app.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("peer closed the connection after {0} bytes of an incomplete packet")]
+    Truncated(usize),
+    #[error("malformed packet: {0}")]
+    Malformed(PacketError),
+    #[error("the peer did not send its request within {0:?}")]
+    ReadTimeout(Duration),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Serves one connection to its end. Errors end this connection only.
+pub async fn serve(stream: Stream, shared: Arc<ConnShared>) {
+    match handle(stream, &shared).await {
+        Ok(()) => {}
+        Err(ConnError::Io(error)) if is_disconnect(&error) => {
+            tracing::debug!(%error, "peer went away")
+        }
+        Err(error) => tracing::warn!(%error, "closing connection"),
+    }
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// The header and vars block, peeked (still queued in the kernel).
+struct Peeked {
+    /// The header and the whole vars block.
+    packet: Bytes,
+}
+
+enum Start {
+    Request(Peeked),
+    /// A packet that is not a WSGI request and has been dealt with.
+    Handled,
+    /// A request the server answers itself with this status.
+    Refuse(u16),
+    /// The peer connected and closed without sending anything (a port probe, a TCP health check).
+    Empty,
+}
+
+async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError> {
+    let config = &shared.config;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + config.read_timeout;
+    let timeout = |_: tokio::time::error::Elapsed| ConnError::ReadTimeout(config.read_timeout);
+
+    let peeked = match tokio::time::timeout_at(deadline, peek_packet(&mut stream, config))
+        .await
+        .map_err(timeout)??
+    {
+        Start::Request(p) => p,
+        Start::Handled => return Ok(()),
+        Start::Refuse(status) => return refuse(&mut stream, status).await,
+        Start::Empty => {
+            tracing::debug!("peer closed without sending a request");
+            return Ok(());
+        }
+    };
+    let (_, vars) =
+        packet::parse_uwsgi_vars(&peeked.packet[HEADER_LEN..]).map_err(|e| match e {
+            nom::Err::Error(e) | nom::Err::Failure(e) => ConnError::Malformed(e),
+            // Complete parser over a whole block: it cannot ask for more.
+            nom::Err::Incomplete(_) => {
+                ConnError::Malformed(PacketError::TruncatedLength { remaining: 0 })
+            }
+        })?;
+    let environ = match Environ::from_vars(&peeked.packet, &vars) {
+        Ok(env) => env,
+        Err(error) => {
+            tracing::warn!(%error, "refusing request");
+            let status = match error {
+                EnvironError::InvalidContentLength(_) | EnvironError::MissingMethod => 400,
+            };
+            return refuse(&mut stream, status).await;
+        }
+    };
+    drop(vars);
+    let span = tracing::info_span!(
+        "request",
+        method = %String::from_utf8_lossy(&environ.method),
+        path = %String::from_utf8_lossy(&environ.log_path),
+    );
+    async move {
+        let total = peeked.packet.len() as u64 + environ.content_length;
+        let body = tokio::time::timeout_at(
+            deadline,
+            read_body(&mut stream, peeked.packet.len(), total, config),
+        )
+        .await
+        .map_err(timeout)??;
+        respond(stream, shared, environ, body, started).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Peeks until the header and the whole vars block are queued, answering pings and refusing foreign protocols.
+async fn peek_packet(stream: &mut Stream, config: &Config) -> Result<Start, ConnError> {
+    let mut buf = vec![0u8; INITIAL_PEEK];
+    let mut have = 0;
+    loop {
+        let n = stream.peek_more(&mut buf, have).await?;
+        if n <= have {
+            return if n == 0 {
+                Ok(Start::Empty)
+            } else {
+                Err(ConnError::Truncated(n))
+            };
+        }
+        have = n;
+        let header = match packet::parse_uwsgi_header(&buf[..n]) {
+            Ok((_, h)) => h,
+            Err(nom::Err::Incomplete(_)) => continue,
+            Err(nom::Err::Error(e) | nom::Err::Failure(e)) => return Err(ConnError::Malformed(e)),
+        };
+        match header.modifier1 {
+            MODIFIER_WSGI => {}
+            MODIFIER_PING => return answer_ping(stream, header).await.map(|()| Start::Handled),
+            other => {
+                match packet::sniff_foreign_protocol(&buf[..n]) {
+                    Some(proto) => tracing::warn!(
+                        protocol = proto,
+                        "this looks like {proto} sent to a uwsgi socket: point nginx at it with uwsgi_pass, not proxy_pass"
+                    ),
+                    None => {
+                        tracing::warn!(modifier1 = other, "unsupported uwsgi modifier1; closing")
+                    }
+                }
+                return Ok(Start::Handled);
+            }
+        }
+        let datasize = usize::from(header.datasize);
+        // Check the length against its limit before taking the bytes.
+        if datasize > config.max_vars_size {
+            tracing::warn!(
+                datasize,
+                limit = config.max_vars_size,
+                "uwsgi vars block larger than --buffer-size; answering 431"
+            );
+            return Ok(Start::Refuse(431));
+        }
+        let needed = HEADER_LEN + datasize;
+        if n >= needed {
+            buf.truncate(needed);
+            return Ok(Start::Request(Peeked {
+                packet: Bytes::from(buf),
+            }));
+        }
+        if buf.len() < needed {
+            buf.resize(needed, 0);
+        }
+    }
+}
+
+/// Reads the packet and its body, all but the request's last byte, which is peeked (see the module doc).
+/// Bodies up to `--body-buffer-size` stay in memory; larger ones go to an unlinked temporary file.
+async fn read_body(
+    stream: &mut Stream,
+    packet_len: usize,
+    total: u64,
+    config: &Config,
+) -> Result<Body, ConnError> {
+    let body_len = total - packet_len as u64;
+    if body_len <= config.body_buffer_size {
+        // One buffer for packet and body: a small POST is one read, and the body is a slice of it.
+        let total =
+            usize::try_from(total).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let mut all = vec![0u8; total];
+        read_exact(stream, &mut all[..total - 1]).await?;
+        peek_last(stream, &mut all[total - 1..]).await?;
+        return Ok(Body::Memory(Bytes::from(all).slice(packet_len..)));
+    }
+    let mut scratch = vec![0u8; packet_len.max(SPOOL_CHUNK)];
+    read_exact(stream, &mut scratch[..packet_len]).await?;
+    // Made with the current thread's blocking call: creating an unlinked file is one quick syscall.
+    let mut file = tokio::fs::File::from_std(tempfile::tempfile()?);
+    let mut left = body_len - 1;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(SPOOL_CHUNK);
+        let n = stream.read(&mut scratch[..want]).await?;
+        if n == 0 {
+            return Err(ConnError::Truncated((total - left) as usize));
+        }
+        file.write_all(&scratch[..n]).await?;
+        left -= n as u64;
+    }
+    let mut last = [0u8; 1];
+    peek_last(stream, &mut last).await?;
+    file.write_all(&last).await?;
+    file.flush().await?;
+    Ok(Body::Spooled {
+        file: file.into_std().await,
+        len: body_len,
+    })
+}
+
+async fn read_exact(stream: &mut Stream, mut buf: &mut [u8]) -> Result<(), ConnError> {
+    let mut got = 0;
+    while !buf.is_empty() {
+        let n = stream.read(buf).await?;
+        if n == 0 {
+            return Err(ConnError::Truncated(got));
+        }
+        got += n;
+        buf = &mut buf[n..];
+    }
+    Ok(())
+}
+
+/// Waits for the request's last byte and copies it without consuming it.
+async fn peek_last(stream: &mut Stream, one: &mut [u8]) -> Result<(), ConnError> {
+    if stream.peek_more(one, 0).await? == 0 {
+        return Err(ConnError::Truncated(0));
+    }
+    Ok(())
+}
+
+/// Hands the request to the app pool and writes what comes back.
+async fn respond(
+    mut stream: Stream,
+    shared: &ConnShared,
+    environ: Environ,
+    body: Body,
+    started: Instant,
+) -> Result<(), ConnError> {
+    let method = environ.method.clone();
+    let path = environ.log_path.clone();
+    let (tx, mut rx) = mpsc::channel(REPLY_QUEUE);
+    let job = Job {
+        environ,
+        body,
+        reply: tx,
+        span: tracing::Span::current(),
+    };
+    if shared.pool.submit(job).is_err() {
+        tracing::error!("the app pool has stopped; answering 503");
+        return refuse(&mut stream, 503).await;
+    }
+    let mut verdict = None;
+    while let Some(reply) = rx.recv().await {
+        match reply {
+            // A failed write returns early and drops `rx`, which tells the app thread to stop.
+            Reply::Send(bytes) => stream.write_all(&bytes).await?,
+            Reply::SendFile { file, offset, len } => {
+                stream.sendfile(&file, offset, len).await?;
+            }
+            Reply::Done { status, body_bytes } => {
+                verdict = Some((status, body_bytes, true));
+                break;
+            }
+            Reply::Abort { status, body_bytes } => {
+                verdict = Some((status, body_bytes, false));
+                break;
+            }
+        }
+    }
+    let Some((status, body_bytes, complete)) = verdict else {
+        tracing::error!("the app thread ended the response without completing it; resetting");
+        stream.abort();
+        return Ok(());
+    };
+    if shared.config.access_log {
+        let duration_us = started.elapsed().as_micros() as u64;
+        tracing::info!(
+            target: "ferrule::access",
+            parent: None,
+            method = %String::from_utf8_lossy(&method),
+            path = %String::from_utf8_lossy(&path),
+            status,
+            bytes = body_bytes,
+            duration_us,
+            "request"
+        );
+    }
+    if complete {
+        // Consume the held-back byte so the close is an ordinary end of the response.
+        let mut last = [0u8; 1];
+        stream.read(&mut last).await?;
+        stream.shutdown().await?;
+    } else {
+        stream.abort();
+    }
+    Ok(())
+}
+
+/// Answers a uWSGI ping the way uWSGI does: the same header back with modifier2 = 1.
+async fn answer_ping(stream: &mut Stream, header: PacketHeader) -> Result<(), ConnError> {
+    let mut packet = vec![0u8; HEADER_LEN + usize::from(header.datasize)];
+    read_exact(stream, &mut packet).await?;
+    let pong = packet::encode_header(PacketHeader {
+        modifier1: MODIFIER_PING,
+        datasize: 0,
+        modifier2: 1,
+    });
+    stream.write_all(&pong).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+/// Answers a request the server refuses itself, then drains what the peer still sends for a bounded time so
+/// the answer is not lost to a reset.
+async fn refuse(stream: &mut Stream, status: u16) -> Result<(), ConnError> {
+    let (bytes, _) = response::server_response(status);
+    stream.write_all(&bytes).await?;
+    stream.shutdown().await?;
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut drained = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while drained < LINGER_BYTES {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! Packet vars to the CGI half of a PEP 3333 environ: joining repeated headers, fallbacks, the body length
+//! and the URL scheme. Pure: bytes in, bytes out; the Python strings are made in `app`.
+
+use std::collections::HashMap;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::packet::Var;
+
+/// `wsgi.url_scheme`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlScheme {
+    Http,
+    Https,
+}
+
+impl UrlScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UrlScheme::Http => "http",
+            UrlScheme::Https => "https",
+        }
+    }
+}
+
+/// The request as the app will see it, before conversion to Python objects.
+#[derive(Debug, Clone)]
+pub struct Environ {
+    /// CGI vars in the order nginx sent them: repeated headers joined, `HTTP_CONTENT_*` twins removed and
+    /// fallbacks (`SCRIPT_NAME`, `SERVER_NAME`, ...) appended.
+    pub vars: Vec<(Bytes, Bytes)>,
+    pub url_scheme: UrlScheme,
+    /// Length of the body that follows the vars (`CONTENT_LENGTH`, empty or missing = 0).
+    pub content_length: u64,
+    pub method: Bytes,
+    /// What the access log shows: `REQUEST_URI`, else `PATH_INFO?QUERY_STRING`.
+    pub log_path: Bytes,
+}
+
+/// Why the vars do not make a request the app can be called with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvironError {
+    #[error("invalid CONTENT_LENGTH {0:?}")]
+    InvalidContentLength(String),
+    #[error("missing REQUEST_METHOD")]
+    MissingMethod,
+}
+
+/// Above this many vars, repeated keys are found through a hash map instead of a scan, so a hostile block of
+/// thousands of tiny vars costs linear time, while a typical nginx packet (about 20 vars) skips the hashing.
+const SCAN_LIMIT: usize = 32;
+
+impl Environ {
+    /// The value of a var, if present.
+    pub fn get(&self, key: &[u8]) -> Option<&Bytes> {
+        self.vars.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// Builds the environ from a packet's vars. `buf` is the buffer the vars borrow from, so keys and values are
+    /// shared with it instead of copied.
+    pub fn from_vars(buf: &Bytes, vars: &[Var<'_>]) -> Result<Environ, EnvironError> {
+        let mut out: Vec<(Bytes, Bytes)> = Vec::with_capacity(vars.len() + 4);
+        let mut index: Option<HashMap<&[u8], usize>> =
+            (vars.len() > SCAN_LIMIT).then(|| HashMap::with_capacity(vars.len()));
+        let mut http_content_type: Option<&[u8]> = None;
+
+        for var in vars {
+            match var.key {
+                // PEP 3333: CONTENT_TYPE and CONTENT_LENGTH have no HTTP_ twins.
+                b"HTTP_CONTENT_LENGTH" => continue,
+                b"HTTP_CONTENT_TYPE" => {
+                    http_content_type = Some(var.value);
+                    continue;
+                }
+                _ => {}
+            }
+            let existing = match &index {
+                Some(map) => map.get(var.key).copied(),
+                None => out.iter().position(|(k, _)| k == var.key),
+            };
+            match existing {
+                // Older nginx sends a repeated request header as repeated vars; uWSGI keeps only one of them.
+                Some(at) if var.key.starts_with(b"HTTP_") => {
+                    let sep: &[u8] = if var.key == b"HTTP_COOKIE" {
+                        b"; "
+                    } else {
+                        b", "
+                    };
+                    let old = &out[at].1;
+                    let mut joined =
+                        BytesMut::with_capacity(old.len() + sep.len() + var.value.len());
+                    joined.extend_from_slice(old);
+                    joined.extend_from_slice(sep);
+                    joined.extend_from_slice(var.value);
+                    out[at].1 = joined.freeze();
+                }
+                // A param set twice in the nginx config: the later one wins, as nginx's own order suggests.
+                Some(at) => out[at].1 = buf.slice_ref(var.value),
+                None => {
+                    if let Some(map) = &mut index {
+                        map.insert(var.key, out.len());
+                    }
+                    out.push((buf.slice_ref(var.key), buf.slice_ref(var.value)));
+                }
+            }
+        }
+        drop(index);
+
+        let mut env = Environ {
+            vars: out,
+            url_scheme: UrlScheme::Http,
+            content_length: 0,
+            method: Bytes::new(),
+            log_path: Bytes::new(),
+        };
+        env.method = match env.get(b"REQUEST_METHOD") {
+            Some(m) if !m.is_empty() => m.clone(),
+            _ => return Err(EnvironError::MissingMethod),
+        };
+        env.content_length = parse_content_length(env.get(b"CONTENT_LENGTH").map(|v| &v[..]))?;
+        env.url_scheme = url_scheme(&env);
+        if env.get(b"CONTENT_TYPE").is_none() {
+            if let Some(ct) = http_content_type {
+                env.vars
+                    .push((Bytes::from_static(b"CONTENT_TYPE"), buf.slice_ref(ct)));
+            }
+        }
+        env.apply_fallbacks();
+        env.log_path = match env.get(b"REQUEST_URI") {
+            Some(uri) if !uri.is_empty() => uri.clone(),
+            _ => {
+                let mut p = BytesMut::new();
+                p.extend_from_slice(env.get(b"SCRIPT_NAME").map_or(&b""[..], |v| v));
+                p.extend_from_slice(env.get(b"PATH_INFO").map_or(&b""[..], |v| v));
+                if let Some(q) = env.get(b"QUERY_STRING").filter(|q| !q.is_empty()) {
+                    p.extend_from_slice(b"?");
+                    p.extend_from_slice(q);
+                }
+                p.freeze()
+            }
+        };
+        Ok(env)
+    }
+
+    fn set(&mut self, key: &'static [u8], value: Bytes) {
+        match self.vars.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.vars.push((Bytes::from_static(key), value)),
+        }
+    }
+
+    /// Fills in what PEP 3333 requires and a bare uwsgi client may leave out.
+    fn apply_fallbacks(&mut self) {
+        // SCRIPT_NAME is always present; "/" means the root, which PEP 3333 spells as "".
+        match self.get(b"SCRIPT_NAME").map(|v| &v[..]) {
+            None | Some(b"/") => self.set(b"SCRIPT_NAME", Bytes::new()),
+            Some(_) => {}
+        }
+        let uri = self.get(b"REQUEST_URI").cloned();
+        let (uri_path, uri_query) = match &uri {
+            Some(u) => match u.iter().position(|&b| b == b'?') {
+                Some(q) => (u.slice(..q), Some(u.slice(q + 1..))),
+                None => (u.clone(), None),
+            },
+            None => (Bytes::new(), None),
+        };
+        if self.get(b"PATH_INFO").is_none() {
+            let script = self.get(b"SCRIPT_NAME").cloned().unwrap_or_default();
+            let decoded = percent_decode(&uri_path);
+            let path = match decoded.strip_prefix(&script[..]) {
+                Some(rest) if !script.is_empty() => rest.to_vec(),
+                _ => decoded,
+            };
+            let path = if path.is_empty() && script.is_empty() {
+                b"/".to_vec()
+            } else {
+                path
+            };
+            self.set(b"PATH_INFO", Bytes::from(path));
+        }
+        if self.get(b"QUERY_STRING").is_none() {
+            self.set(b"QUERY_STRING", uri_query.unwrap_or_default());
+        }
+        if self.get(b"SERVER_PROTOCOL").is_none_or(|v| v.is_empty()) {
+            self.set(b"SERVER_PROTOCOL", Bytes::from_static(b"HTTP/1.1"));
+        }
+        let host = self.get(b"HTTP_HOST").cloned().unwrap_or_default();
+        let (host_name, host_port) = split_host(&host);
+        if self.get(b"SERVER_NAME").is_none_or(|v| v.is_empty()) {
+            let name = if host_name.is_empty() {
+                Bytes::from_static(b"localhost")
+            } else {
+                host.slice_ref(host_name)
+            };
+            self.set(b"SERVER_NAME", name);
+        }
+        if self.get(b"SERVER_PORT").is_none_or(|v| v.is_empty()) {
+            let port = match host_port {
+                Some(p) => host.slice_ref(p),
+                None if self.url_scheme == UrlScheme::Https => Bytes::from_static(b"443"),
+                None => Bytes::from_static(b"80"),
+            };
+            self.set(b"SERVER_PORT", port);
+        }
+    }
+}
+
+/// `CONTENT_LENGTH`: empty or missing is 0; anything but plain decimal digits fitting a u64 is refused.
+pub fn parse_content_length(value: Option<&[u8]>) -> Result<u64, EnvironError> {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return Ok(0);
+    };
+    let invalid =
+        || EnvironError::InvalidContentLength(String::from_utf8_lossy(value).into_owned());
+    if value.len() > 20 || !value.iter().all(u8::is_ascii_digit) {
+        return Err(invalid());
+    }
+    value.iter().try_fold(0u64, |acc, &d| {
+        acc.checked_mul(10)
+            .and_then(|acc| acc.checked_add(u64::from(d - b'0')))
+            .ok_or_else(invalid)
+    })
+}
+
+/// `UWSGI_SCHEME`, else `HTTPS` on/1, else `REQUEST_SCHEME`, else http.
+fn url_scheme(env: &Environ) -> UrlScheme {
+    let scheme_of = |v: &[u8]| {
+        if v.eq_ignore_ascii_case(b"https") {
+            Some(UrlScheme::Https)
+        } else if v.eq_ignore_ascii_case(b"http") {
+            Some(UrlScheme::Http)
+        } else {
+            None
+        }
+    };
+    if let Some(s) = env.get(b"UWSGI_SCHEME").and_then(|v| scheme_of(v)) {
+        return s;
+    }
+    if let Some(v) = env.get(b"HTTPS") {
+        if v.eq_ignore_ascii_case(b"on") || &v[..] == b"1" {
+            return UrlScheme::Https;
+        }
+    }
+    env.get(b"REQUEST_SCHEME")
+        .and_then(|v| scheme_of(v))
+        .unwrap_or(UrlScheme::Http)
+}
+
+/// Splits a Host header into name and port: `example.com:8080`, `[::1]:8080`, `example.com`.
+fn split_host(host: &[u8]) -> (&[u8], Option<&[u8]>) {
+    if host.first() == Some(&b'[') {
+        if let Some(end) = host.iter().position(|&b| b == b']') {
+            let port = host[end + 1..].strip_prefix(b":").filter(|p| !p.is_empty());
+            return (&host[..=end], port);
+        }
+        return (host, None);
+    }
+    match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if colon + 1 < host.len() => (&host[..colon], Some(&host[colon + 1..])),
+        Some(colon) => (&host[..colon], None),
+        None => (host, None),
+    }
+}
+
+/// Percent-decodes a URI path, as nginx does for `$document_uri`; malformed escapes stay as they are.
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(vars: &[(&str, &str)]) -> Result<Environ, EnvironError> {
+        let mut buf = Vec::new();
+        let mut spans = Vec::new();
+        for (k, v) in vars {
+            let ks = buf.len();
+            buf.extend_from_slice(k.as_bytes());
+            let vs = buf.len();
+            buf.extend_from_slice(v.as_bytes());
+            spans.push((ks..vs, vs..buf.len()));
+        }
+        let buf = Bytes::from(buf);
+        let parsed: Vec<Var<'_>> = spans
+            .iter()
+            .map(|(k, v)| Var {
+                key: &buf[k.clone()],
+                value: &buf[v.clone()],
+            })
+            .collect();
+        Environ::from_vars(&buf, &parsed)
+    }
+
+    fn get<'e>(env: &'e Environ, key: &str) -> Option<&'e str> {
+        env.get(key.as_bytes())
+            .map(|v| std::str::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn joins_repeated_headers_and_cookies() {
+        let env = env_of(&[
+            ("REQUEST_METHOD", "GET"),
+            ("HTTP_X_DUP", "one"),
+            ("HTTP_COOKIE", "a=1"),
+            ("HTTP_X_DUP", "two"),
+            ("HTTP_COOKIE", "b=2"),
+        ])
+        .unwrap();
+        assert_eq!(get(&env, "HTTP_X_DUP"), Some("one, two"));
+        assert_eq!(get(&env, "HTTP_COOKIE"), Some("a=1; b=2"));
+    }
+
+    #[test]
+    fn joins_through_the_hash_map_past_the_scan_limit() {
+        let mut vars: Vec<(String, String)> = (0..100)
+            .map(|i| (format!("HTTP_X_{i}"), "v".into()))
+            .collect();
+        vars.push(("REQUEST_METHOD".into(), "GET".into()));
+        vars.push(("HTTP_X_7".into(), "w".into()));
+        let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env = env_of(&refs).unwrap();
+        assert_eq!(get(&env, "HTTP_X_7"), Some("v, w"));
+    }
+
+    #[test]
+    fn drops_http_content_twins_and_keeps_cgi_ones() {
+        let env = env_of(&[
+            ("REQUEST_METHOD", "POST"),
+            ("CONTENT_LENGTH", "3"),
+            ("HTTP_CONTENT_LENGTH", "3"),
+            ("HTTP_CONTENT_TYPE", "text/plain"),
+        ])
+        .unwrap();
+        assert_eq!(env.content_length, 3);
+        assert_eq!(get(&env, "HTTP_CONTENT_LENGTH"), None);
+        assert_eq!(get(&env, "HTTP_CONTENT_TYPE"), None);
+        // With no CONTENT_TYPE var, the header's value is not lost.
+        assert_eq!(get(&env, "CONTENT_TYPE"), Some("text/plain"));
+    }
+
+    #[test]
+    fn content_length_rules() {
+        assert_eq!(parse_content_length(None), Ok(0));
+        assert_eq!(parse_content_length(Some(b"")), Ok(0));
+        assert_eq!(parse_content_length(Some(b"1234")), Ok(1234));
+        assert_eq!(
+            parse_content_length(Some(b"18446744073709551615")),
+            Ok(u64::MAX)
+        );
+        for bad in [
+            &b"-1"[..],
+            b"abc",
+            b"18446744073709551616",
+            b"99999999999999999999999",
+            b" 1",
+            b"+1",
+        ] {
+            assert!(parse_content_length(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn method_is_required() {
+        assert_eq!(
+            env_of(&[("PATH_INFO", "/")]).unwrap_err(),
+            EnvironError::MissingMethod
+        );
+    }
+
+    #[test]
+    fn scheme_precedence() {
+        let s = |vars: &[(&str, &str)]| {
+            let mut v = vec![("REQUEST_METHOD", "GET")];
+            v.extend_from_slice(vars);
+            env_of(&v).unwrap().url_scheme
+        };
+        assert_eq!(s(&[]), UrlScheme::Http);
+        assert_eq!(s(&[("REQUEST_SCHEME", "https")]), UrlScheme::Https);
+        assert_eq!(
+            s(&[("HTTPS", "on"), ("REQUEST_SCHEME", "http")]),
+            UrlScheme::Https
+        );
+        assert_eq!(s(&[("HTTPS", "1")]), UrlScheme::Https);
+        assert_eq!(
+            s(&[("HTTPS", "off"), ("REQUEST_SCHEME", "http")]),
+            UrlScheme::Http
+        );
+        assert_eq!(
+            s(&[("UWSGI_SCHEME", "http"), ("HTTPS", "on")]),
+            UrlScheme::Http
+        );
+        assert_eq!(s(&[("UWSGI_SCHEME", "https")]), UrlScheme::Https);
+    }
+
+    #[test]
+    fn fallbacks_for_a_bare_client() {
+        let env = env_of(&[
+            ("REQUEST_METHOD", "GET"),
+            ("REQUEST_URI", "/caf%C3%A9/x?q=1"),
+            ("HTTP_HOST", "example.com:8443"),
+        ])
+        .unwrap();
+        assert_eq!(get(&env, "SCRIPT_NAME"), Some(""));
+        assert_eq!(get(&env, "PATH_INFO"), Some("/café/x"));
+        assert_eq!(get(&env, "QUERY_STRING"), Some("q=1"));
+        assert_eq!(get(&env, "SERVER_NAME"), Some("example.com"));
+        assert_eq!(get(&env, "SERVER_PORT"), Some("8443"));
+        assert_eq!(get(&env, "SERVER_PROTOCOL"), Some("HTTP/1.1"));
+        assert_eq!(&env.log_path[..], b"/caf%C3%A9/x?q=1");
+    }
+
+    #[test]
+    fn server_name_falls_back_to_host_when_empty() {
+        let env = env_of(&[
+            ("REQUEST_METHOD", "GET"),
+            ("SERVER_NAME", ""),
+            ("HTTP_HOST", "[::1]:81"),
+        ])
+        .unwrap();
+        assert_eq!(get(&env, "SERVER_NAME"), Some("[::1]"));
+        assert_eq!(get(&env, "SERVER_PORT"), Some("81"));
+        let env = env_of(&[("REQUEST_METHOD", "GET")]).unwrap();
+        assert_eq!(get(&env, "SERVER_NAME"), Some("localhost"));
+        assert_eq!(get(&env, "SERVER_PORT"), Some("80"));
+    }
+
+    #[test]
+    fn script_name_slash_is_the_root() {
+        let env = env_of(&[
+            ("REQUEST_METHOD", "GET"),
+            ("SCRIPT_NAME", "/"),
+            ("PATH_INFO", "/a"),
+        ])
+        .unwrap();
+        assert_eq!(get(&env, "SCRIPT_NAME"), Some(""));
+    }
+
+    #[test]
+    fn percent_decoding_leaves_bad_escapes() {
+        assert_eq!(percent_decode(b"/a%2"), b"/a%2");
+        assert_eq!(percent_decode(b"/a%zz%41"), b"/a%zzA");
+    }
+}

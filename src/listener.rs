@@ -1,0 +1,289 @@
+//! Binding and accepting on Unix and TCP sockets: stale socket files, socket mode, removal on exit, and the
+//! connected `Stream` type the connection reads and writes.
+
+use std::fs;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+
+use crate::config::SocketSpec;
+
+/// Why a socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("{0}: {1}")]
+    Bind(SocketSpec, io::Error),
+    #[error("{0}: another process is listening on this socket")]
+    InUse(SocketSpec),
+    #[error("{0}: the path exists and is not a socket")]
+    NotASocket(SocketSpec),
+    #[error("{0}: cannot remove the stale socket file: {1}")]
+    Stale(SocketSpec, io::Error),
+    #[error("{0}: cannot set the socket mode: {1}")]
+    Mode(SocketSpec, io::Error),
+}
+
+/// A bound, listening socket, not yet registered with a runtime, so a master process can bind it once and
+/// hand it to workers.
+#[derive(Debug)]
+pub struct BoundSocket {
+    pub spec: SocketSpec,
+    pub fd: OwnedFd,
+    /// For a Unix socket we created: its path and inode, so it is removed on exit only while it is still ours.
+    pub unix_file: Option<(PathBuf, u64)>,
+}
+
+impl BoundSocket {
+    /// The address as the log shows it (with the real port when the spec asked for port 0).
+    pub fn display_addr(&self) -> String {
+        match &self.spec {
+            SocketSpec::Unix(p) => format!("unix:{}", p.display()),
+            SocketSpec::Tcp(_) => match SockRef::from(&self.fd)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+            {
+                Some(addr) => addr.to_string(),
+                None => self.spec.to_string(),
+            },
+        }
+    }
+
+    /// Removes the Unix socket file if it still is the one this process created.
+    pub fn remove_file(&self) {
+        if let Some((path, ino)) = &self.unix_file {
+            if fs::symlink_metadata(path).is_ok_and(|m| m.ino() == *ino) {
+                if let Err(error) = fs::remove_file(path) {
+                    tracing::warn!(path = %path.display(), %error, "cannot remove socket file");
+                }
+            }
+        }
+    }
+}
+
+/// Binds and listens on one socket.
+pub fn bind(
+    spec: &SocketSpec,
+    mode: Option<u32>,
+    backlog: i32,
+) -> Result<BoundSocket, ListenError> {
+    let err = |e| ListenError::Bind(spec.clone(), e);
+    match spec {
+        SocketSpec::Tcp(addr) => {
+            let socket =
+                Socket::new(Domain::for_address(*addr), Type::STREAM, None).map_err(err)?;
+            // Restarting must not wait out TIME_WAIT connections of the previous process.
+            socket.set_reuse_address(true).map_err(err)?;
+            socket.bind(&SockAddr::from(*addr)).map_err(err)?;
+            socket.listen(backlog).map_err(err)?;
+            socket.set_nonblocking(true).map_err(err)?;
+            Ok(BoundSocket {
+                spec: spec.clone(),
+                fd: socket.into(),
+                unix_file: None,
+            })
+        }
+        SocketSpec::Unix(path) => {
+            remove_stale_socket(spec, path)?;
+            let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(err)?;
+            socket
+                .bind(&SockAddr::unix(path).map_err(err)?)
+                .map_err(err)?;
+            let ino = fs::symlink_metadata(path).map_err(err)?.ino();
+            let bound = BoundSocket {
+                spec: spec.clone(),
+                fd: socket.into(),
+                unix_file: Some((path.clone(), ino)),
+            };
+            // From here on, a failure removes the file we just made.
+            let finish = || -> Result<(), ListenError> {
+                if let Some(mode) = mode {
+                    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                        .map_err(|e| ListenError::Mode(spec.clone(), e))?;
+                }
+                let socket = SockRef::from(&bound.fd);
+                socket.listen(backlog).map_err(err)?;
+                socket.set_nonblocking(true).map_err(err)
+            };
+            match finish() {
+                Ok(()) => Ok(bound),
+                Err(e) => {
+                    bound.remove_file();
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// A socket file left by a dead process is replaced; a live one is an error.
+fn remove_stale_socket(spec: &SocketSpec, path: &Path) -> Result<(), ListenError> {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ListenError::NotASocket(spec.clone()));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ListenError::InUse(spec.clone())),
+        Err(_) => {
+            tracing::info!(path = %path.display(), "replacing stale socket file");
+            match fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(ListenError::Stale(spec.clone(), e)),
+            }
+        }
+    }
+}
+
+/// A listening socket registered with the runtime.
+pub enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+impl Listener {
+    /// Registers a bound socket with the current runtime; the fd stays owned by the listener.
+    pub fn from_bound(bound: &BoundSocket) -> io::Result<Listener> {
+        let fd = bound.fd.try_clone()?;
+        Ok(match bound.spec {
+            SocketSpec::Unix(_) => Listener::Unix(tokio::net::UnixListener::from_std(fd.into())?),
+            SocketSpec::Tcp(_) => Listener::Tcp(tokio::net::TcpListener::from_std(fd.into())?),
+        })
+    }
+
+    /// Accepts one connection and names its peer for the log.
+    pub async fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                Ok((Stream::Unix(s), "unix".to_owned()))
+            }
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                // Responses are written whole or in deliberate chunks; Nagle would only delay the last one.
+                s.set_nodelay(true)?;
+                Ok((Stream::Tcp(s), peer.to_string()))
+            }
+        }
+    }
+}
+
+/// A connection from nginx (or whoever connected).
+pub enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+macro_rules! each {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            Stream::Unix($s) => $body,
+            Stream::Tcp($s) => $body,
+        }
+    };
+}
+
+impl Stream {
+    /// Peeks at the queued bytes without consuming them, waiting until more than `have` bytes are queued.
+    /// Returns `have` or fewer when the peer closed before sending more.
+    pub async fn peek_more(&self, buf: &mut [u8], have: usize) -> io::Result<usize> {
+        // SAFETY: viewing initialised bytes as MaybeUninit is sound as long as nothing writes uninitialised
+        // bytes through the view; recv(2) (via socket2's peek) only ever writes received bytes.
+        let buf: &mut [MaybeUninit<u8>] =
+            unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        loop {
+            let ready = each!(self, s => s.ready(Interest::READABLE).await)?;
+            let result = each!(self, s => s.try_io(Interest::READABLE, || {
+                let n = SockRef::from(s).peek(buf)?;
+                if n > have || n == 0 || ready.is_read_closed() {
+                    Ok(n)
+                } else {
+                    // Nothing new yet: report WouldBlock so the runtime clears readiness and waits for more data.
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+            }));
+            match result {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads (consumes) up to `buf.len()` bytes.
+    pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        each!(self, s => s.read(buf).await)
+    }
+
+    pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        each!(self, s => s.write_all(buf).await)
+    }
+
+    /// Ends our half of the connection with an ordinary FIN.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        each!(self, s => s.shutdown().await)
+    }
+
+    /// Writes `len` bytes of `file` from `offset` with sendfile(2): the bytes go from the page cache to the
+    /// socket without passing through this process.
+    pub async fn sendfile(&self, file: &fs::File, mut offset: u64, len: u64) -> io::Result<u64> {
+        let end = offset.saturating_add(len);
+        let mut sent = 0;
+        while offset < end {
+            // Big enough to keep the socket buffer full, small enough to interleave with other connections.
+            let count = (end - offset).min(1 << 20) as usize;
+            let n = each!(self, s => {
+                s.writable().await?;
+                s.try_io(Interest::WRITABLE, || sendfile(s.as_fd().as_raw_fd(), file, &mut offset, count))
+            });
+            match n {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "file shorter than announced",
+                    ));
+                }
+                Ok(n) => sent += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Closes so that the peer sees an error instead of a clean end of the response: an RST on TCP, and on a
+    /// Unix socket ECONNRESET, which Linux reports when a socket is closed with unread data in its queue (the
+    /// connection keeps the request's last byte unread until the response is complete for this reason).
+    pub fn abort(self) {
+        if let Stream::Tcp(s) = &self {
+            let _ = SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+        }
+        drop(self);
+    }
+}
+
+/// One sendfile(2) call.
+fn sendfile(
+    socket: std::os::fd::RawFd,
+    file: &fs::File,
+    offset: &mut u64,
+    count: usize,
+) -> io::Result<usize> {
+    let mut off =
+        libc::off_t::try_from(*offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: both descriptors are open for the whole call (the socket is borrowed from a live stream, the
+    // file from a live `File`), and `off` is a valid, exclusive pointer to an off_t.
+    let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut off, count) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    *offset = off as u64;
+    Ok(n as usize)
+}
