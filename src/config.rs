@@ -15,8 +15,9 @@ pub struct Options {
     #[arg(value_name = "APP")]
     pub app: String,
 
-    /// Where to listen (repeatable): `unix:/path`, `/abs/path`, `HOST:PORT` or `[v6]:PORT`
-    #[arg(long = "socket", value_name = "ADDR", default_value = "127.0.0.1:3031")]
+    /// Where to listen (repeatable): `unix:/path`, `/abs/path`, `HOST:PORT`, `[v6]:PORT` or an inherited
+    /// `fd://N` [default: 127.0.0.1:3031, or the sockets systemd passes in LISTEN_FDS]
+    #[arg(long = "socket", value_name = "ADDR")]
     pub sockets: Vec<String>,
 
     /// File mode of Unix sockets, in octal (nginx usually runs as another user: 660 with a shared group)
@@ -27,7 +28,7 @@ pub struct Options {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: u32,
 
-    /// Worker processes (this release serves from one process)
+    /// Worker processes, supervised by a master process that holds the sockets
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
 
@@ -59,8 +60,24 @@ pub struct Options {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub graceful_timeout: u64,
 
+    /// Seconds a request may run before it is answered with 504 and its worker replaced (0: no limit)
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub timeout: u64,
+
+    /// Replace a worker after it served this many requests (0: never)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests: u64,
+
+    /// Add a random 0..=M to --max-requests per worker, so workers do not all restart at once
+    #[arg(long, value_name = "M", default_value_t = 0)]
+    pub max_requests_jitter: u64,
+
+    /// Replace a worker whose resident memory passes this many MiB after a request (0: never)
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub reload_on_rss: u64,
+
     /// Length of the listen queue of each socket
-    #[arg(long, value_name = "N", default_value_t = 1024)]
+    #[arg(long, value_name = "N", default_value_t = 4096)]
     pub listen_backlog: i32,
 
     /// Log one line per request
@@ -85,6 +102,8 @@ fn parse_octal_mode(s: &str) -> Result<u32, String> {
 pub enum SocketSpec {
     Unix(PathBuf),
     Tcp(SocketAddr),
+    /// An already listening socket inherited from whoever started ferrule (`fd://N`, systemd).
+    Fd(i32),
 }
 
 impl std::fmt::Display for SocketSpec {
@@ -92,6 +111,7 @@ impl std::fmt::Display for SocketSpec {
         match self {
             SocketSpec::Unix(p) => write!(f, "unix:{}", p.display()),
             SocketSpec::Tcp(a) => write!(f, "{a}"),
+            SocketSpec::Fd(n) => write!(f, "fd://{n}"),
         }
     }
 }
@@ -111,6 +131,12 @@ pub enum ConfigError {
 
 /// Parses one `--socket` value.
 pub fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
+    if let Some(fd) = s.strip_prefix("fd://") {
+        return match fd.parse::<i32>() {
+            Ok(n) if n >= 0 => Ok(SocketSpec::Fd(n)),
+            _ => Err(ConfigError::BadSocket(s.to_owned())),
+        };
+    }
     if let Some(path) = s.strip_prefix("unix:") {
         return if path.starts_with('/') {
             Ok(SocketSpec::Unix(PathBuf::from(path)))
@@ -148,6 +174,12 @@ pub struct Config {
     pub graceful_timeout: Duration,
     pub listen_backlog: i32,
     pub access_log: bool,
+    /// Per-request time limit.
+    pub timeout: Option<Duration>,
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
+    /// Resident memory limit in bytes.
+    pub reload_on_rss: Option<u64>,
 }
 
 impl Config {
@@ -158,10 +190,7 @@ impl Config {
             .map(|s| parse_socket(s))
             .collect::<Result<Vec<_>, _>>()?;
         let chdir = match o.chdir {
-            Some(dir) => Some(
-                dir.canonicalize()
-                    .map_err(|e| ConfigError::BadChdir(dir, e))?,
-            ),
+            Some(dir) => Some(dir.canonicalize().map_err(|e| ConfigError::BadChdir(dir, e))?),
             None => None,
         };
         let virtualenv = match o.virtualenv.filter(|v| !v.as_os_str().is_empty()) {
@@ -186,8 +215,25 @@ impl Config {
             graceful_timeout: Duration::from_secs(o.graceful_timeout),
             listen_backlog: o.listen_backlog.max(1),
             access_log: o.access_log,
+            timeout: (o.timeout > 0).then(|| Duration::from_secs(o.timeout)),
+            max_requests: (o.max_requests > 0).then_some(o.max_requests),
+            max_requests_jitter: o.max_requests_jitter,
+            reload_on_rss: (o.reload_on_rss > 0).then(|| o.reload_on_rss.saturating_mul(1 << 20)),
         })
     }
+}
+
+/// Sockets passed by systemd socket activation: fds 3.. when LISTEN_PID names this process.
+pub fn systemd_fds() -> Vec<SocketSpec> {
+    let for_us = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !for_us || count <= 0 {
+        return Vec::new();
+    }
+    (3..3 + count.min(64)).map(SocketSpec::Fd).collect()
 }
 
 #[cfg(test)]
@@ -215,6 +261,8 @@ mod tests {
         assert!(parse_socket("unix:relative.sock").is_err());
         assert!(parse_socket("nonsense").is_err());
         assert!(parse_socket("127.0.0.1").is_err());
+        assert_eq!(parse_socket("fd://3").unwrap(), SocketSpec::Fd(3));
+        assert!(parse_socket("fd://x").is_err());
     }
 
     #[test]

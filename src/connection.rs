@@ -7,6 +7,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use crate::environ::{Environ, EnvironError};
 use crate::listener::Stream;
 use crate::packet::{self, HEADER_LEN, MODIFIER_PING, MODIFIER_WSGI, PacketError, PacketHeader};
 use crate::response::{self, Reply};
+use crate::worker::{Lifecycle, RetireReason};
 
 /// First peek size: a typical nginx packet (about 1 KiB of vars) fits with room to spare.
 const INITIAL_PEEK: usize = 8 * 1024;
@@ -38,6 +40,7 @@ const LINGER_BYTES: usize = 4 << 20;
 pub struct ConnShared {
     pub config: Arc<Config>,
     pub pool: Arc<AppPool>,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 /// Why a request was not handed to the app.
@@ -105,14 +108,11 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
             return Ok(());
         }
     };
-    let (_, vars) =
-        packet::parse_uwsgi_vars(&peeked.packet[HEADER_LEN..]).map_err(|e| match e {
-            nom::Err::Error(e) | nom::Err::Failure(e) => ConnError::Malformed(e),
-            // Complete parser over a whole block: it cannot ask for more.
-            nom::Err::Incomplete(_) => {
-                ConnError::Malformed(PacketError::TruncatedLength { remaining: 0 })
-            }
-        })?;
+    let (_, vars) = packet::parse_uwsgi_vars(&peeked.packet[HEADER_LEN..]).map_err(|e| match e {
+        nom::Err::Error(e) | nom::Err::Failure(e) => ConnError::Malformed(e),
+        // Complete parser over a whole block: it cannot ask for more.
+        nom::Err::Incomplete(_) => ConnError::Malformed(PacketError::TruncatedLength { remaining: 0 }),
+    })?;
     let environ = match Environ::from_vars(&peeked.packet, &vars) {
         Ok(env) => env,
         Err(error) => {
@@ -131,12 +131,9 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
     );
     async move {
         let total = peeked.packet.len() as u64 + environ.content_length;
-        let body = tokio::time::timeout_at(
-            deadline,
-            read_body(&mut stream, peeked.packet.len(), total, config),
-        )
-        .await
-        .map_err(timeout)??;
+        let body = tokio::time::timeout_at(deadline, read_body(&mut stream, peeked.packet.len(), total, config))
+            .await
+            .map_err(timeout)??;
         respond(stream, shared, environ, body, started).await
     }
     .instrument(span)
@@ -203,17 +200,11 @@ async fn peek_packet(stream: &mut Stream, config: &Config) -> Result<Start, Conn
 
 /// Reads the packet and its body, all but the request's last byte, which is peeked (see the module doc).
 /// Bodies up to `--body-buffer-size` stay in memory; larger ones go to an unlinked temporary file.
-async fn read_body(
-    stream: &mut Stream,
-    packet_len: usize,
-    total: u64,
-    config: &Config,
-) -> Result<Body, ConnError> {
+async fn read_body(stream: &mut Stream, packet_len: usize, total: u64, config: &Config) -> Result<Body, ConnError> {
     let body_len = total - packet_len as u64;
     if body_len <= config.body_buffer_size {
         // One buffer for packet and body: a small POST is one read, and the body is a slice of it.
-        let total =
-            usize::try_from(total).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let total = usize::try_from(total).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
         let mut all = vec![0u8; total];
         read_exact(stream, &mut all[..total - 1]).await?;
         peek_last(stream, &mut all[total - 1..]).await?;
@@ -275,21 +266,42 @@ async fn respond(
     let method = environ.method.clone();
     let path = environ.log_path.clone();
     let (tx, mut rx) = mpsc::channel(REPLY_QUEUE);
+    let running_on = Arc::new(AtomicU64::new(0));
     let job = Job {
         environ,
         body,
         reply: tx,
         span: tracing::Span::current(),
+        running_on: Arc::clone(&running_on),
     };
     if shared.pool.submit(job).is_err() {
         tracing::error!("the app pool has stopped; answering 503");
         return refuse(&mut stream, 503).await;
     }
+    let deadline = shared
+        .config
+        .timeout
+        .map(|t| tokio::time::Instant::from_std(started) + t);
+    let mut wrote = false;
     let mut verdict = None;
-    while let Some(reply) = rx.recv().await {
+    loop {
+        let reply = match deadline {
+            Some(deadline) => tokio::select! {
+                reply = rx.recv() => reply,
+                () = tokio::time::sleep_until(deadline) => {
+                    drop(rx);
+                    return timed_out(stream, shared, wrote, &running_on, &method, &path, started).await;
+                }
+            },
+            None => rx.recv().await,
+        };
+        let Some(reply) = reply else { break };
         match reply {
             // A failed write returns early and drops `rx`, which tells the app thread to stop.
-            Reply::Send(bytes) => stream.write_all(&bytes).await?,
+            Reply::Send(bytes) => {
+                wrote = true;
+                stream.write_all(&bytes).await?;
+            }
             Reply::SendFile { file, offset, len } => {
                 stream.sendfile(&file, offset, len).await?;
             }
@@ -308,28 +320,76 @@ async fn respond(
         stream.abort();
         return Ok(());
     };
+    access_log(shared, &method, &path, status, body_bytes, started);
+    let result = if complete {
+        finish(&mut stream).await
+    } else {
+        Ok(stream.abort())
+    };
+    shared.lifecycle.request_finished();
+    result
+}
+
+/// Ends a complete response: consume the held-back byte so the close is an ordinary end of the response.
+async fn finish(stream: &mut Stream) -> Result<(), ConnError> {
+    let mut last = [0u8; 1];
+    stream.read(&mut last).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+fn access_log(shared: &ConnShared, method: &[u8], path: &[u8], status: u16, body_bytes: u64, started: Instant) {
     if shared.config.access_log {
         let duration_us = started.elapsed().as_micros() as u64;
         tracing::info!(
             target: "ferrule::access",
             parent: None,
-            method = %String::from_utf8_lossy(&method),
-            path = %String::from_utf8_lossy(&path),
+            method = %String::from_utf8_lossy(method),
+            path = %String::from_utf8_lossy(path),
             status,
             bytes = body_bytes,
             duration_us,
             "request"
         );
     }
-    if complete {
-        // Consume the held-back byte so the close is an ordinary end of the response.
-        let mut last = [0u8; 1];
-        stream.read(&mut last).await?;
-        stream.shutdown().await?;
-    } else {
+}
+
+/// The request ran past `--timeout`: answer 504 if nothing was sent yet (else reset), log where the app is
+/// stuck, and retire this worker, whose thread stays busy with the stuck request.
+async fn timed_out(
+    mut stream: Stream,
+    shared: &ConnShared,
+    wrote: bool,
+    running_on: &AtomicU64,
+    method: &[u8],
+    path: &[u8],
+    started: Instant,
+) -> Result<(), ConnError> {
+    let limit = shared.config.timeout.unwrap_or_default();
+    tracing::error!(timeout = ?limit, "request timed out");
+    let result = if wrote {
         stream.abort();
-    }
-    Ok(())
+        Ok(())
+    } else {
+        let (bytes, body_len) = response::server_response(504);
+        access_log(shared, method, path, 504, body_len, started);
+        match stream.write_all(&bytes).await {
+            Ok(()) => finish(&mut stream).await,
+            Err(e) => Err(e.into()),
+        }
+    };
+    shared.lifecycle.retire(RetireReason::Timeout);
+    let thread = running_on.load(Ordering::Acquire);
+    let span = tracing::Span::current();
+    // Taking the stack needs the GIL, which the stuck thread may hold for a while: never on the I/O thread.
+    tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        match crate::app::python_stack(thread) {
+            Some(stack) => tracing::error!(thread, stack = %stack, "stuck request's Python stack"),
+            None => tracing::error!(thread, "the stuck request's Python stack is not available"),
+        }
+    });
+    result
 }
 
 /// Answers a uWSGI ping the way uWSGI does: the same header back with modifier2 = 1.

@@ -81,14 +81,9 @@ impl Environ {
             match existing {
                 // Older nginx sends a repeated request header as repeated vars; uWSGI keeps only one of them.
                 Some(at) if var.key.starts_with(b"HTTP_") => {
-                    let sep: &[u8] = if var.key == b"HTTP_COOKIE" {
-                        b"; "
-                    } else {
-                        b", "
-                    };
+                    let sep: &[u8] = if var.key == b"HTTP_COOKIE" { b"; " } else { b", " };
                     let old = &out[at].1;
-                    let mut joined =
-                        BytesMut::with_capacity(old.len() + sep.len() + var.value.len());
+                    let mut joined = BytesMut::with_capacity(old.len() + sep.len() + var.value.len());
                     joined.extend_from_slice(old);
                     joined.extend_from_slice(sep);
                     joined.extend_from_slice(var.value);
@@ -121,8 +116,7 @@ impl Environ {
         env.url_scheme = url_scheme(&env);
         if env.get(b"CONTENT_TYPE").is_none() {
             if let Some(ct) = http_content_type {
-                env.vars
-                    .push((Bytes::from_static(b"CONTENT_TYPE"), buf.slice_ref(ct)));
+                env.vars.push((Bytes::from_static(b"CONTENT_TYPE"), buf.slice_ref(ct)));
             }
         }
         env.apply_fallbacks();
@@ -210,8 +204,7 @@ pub fn parse_content_length(value: Option<&[u8]>) -> Result<u64, EnvironError> {
     let Some(value) = value.filter(|v| !v.is_empty()) else {
         return Ok(0);
     };
-    let invalid =
-        || EnvironError::InvalidContentLength(String::from_utf8_lossy(value).into_owned());
+    let invalid = || EnvironError::InvalidContentLength(String::from_utf8_lossy(value).into_owned());
     if value.len() > 20 || !value.iter().all(u8::is_ascii_digit) {
         return Err(invalid());
     }
@@ -307,8 +300,7 @@ mod tests {
     }
 
     fn get<'e>(env: &'e Environ, key: &str) -> Option<&'e str> {
-        env.get(key.as_bytes())
-            .map(|v| std::str::from_utf8(v).unwrap())
+        env.get(key.as_bytes()).map(|v| std::str::from_utf8(v).unwrap())
     }
 
     #[test]
@@ -327,9 +319,7 @@ mod tests {
 
     #[test]
     fn joins_through_the_hash_map_past_the_scan_limit() {
-        let mut vars: Vec<(String, String)> = (0..100)
-            .map(|i| (format!("HTTP_X_{i}"), "v".into()))
-            .collect();
+        let mut vars: Vec<(String, String)> = (0..100).map(|i| (format!("HTTP_X_{i}"), "v".into())).collect();
         vars.push(("REQUEST_METHOD".into(), "GET".into()));
         vars.push(("HTTP_X_7".into(), "w".into()));
         let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -358,10 +348,7 @@ mod tests {
         assert_eq!(parse_content_length(None), Ok(0));
         assert_eq!(parse_content_length(Some(b"")), Ok(0));
         assert_eq!(parse_content_length(Some(b"1234")), Ok(1234));
-        assert_eq!(
-            parse_content_length(Some(b"18446744073709551615")),
-            Ok(u64::MAX)
-        );
+        assert_eq!(parse_content_length(Some(b"18446744073709551615")), Ok(u64::MAX));
         for bad in [
             &b"-1"[..],
             b"abc",
@@ -376,10 +363,7 @@ mod tests {
 
     #[test]
     fn method_is_required() {
-        assert_eq!(
-            env_of(&[("PATH_INFO", "/")]).unwrap_err(),
-            EnvironError::MissingMethod
-        );
+        assert_eq!(env_of(&[("PATH_INFO", "/")]).unwrap_err(), EnvironError::MissingMethod);
     }
 
     #[test]
@@ -391,19 +375,10 @@ mod tests {
         };
         assert_eq!(s(&[]), UrlScheme::Http);
         assert_eq!(s(&[("REQUEST_SCHEME", "https")]), UrlScheme::Https);
-        assert_eq!(
-            s(&[("HTTPS", "on"), ("REQUEST_SCHEME", "http")]),
-            UrlScheme::Https
-        );
+        assert_eq!(s(&[("HTTPS", "on"), ("REQUEST_SCHEME", "http")]), UrlScheme::Https);
         assert_eq!(s(&[("HTTPS", "1")]), UrlScheme::Https);
-        assert_eq!(
-            s(&[("HTTPS", "off"), ("REQUEST_SCHEME", "http")]),
-            UrlScheme::Http
-        );
-        assert_eq!(
-            s(&[("UWSGI_SCHEME", "http"), ("HTTPS", "on")]),
-            UrlScheme::Http
-        );
+        assert_eq!(s(&[("HTTPS", "off"), ("REQUEST_SCHEME", "http")]), UrlScheme::Http);
+        assert_eq!(s(&[("UWSGI_SCHEME", "http"), ("HTTPS", "on")]), UrlScheme::Http);
         assert_eq!(s(&[("UWSGI_SCHEME", "https")]), UrlScheme::Https);
     }
 
@@ -441,12 +416,7 @@ mod tests {
 
     #[test]
     fn script_name_slash_is_the_root() {
-        let env = env_of(&[
-            ("REQUEST_METHOD", "GET"),
-            ("SCRIPT_NAME", "/"),
-            ("PATH_INFO", "/a"),
-        ])
-        .unwrap();
+        let env = env_of(&[("REQUEST_METHOD", "GET"), ("SCRIPT_NAME", "/"), ("PATH_INFO", "/a")]).unwrap();
         assert_eq!(get(&env, "SCRIPT_NAME"), Some(""));
     }
 

@@ -1,9 +1,10 @@
 //! ferrule: a WSGI server for Python web apps behind nginx, speaking only the uwsgi protocol.
 //!
-//! nginx terminates HTTP and forwards each request with `uwsgi_pass`. A request flows through these stages,
+//! nginx terminates HTTP and forwards each request with `uwsgi_pass`. A master process ([`master`]) binds the
+//! sockets and supervises worker processes ([`worker`]); in each worker a request flows through these stages,
 //! one module each, in this order:
 //!
-//! 1. [`listener`]: bind Unix and TCP sockets, accept connections.
+//! 1. [`listener`]: bind Unix and TCP sockets (or inherit them), accept connections.
 //! 2. [`server`]: the accept loop, connection tasks, graceful stop.
 //! 3. [`connection`]: one connection: read the packet and the body, hand the request over, write the response.
 //! 4. [`packet`]: the uwsgi wire format (pure nom parsers).
@@ -13,12 +14,14 @@
 //!
 //! [`config`] validates the options once; [`body`] is the request body type passed from connection to app.
 
-pub mod app;
-pub mod body;
 pub mod config;
-pub mod connection;
-pub mod environ;
+pub mod master;
+pub mod worker;
 pub mod listener;
-pub mod packet;
-pub mod response;
 pub mod server;
+pub mod connection;
+pub mod packet;
+pub mod environ;
+pub mod body;
+pub mod app;
+pub mod response;

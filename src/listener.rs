@@ -4,7 +4,7 @@
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -26,6 +26,8 @@ pub enum ListenError {
     Stale(SocketSpec, io::Error),
     #[error("{0}: cannot set the socket mode: {1}")]
     Mode(SocketSpec, io::Error),
+    #[error("{0}: not a listening socket")]
+    NotListening(SocketSpec),
 }
 
 /// A bound, listening socket, not yet registered with a runtime, so a master process can bind it once and
@@ -41,17 +43,51 @@ pub struct BoundSocket {
 impl BoundSocket {
     /// The address as the log shows it (with the real port when the spec asked for port 0).
     pub fn display_addr(&self) -> String {
-        match &self.spec {
-            SocketSpec::Unix(p) => format!("unix:{}", p.display()),
-            SocketSpec::Tcp(_) => match SockRef::from(&self.fd)
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-            {
-                Some(addr) => addr.to_string(),
-                None => self.spec.to_string(),
-            },
+        if let SocketSpec::Unix(p) = &self.spec {
+            return format!("unix:{}", p.display());
         }
+        match SockRef::from(&self.fd).local_addr() {
+            Ok(addr) => match (addr.as_socket(), addr.as_pathname()) {
+                (Some(inet), _) => inet.to_string(),
+                (None, Some(path)) => format!("unix:{}", path.display()),
+                (None, None) => self.spec.to_string(),
+            },
+            Err(_) => self.spec.to_string(),
+        }
+    }
+
+    /// Whether this is a Unix domain socket (decided by the socket itself, so inherited ones work too).
+    pub fn is_unix(&self) -> bool {
+        SockRef::from(&self.fd).local_addr().is_ok_and(|a| a.is_unix())
+    }
+
+    /// Takes over a listening socket inherited as descriptor `fd` (from the master, systemd or `fd://N`).
+    /// The socket file, if any, belongs to whoever made it and is never removed by this process.
+    pub fn inherit(fd: RawFd) -> Result<BoundSocket, ListenError> {
+        let spec = SocketSpec::Fd(fd);
+        // SAFETY: fcntl(F_GETFD) only inspects the descriptor table; it fails cleanly on a closed descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(ListenError::Bind(spec, io::Error::last_os_error()));
+        }
+        // SAFETY: the descriptor was handed to this process for it to own (by LISTEN_FDS, the master's
+        // FERRULE_WORKER_FDS or the operator's fd://N), it is open (checked above), and nothing else in the
+        // process uses it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = SockRef::from(&owned);
+        if !socket.is_listener().unwrap_or(false) {
+            return Err(ListenError::NotListening(spec));
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| ListenError::Bind(spec.clone(), e))?;
+        socket
+            .set_cloexec(true)
+            .map_err(|e| ListenError::Bind(spec.clone(), e))?;
+        Ok(BoundSocket {
+            spec,
+            fd: owned,
+            unix_file: None,
+        })
     }
 
     /// Removes the Unix socket file if it still is the one this process created.
@@ -67,16 +103,12 @@ impl BoundSocket {
 }
 
 /// Binds and listens on one socket.
-pub fn bind(
-    spec: &SocketSpec,
-    mode: Option<u32>,
-    backlog: i32,
-) -> Result<BoundSocket, ListenError> {
+pub fn bind(spec: &SocketSpec, mode: Option<u32>, backlog: i32) -> Result<BoundSocket, ListenError> {
     let err = |e| ListenError::Bind(spec.clone(), e);
     match spec {
+        SocketSpec::Fd(fd) => BoundSocket::inherit(*fd),
         SocketSpec::Tcp(addr) => {
-            let socket =
-                Socket::new(Domain::for_address(*addr), Type::STREAM, None).map_err(err)?;
+            let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None).map_err(err)?;
             // Restarting must not wait out TIME_WAIT connections of the previous process.
             socket.set_reuse_address(true).map_err(err)?;
             socket.bind(&SockAddr::from(*addr)).map_err(err)?;
@@ -91,9 +123,7 @@ pub fn bind(
         SocketSpec::Unix(path) => {
             remove_stale_socket(spec, path)?;
             let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(err)?;
-            socket
-                .bind(&SockAddr::unix(path).map_err(err)?)
-                .map_err(err)?;
+            socket.bind(&SockAddr::unix(path).map_err(err)?).map_err(err)?;
             let ino = fs::symlink_metadata(path).map_err(err)?.ino();
             let bound = BoundSocket {
                 spec: spec.clone(),
@@ -152,9 +182,10 @@ impl Listener {
     /// Registers a bound socket with the current runtime; the fd stays owned by the listener.
     pub fn from_bound(bound: &BoundSocket) -> io::Result<Listener> {
         let fd = bound.fd.try_clone()?;
-        Ok(match bound.spec {
-            SocketSpec::Unix(_) => Listener::Unix(tokio::net::UnixListener::from_std(fd.into())?),
-            SocketSpec::Tcp(_) => Listener::Tcp(tokio::net::TcpListener::from_std(fd.into())?),
+        Ok(if bound.is_unix() {
+            Listener::Unix(tokio::net::UnixListener::from_std(fd.into())?)
+        } else {
+            Listener::Tcp(tokio::net::TcpListener::from_std(fd.into())?)
         })
     }
 
@@ -196,8 +227,7 @@ impl Stream {
     pub async fn peek_more(&self, buf: &mut [u8], have: usize) -> io::Result<usize> {
         // SAFETY: viewing initialised bytes as MaybeUninit is sound as long as nothing writes uninitialised
         // bytes through the view; recv(2) (via socket2's peek) only ever writes received bytes.
-        let buf: &mut [MaybeUninit<u8>] =
-            unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        let buf: &mut [MaybeUninit<u8>] = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
         loop {
             let ready = each!(self, s => s.ready(Interest::READABLE).await)?;
             let result = each!(self, s => s.try_io(Interest::READABLE, || {
@@ -270,14 +300,8 @@ impl Stream {
 }
 
 /// One sendfile(2) call.
-fn sendfile(
-    socket: std::os::fd::RawFd,
-    file: &fs::File,
-    offset: &mut u64,
-    count: usize,
-) -> io::Result<usize> {
-    let mut off =
-        libc::off_t::try_from(*offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+fn sendfile(socket: std::os::fd::RawFd, file: &fs::File, offset: &mut u64, count: usize) -> io::Result<usize> {
+    let mut off = libc::off_t::try_from(*offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: both descriptors are open for the whole call (the socket is borrowed from a live stream, the
     // file from a live `File`), and `off` is a valid, exclusive pointer to an off_t.
     let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut off, count) };

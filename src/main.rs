@@ -2,15 +2,12 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use ferrule::app::AppPool;
 use ferrule::config::{Config, Options};
-use ferrule::connection::ConnShared;
-use ferrule::listener;
+use ferrule::{master, worker};
 
 fn main() -> ExitCode {
     let options = Options::parse();
@@ -41,42 +38,13 @@ fn main() -> ExitCode {
 }
 
 fn run(options: Options) -> anyhow::Result<()> {
-    let config = Arc::new(Config::from_options(options)?);
-    if config.workers > 1 {
-        tracing::warn!(
-            workers = config.workers,
-            "--workers is not supported yet; serving from one process"
-        );
+    let config = Config::from_options(options)?;
+    match std::env::var(worker::ENV_WORKER_ID)
+        .ok()
+        .and_then(|id| id.parse::<u32>().ok())
+    {
+        Some(id) => worker::run(config, id)?,
+        None => master::run(config)?,
     }
-    let mut sockets = Vec::with_capacity(config.sockets.len());
-    for spec in &config.sockets {
-        let bound = match listener::bind(spec, config.socket_mode, config.listen_backlog) {
-            Ok(b) => b,
-            Err(e) => {
-                sockets.iter().for_each(listener::BoundSocket::remove_file);
-                return Err(e.into());
-            }
-        };
-        tracing::info!(address = %bound.display_addr(), "listening");
-        sockets.push(bound);
-    }
-    let pool = match AppPool::start(&config) {
-        Ok(pool) => pool,
-        Err(e) => {
-            sockets.iter().for_each(listener::BoundSocket::remove_file);
-            return Err(e.into());
-        }
-    };
-    let shared = Arc::new(ConnShared {
-        config: Arc::clone(&config),
-        pool: Arc::new(pool),
-    });
-    // One thread for all I/O: Python runs on the pool, so the async side is mostly syscalls and a second
-    // runtime thread would only compete with the app threads for the same cores.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(ferrule::server::run(sockets, shared))?;
-    // The app threads are parked waiting for work; end the process without finalising the interpreter under them.
-    std::process::exit(0);
+    Ok(())
 }

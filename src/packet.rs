@@ -83,9 +83,7 @@ pub fn parse_uwsgi_header(i: &[u8]) -> IResult<&[u8], PacketHeader, PacketError>
 /// Takes one `u16 LE` length-prefixed string from inside a complete vars block.
 fn parse_length_prefixed(i: &[u8]) -> IResult<&[u8], &[u8], PacketError> {
     let Some((len_bytes, rest)) = i.split_first_chunk::<2>() else {
-        return Err(nom::Err::Failure(PacketError::TruncatedLength {
-            remaining: i.len(),
-        }));
+        return Err(nom::Err::Failure(PacketError::TruncatedLength { remaining: i.len() }));
     };
     let len = usize::from(u16::from_le_bytes(*len_bytes));
     // Check the length against what is left before taking the bytes.
@@ -211,10 +209,7 @@ mod tests {
         p[4 + 2 + 3] = 200;
         assert_eq!(
             parse_uwsgi_packet(&p).unwrap_err(),
-            nom::Err::Failure(PacketError::Overrun {
-                len: 200,
-                remaining: 5
-            })
+            nom::Err::Failure(PacketError::Overrun { len: 200, remaining: 5 })
         );
     }
 
@@ -241,10 +236,7 @@ mod tests {
     #[test]
     fn sniffs_http_and_tls() {
         assert_eq!(sniff_foreign_protocol(b"GET / HTTP/1.1\r\n"), Some("HTTP"));
-        assert_eq!(
-            sniff_foreign_protocol(&[0x16, 0x03, 0x01, 0x02]),
-            Some("TLS")
-        );
+        assert_eq!(sniff_foreign_protocol(&[0x16, 0x03, 0x01, 0x02]), Some("TLS"));
         assert_eq!(sniff_foreign_protocol(&[0, 10, 0, 0]), None);
     }
 }

@@ -1,80 +1,93 @@
-//! The accept loop of one process: accept on every listener, serve each connection as its own task, and on a
-//! stop signal drain in-flight requests under a time limit before removing socket files.
+//! The accept loop of a worker: accept on every listener, serve each connection as its own task, and on a
+//! stop signal (or a retirement that requires it) drain in-flight requests under a time limit.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::connection::{self, ConnShared};
 use crate::listener::{BoundSocket, Listener};
+use crate::worker::{Control, RetireReason};
 
-/// How the process was asked to stop.
+/// How the worker was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
-    /// SIGTERM: finish in-flight requests (up to the graceful timeout).
+    /// SIGTERM, a timed-out request, or the master gone: finish in-flight requests (up to the graceful timeout).
     Graceful,
     /// SIGINT or SIGQUIT: stop now.
     Fast,
 }
 
-/// Serves until a stop signal, then drains. Takes the sockets so they are closed and removed at the end.
-pub async fn run(sockets: Vec<BoundSocket>, shared: Arc<ConnShared>) -> std::io::Result<()> {
+/// Serves until told to stop, then drains.
+pub async fn run(
+    sockets: Vec<BoundSocket>,
+    shared: Arc<ConnShared>,
+    mut retire_rx: mpsc::UnboundedReceiver<RetireReason>,
+    mut control: Control,
+) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let master_gone = control.master_gone()?;
+    tokio::pin!(master_gone);
+
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let mut listeners = Vec::with_capacity(sockets.len());
     for bound in &sockets {
-        listeners.push((Listener::from_bound(bound)?, bound.display_addr()));
+        let listener = Listener::from_bound(bound)?;
+        let name = bound.display_addr();
+        tokio::spawn(accept_loop(
+            listener,
+            name,
+            Arc::clone(&shared),
+            stop_accepting.clone(),
+            tracker.clone(),
+        ));
     }
-    for (listener, name) in listeners {
-        let token = stop_accepting.clone();
-        let shared = Arc::clone(&shared);
-        let conns = tracker.clone();
-        tokio::spawn(accept_loop(listener, name, shared, token, conns));
-    }
-    tracing::info!(
-        threads = shared.pool.threads(),
-        pid = std::process::id(),
-        "ready"
-    );
+    control.send("ready");
+    tracing::info!(threads = shared.pool.threads(), "ready");
 
-    let stop = wait_for_stop().await?;
+    let stop = loop {
+        tokio::select! {
+            _ = term.recv() => break Stop::Graceful,
+            _ = int.recv() => break Stop::Fast,
+            _ = quit.recv() => break Stop::Fast,
+            () = &mut master_gone => {
+                tracing::warn!("the master process went away; stopping");
+                break Stop::Graceful;
+            }
+            Some(reason) = retire_rx.recv() => {
+                tracing::info!(reason = reason.as_str(), served = shared.lifecycle.served(), "asking to be replaced");
+                control.send(&format!("retire {}", reason.as_str()));
+                // A worker with a stuck request is unhealthy: it stops taking connections now. Recycling keeps
+                // serving until the master has a replacement ready and sends SIGTERM.
+                if reason == RetireReason::Timeout {
+                    break Stop::Graceful;
+                }
+            }
+        }
+    };
     stop_accepting.cancel();
-    // Remove the socket files first, so nginx fails over to another upstream instead of queueing here.
-    for bound in &sockets {
-        bound.remove_file();
-    }
+    // Close our copies of the listening sockets; the master and the other workers keep them open.
     drop(sockets);
     tracker.close();
-    let in_flight = tracker.len();
     let limit = match stop {
         Stop::Graceful => shared.config.graceful_timeout,
         Stop::Fast => Duration::ZERO,
     };
-    if in_flight > 0 {
-        tracing::info!(in_flight, ?stop, "waiting for in-flight requests");
+    if !tracker.is_empty() {
+        tracing::info!(in_flight = tracker.len(), ?stop, "waiting for in-flight requests");
     }
     if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
         tracing::warn!(cut_off = tracker.len(), timeout = ?limit, "stop cut off requests still in flight");
     }
-    tracing::info!("stopped");
+    tracing::info!(served = shared.lifecycle.served(), "worker stopped");
     Ok(())
-}
-
-async fn wait_for_stop() -> std::io::Result<Stop> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut quit = signal(SignalKind::quit())?;
-    let stop = tokio::select! {
-        _ = term.recv() => Stop::Graceful,
-        _ = int.recv() => Stop::Fast,
-        _ = quit.recv() => Stop::Fast,
-    };
-    tracing::info!(?stop, "stop requested");
-    Ok(stop)
 }
 
 async fn accept_loop(

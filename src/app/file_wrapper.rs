@@ -30,20 +30,13 @@ impl FileWrapper {
         }
         // SAFETY: `fd` was just returned by fileno() of a file object we hold a reference to, so it stays open
         // while it is borrowed here; it is duplicated at once and only the duplicate is kept.
-        let file = File::from(
-            unsafe { BorrowedFd::borrow_raw(fd) }
-                .try_clone_to_owned()
-                .ok()?,
-        );
+        let file = File::from(unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok()?);
         let meta = file.metadata().ok()?;
         if !meta.is_file() {
             return None;
         }
         // tell() accounts for what a buffered Python file has read ahead; a raw descriptor has no such buffer.
-        let offset = match filelike
-            .call_method0("tell")
-            .and_then(|t| t.extract::<u64>())
-        {
+        let offset = match filelike.call_method0("tell").and_then(|t| t.extract::<u64>()) {
             Ok(pos) => pos,
             Err(_) => 0,
         };
@@ -75,10 +68,7 @@ impl FileWrapper {
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let chunk = self
-            .filelike
-            .bind(py)
-            .call_method1("read", (self.blksize,))?;
+        let chunk = self.filelike.bind(py).call_method1("read", (self.blksize,))?;
         let empty = match chunk.cast::<PyBytes>() {
             Ok(b) => b.as_bytes().is_empty(),
             Err(_) => chunk.is_empty().unwrap_or(true),

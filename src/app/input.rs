@@ -15,11 +15,7 @@ const FILE_BLOCK: usize = 64 * 1024;
 
 enum Source {
     Memory(Bytes),
-    File {
-        file: File,
-        block: Vec<u8>,
-        block_at: u64,
-    },
+    File { file: File, block: Vec<u8>, block_at: u64 },
 }
 
 #[pyclass(module = "ferrule")]
@@ -40,11 +36,7 @@ impl Input {
                 block_at: 0,
             },
         };
-        Input {
-            source,
-            pos: 0,
-            len,
-        }
+        Input { source, pos: 0, len }
     }
 
     fn remaining(&self) -> u64 {
@@ -69,11 +61,7 @@ impl Input {
                 let start = pos as usize;
                 Ok(&b[start..start + max.min(b.len() - start)])
             }
-            Source::File {
-                file,
-                block,
-                block_at,
-            } => {
+            Source::File { file, block, block_at } => {
                 let in_block = pos >= *block_at && pos < *block_at + block.len() as u64;
                 if !in_block {
                     let want = FILE_BLOCK.min((self.len - pos) as usize);
@@ -94,9 +82,7 @@ impl Input {
                 let pos = self.pos;
                 let mut buf = vec![0u8; n];
                 py.detach(|| file.read_exact_at(&mut buf, pos))
-                    .map_err(|e| {
-                        PyOSError::new_err(format!("cannot read the spooled request body: {e}"))
-                    })?;
+                    .map_err(|e| PyOSError::new_err(format!("cannot read the spooled request body: {e}")))?;
                 self.pos += n as u64;
                 return Ok(PyBytes::new(py, &buf));
             }
@@ -163,22 +149,14 @@ impl Input {
 
     /// readline(size=-1): one line including its newline, at most `size` bytes.
     #[pyo3(signature = (size = None))]
-    fn readline<'py>(
-        &mut self,
-        py: Python<'py>,
-        size: Option<i64>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    fn readline<'py>(&mut self, py: Python<'py>, size: Option<i64>) -> PyResult<Bound<'py, PyBytes>> {
         let n = self.wanted(size);
         self.read_line(py, n)
     }
 
     /// readlines(hint=-1): the remaining lines; stops once `hint` bytes were read when it is positive.
     #[pyo3(signature = (hint = None))]
-    fn readlines<'py>(
-        &mut self,
-        py: Python<'py>,
-        hint: Option<i64>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    fn readlines<'py>(&mut self, py: Python<'py>, hint: Option<i64>) -> PyResult<Bound<'py, PyList>> {
         let lines = PyList::empty(py);
         let mut total = 0u64;
         while self.remaining() > 0 {

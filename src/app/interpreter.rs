@@ -18,9 +18,8 @@ const BUILD_PYTHON_VERSION: &str = env!("FERRULE_PYTHON_VERSION");
 /// Starts the interpreter once, then releases the GIL so any thread can attach.
 pub fn initialize(config: &Config) -> Result<(), AppError> {
     if let Some(dir) = &config.chdir {
-        std::env::set_current_dir(dir).map_err(|e| {
-            AppError::Interpreter(format!("cannot change to {}: {e}", dir.display()))
-        })?;
+        std::env::set_current_dir(dir)
+            .map_err(|e| AppError::Interpreter(format!("cannot change to {}: {e}", dir.display())))?;
     }
     // The program name decides where Python looks for its prefix: with a virtualenv it is the venv's python,
     // so CPython finds pyvenv.cfg and sets up sys.prefix and site-packages exactly as `venv/bin/python` does.
@@ -74,9 +73,7 @@ fn status_error(status: ffi::PyStatus) -> AppError {
         "unknown error".to_owned()
     } else {
         // SAFETY: a non-null err_msg of a PyStatus is a static NUL-terminated C string.
-        unsafe { CStr::from_ptr(status.err_msg) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(status.err_msg) }.to_string_lossy().into_owned()
     };
     AppError::Interpreter(msg)
 }

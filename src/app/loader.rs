@@ -68,17 +68,14 @@ impl AppSpec {
 
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
-    chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
-        && chars.all(|c| c.is_alphanumeric() || c == '_')
+    chars.next().is_some_and(|c| c.is_alphabetic() || c == '_') && chars.all(|c| c.is_alphanumeric() || c == '_')
 }
 
 /// Imports the module and returns the callable.
 pub fn load(py: Python<'_>, spec: &AppSpec) -> Result<Py<PyAny>, AppError> {
     let (module, module_name) = match &spec.source {
         Source::Module(name) => {
-            let module = py
-                .import(name.as_str())
-                .map_err(|e| import_error(py, name, e))?;
+            let module = py.import(name.as_str()).map_err(|e| import_error(py, name, e))?;
             (module.into_any(), name.clone())
         }
         Source::File(path) => {
@@ -139,24 +136,15 @@ fn import_file<'py>(py: Python<'py>, path: &Path) -> Result<Bound<'py, PyAny>, A
         .filter(|s| is_identifier(s))
         .ok_or_else(|| fail("the file name is not a valid module name".into()))?
         .to_owned();
-    let dir = path
-        .parent()
-        .map(|d| d.display().to_string())
-        .unwrap_or_default();
+    let dir = path.parent().map(|d| d.display().to_string()).unwrap_or_default();
     let run = || -> PyResult<Bound<'py, PyAny>> {
         let sys = py.import("sys")?;
-        sys.getattr("path")?
-            .cast_into::<PyList>()?
-            .insert(0, &dir)?;
+        sys.getattr("path")?.cast_into::<PyList>()?.insert(0, &dir)?;
         let util = py.import("importlib.util")?;
-        let spec = util.call_method1(
-            "spec_from_file_location",
-            (&name, path.display().to_string()),
-        )?;
+        let spec = util.call_method1("spec_from_file_location", (&name, path.display().to_string()))?;
         let module = util.call_method1("module_from_spec", (&spec,))?;
         sys.getattr("modules")?.set_item(&name, &module)?;
-        spec.getattr("loader")?
-            .call_method1("exec_module", (&module,))?;
+        spec.getattr("loader")?.call_method1("exec_module", (&module,))?;
         Ok(module)
     };
     run().map_err(|e| import_error(py, &target, e))
@@ -210,18 +198,8 @@ mod tests {
         let factory = AppSpec::parse("mod:create_app('x', 3)").unwrap();
         assert_eq!(factory.attr.as_deref(), Some("create_app"));
         assert_eq!(factory.call_args.as_deref(), Some("'x', 3"));
-        assert_eq!(
-            AppSpec::parse("mod:make()").unwrap().call_args.as_deref(),
-            Some("")
-        );
-        for bad in [
-            "",
-            ":app",
-            "mod:",
-            "mod:bad-name",
-            "has space:app",
-            "mod:f(x",
-        ] {
+        assert_eq!(AppSpec::parse("mod:make()").unwrap().call_args.as_deref(), Some(""));
+        for bad in ["", ":app", "mod:", "mod:bad-name", "has space:app", "mod:f(x"] {
             assert!(AppSpec::parse(bad).is_err(), "{bad:?}");
         }
     }

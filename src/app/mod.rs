@@ -12,6 +12,7 @@ mod loader;
 mod request;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::thread;
 
 use pyo3::prelude::*;
@@ -32,6 +33,9 @@ pub struct Job {
     pub reply: mpsc::Sender<Reply>,
     /// The request's span, entered on the app thread so its log lines carry the request's fields.
     pub span: tracing::Span,
+    /// Set by the app thread that takes the job: its Python thread id, so a timed-out request's stack can be
+    /// found.
+    pub running_on: Arc<AtomicU64>,
 }
 
 /// Why the app could not be started.
@@ -39,28 +43,20 @@ pub struct Job {
 pub enum AppError {
     #[error("cannot start the Python interpreter: {0}")]
     Interpreter(String),
-    #[error(
-        "virtualenv {venv}: it was made with Python {found}, but ferrule embeds Python {embedded}"
-    )]
+    #[error("virtualenv {venv}: it was made with Python {found}, but ferrule embeds Python {embedded}")]
     VirtualenvVersion {
         venv: String,
         found: String,
         embedded: String,
     },
-    #[error(
-        "invalid APP {0:?}: expected module:callable, module, path/to/file.py[:callable] or module:factory()"
-    )]
+    #[error("invalid APP {0:?}: expected module:callable, module, path/to/file.py[:callable] or module:factory()")]
     BadSpec(String),
     #[error("cannot import the app from {target}: {error}")]
     Import { target: String, error: String },
     #[error("module {module:?} has no {tried} (name the callable: {module}:NAME)")]
     NoCallable { module: String, tried: String },
     #[error("{name} in {module:?} is not callable (it is a {kind})")]
-    NotCallable {
-        module: String,
-        name: String,
-        kind: String,
-    },
+    NotCallable { module: String, name: String, kind: String },
     #[error("the app factory {name} failed: {error}")]
     Factory { name: String, error: String },
 }
@@ -117,4 +113,21 @@ impl AppPool {
     pub fn threads(&self) -> usize {
         self.threads
     }
+}
+
+/// The current Python stack of the thread with this `threading.get_ident()`, formatted like a traceback.
+pub fn python_stack(thread_ident: u64) -> Option<String> {
+    Python::attach(|py| -> PyResult<Option<String>> {
+        let frames = py.import("sys")?.call_method0("_current_frames")?;
+        let Ok(frame) = frames.get_item(thread_ident) else {
+            return Ok(None);
+        };
+        let lines: Vec<String> = py
+            .import("traceback")?
+            .call_method1("format_stack", (frame,))?
+            .extract()?;
+        Ok(Some(lines.concat().trim_end().to_owned()))
+    })
+    .ok()
+    .flatten()
 }

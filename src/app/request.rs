@@ -33,12 +33,22 @@ pub(super) fn run_thread(shared: &Shared, queue: &crossbeam_channel::Receiver<Jo
                 return;
             }
         };
+        let ident = thread_ident(py);
         while let Ok(job) = py.detach(|| queue.recv()) {
+            job.running_on.store(ident, std::sync::atomic::Ordering::Release);
             let span = job.span.clone();
             let _entered = span.enter();
             ctx.handle(py, job);
         }
     });
+}
+
+/// This thread's `threading.get_ident()`, the key of `sys._current_frames()`.
+fn thread_ident(py: Python<'_>) -> u64 {
+    py.import("threading")
+        .and_then(|t| t.call_method0("get_ident"))
+        .and_then(|i| i.extract::<u64>())
+        .unwrap_or(0)
 }
 
 /// Why a request could not be answered normally.
@@ -88,6 +98,7 @@ impl<'py> ThreadContext<'py> {
             body,
             reply,
             span: _,
+            running_on: _,
         } = job;
         let state = ResponseState::new(reply, &environ.method[..] == b"HEAD");
         let start_response = match Bound::new(py, StartResponse { state }) {
@@ -117,12 +128,7 @@ impl<'py> ThreadContext<'py> {
         sent
     }
 
-    fn environ_dict(
-        &self,
-        py: Python<'py>,
-        environ: &Environ,
-        body: Body,
-    ) -> PyResult<Bound<'py, PyDict>> {
+    fn environ_dict(&self, py: Python<'py>, environ: &Environ, body: Body) -> PyResult<Bound<'py, PyDict>> {
         let env = self.base.copy()?;
         for (key, value) in &environ.vars {
             env.set_item(self.key(py, key), latin1(py, value))?;
@@ -162,11 +168,7 @@ fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
 }
 
 /// Sends the app's response iterable.
-fn respond<'py>(
-    py: Python<'py>,
-    sr: &Bound<'py, StartResponse>,
-    result: &Bound<'py, PyAny>,
-) -> Result<(), Failure> {
+fn respond<'py>(py: Python<'py>, sr: &Bound<'py, StartResponse>, result: &Bound<'py, PyAny>) -> Result<(), Failure> {
     if let Ok(wrapper) = result.cast::<FileWrapper>() {
         if let Some(file) = wrapper.borrow().sendable(py) {
             return sr.borrow_mut().state.send_file(py, file);
@@ -189,11 +191,7 @@ fn respond<'py>(
 
 fn as_bytes<'a, 'py>(item: &'a Bound<'py, PyAny>) -> Result<&'a Bound<'py, PyBytes>, Failure> {
     item.cast::<PyBytes>().map_err(|_| {
-        let kind = item
-            .get_type()
-            .name()
-            .map(|n| n.to_string())
-            .unwrap_or_default();
+        let kind = item.get_type().name().map(|n| n.to_string()).unwrap_or_default();
         Failure::Protocol(format!(
             "the response iterable yielded {kind}, but PEP 3333 requires bytes"
         ))
@@ -296,9 +294,9 @@ impl ResponseState {
     }
 
     fn started(&self) -> Result<&(String, u16), Failure> {
-        self.status.as_ref().ok_or_else(|| {
-            Failure::Protocol("the app returned a body without calling start_response".into())
-        })
+        self.status
+            .as_ref()
+            .ok_or_else(|| Failure::Protocol("the app returned a body without calling start_response".into()))
     }
 
     /// Hands a message to the connection, waiting (without the GIL) only when its queue is full.
@@ -316,19 +314,13 @@ impl ResponseState {
 
     fn may_add_length(&self) -> bool {
         let method: &[u8] = if self.is_head { b"HEAD" } else { b"GET" };
-        self.declared_length.is_none()
-            && response::may_add_content_length(method, self.status_code())
+        self.declared_length.is_none() && response::may_add_content_length(method, self.status_code())
     }
 
     fn head(&self, content_length: Option<u64>, extra: usize) -> Result<BytesMut, Failure> {
         let (status, _) = self.started()?;
         let headers = self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
-        Ok(response::encode_head(
-            status,
-            headers,
-            content_length,
-            extra,
-        ))
+        Ok(response::encode_head(status, headers, content_length, extra))
     }
 
     /// PEP 3333: never send more than the app's own Content-Length.
@@ -416,9 +408,9 @@ impl ResponseState {
             self.headers_sent = true;
             self.send(py, Reply::Send(head.freeze()))?;
         }
-        let short = self.declared_length.is_some_and(|l| {
-            self.body_bytes < l && !self.is_head && response::may_add_content_length(b"GET", status)
-        });
+        let short = self
+            .declared_length
+            .is_some_and(|l| self.body_bytes < l && !self.is_head && response::may_add_content_length(b"GET", status));
         if short {
             tracing::error!(
                 content_length = self.declared_length,
@@ -477,8 +469,7 @@ impl StartResponse {
                 .map_err(|_| PyTypeError::new_err("status must be a str such as '200 OK'"))?
                 .to_str()?
                 .to_owned();
-            let code = response::parse_status(&status)
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let code = response::parse_status(&status).map_err(|e| PyValueError::new_err(e.to_string()))?;
             let (headers, declared_length) = parse_headers(headers)?;
             r.status = Some((status, code));
             r.headers = headers;
@@ -493,9 +484,7 @@ impl StartResponse {
             .cast::<PyBytes>()
             .map_err(|_| PyTypeError::new_err("write() takes bytes"))?;
         if self.state.status.is_none() {
-            return Err(PyRuntimeError::new_err(
-                "write() was called before start_response()",
-            ));
+            return Err(PyRuntimeError::new_err("write() was called before start_response()"));
         }
         match self.state.send_chunk(py, chunk.as_bytes()) {
             Ok(()) => Ok(()),
@@ -523,21 +512,14 @@ fn parse_headers(headers: &Bound<'_, PyAny>) -> PyResult<(Vec<(String, String)>,
         }
         let name = item.get_item(0)?;
         let value = item.get_item(1)?;
-        let name = name
-            .cast::<PyString>()
-            .map_err(|_| pair())?
-            .to_str()?
-            .to_owned();
-        let value = value
-            .cast::<PyString>()
-            .map_err(|_| pair())?
-            .to_str()?
-            .to_owned();
+        let name = name.cast::<PyString>().map_err(|_| pair())?.to_str()?.to_owned();
+        let value = value.cast::<PyString>().map_err(|_| pair())?.to_str()?.to_owned();
         response::check_header(&name, &value).map_err(|e| PyValueError::new_err(e.to_string()))?;
         if name.eq_ignore_ascii_case("content-length") {
-            let parsed = value.trim().parse::<u64>().map_err(|_| {
-                PyValueError::new_err(format!("invalid Content-Length header {value:?}"))
-            })?;
+            let parsed = value
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| PyValueError::new_err(format!("invalid Content-Length header {value:?}")))?;
             declared = Some(parsed);
         }
         out.push((name, value));

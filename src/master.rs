@@ -1,0 +1,525 @@
+//! The master process: binds the sockets once, starts workers that inherit them, supervises them, and handles
+//! the operator's signals: SIGHUP rolling reload, SIGTERM graceful stop, SIGINT/SIGQUIT fast stop,
+//! SIGTTIN/SIGTTOU one worker more/fewer.
+//!
+//! Workers are this same binary started again (fork and exec, never a bare fork of a process that may hold
+//! threads) with the sockets at descriptors 3.. and a control socket after them. A worker says `ready` once
+//! its app imported, and `retire REASON` when it wants a replacement; the master answers with signals.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::config::{Config, systemd_fds};
+use crate::listener::{self, BoundSocket, ListenError};
+use crate::worker::{ENV_WORKER_FDS, ENV_WORKER_ID, EXIT_APP_LOAD, RetireReason};
+
+/// Why the master could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot start a worker: {0}")]
+    Spawn(std::io::Error),
+    #[error("the app could not be loaded (see the error above); not starting")]
+    AppLoad,
+    #[error("worker {pid} exited during start-up ({status})")]
+    StartupCrash { pid: u32, status: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A crash within this window of the previous ones counts towards the respawn back-off.
+const CRASH_WINDOW: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Extra time a stopping worker gets beyond the graceful timeout before it is killed.
+const KILL_MARGIN: Duration = Duration::from_secs(5);
+/// How long a fast stop waits before killing.
+const FAST_STOP: Duration = Duration::from_secs(3);
+
+/// Binds every socket, runs the workers until a stop signal, and removes the socket files.
+pub fn run(config: Config) -> Result<(), MasterError> {
+    let mut specs = config.sockets.clone();
+    specs.extend(systemd_fds());
+    let mut sockets: Vec<BoundSocket> = Vec::with_capacity(specs.len());
+    for spec in &specs {
+        match listener::bind(spec, config.socket_mode, config.listen_backlog) {
+            Ok(bound) => {
+                tracing::info!(address = %bound.display_addr(), "listening");
+                sockets.push(bound);
+            }
+            Err(e) => {
+                sockets.iter().for_each(BoundSocket::remove_file);
+                return Err(e.into());
+            }
+        }
+    }
+    if let Some(addr) = sockets
+        .iter()
+        .find(|s| !s.is_unix() && !is_loopback(s))
+        .map(BoundSocket::display_addr)
+    {
+        tracing::warn!(
+            address = %addr,
+            "listening beyond loopback: the uwsgi protocol has no authentication, so anyone who can reach this \
+             address can send requests as any client"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let result = runtime.block_on(Master::new(Arc::new(config), &sockets).run());
+    sockets.iter().for_each(BoundSocket::remove_file);
+    result
+}
+
+fn is_loopback(socket: &BoundSocket) -> bool {
+    socket2::SockRef::from(&socket.fd)
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .is_some_and(|a| a.ip().is_loopback())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Ready,
+    /// Asked to stop (SIGTERM or SIGQUIT sent); killed if still alive at the deadline.
+    Stopping {
+        kill_at: Instant,
+    },
+}
+
+struct Worker {
+    pid: u32,
+    generation: u32,
+    state: State,
+    /// Set when the worker asked to be replaced; it is stopped once its replacement is ready.
+    retiring: Option<RetireReason>,
+}
+
+enum Event {
+    Ready(u32),
+    Retire(u32, RetireReason),
+    Exited(u32, ExitStatus),
+    Respawn,
+}
+
+struct Master<'s> {
+    config: Arc<Config>,
+    fds: Vec<RawFd>,
+    _sockets: &'s [BoundSocket],
+    workers: HashMap<u32, Worker>,
+    next_id: u32,
+    generation: u32,
+    desired: usize,
+    /// Workers to stop, oldest first, each as soon as a new worker is ready.
+    to_replace: VecDeque<u32>,
+    crashes: VecDeque<Instant>,
+    respawn_pending: bool,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl<'s> Master<'s> {
+    fn new(config: Arc<Config>, sockets: &'s [BoundSocket]) -> Master<'s> {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Master {
+            desired: config.workers,
+            config,
+            fds: sockets.iter().map(|s| s.fd.as_raw_fd()).collect(),
+            _sockets: sockets,
+            workers: HashMap::new(),
+            next_id: 1,
+            generation: 0,
+            to_replace: VecDeque::new(),
+            crashes: VecDeque::new(),
+            respawn_pending: false,
+            events_tx,
+            events_rx,
+        }
+    }
+
+    async fn run(mut self) -> Result<(), MasterError> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut quit = signal(SignalKind::quit())?;
+        let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
+        let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
+
+        self.start_up().await?;
+        tracing::info!(workers = self.desired, pid = std::process::id(), "ready");
+
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let stop_signal = loop {
+            tokio::select! {
+                _ = hup.recv() => self.reload(),
+                _ = term.recv() => break Signal::SIGTERM,
+                _ = int.recv() => break Signal::SIGQUIT,
+                _ = quit.recv() => break Signal::SIGQUIT,
+                _ = ttin.recv() => {
+                    self.desired += 1;
+                    tracing::info!(workers = self.desired, "SIGTTIN: one worker more");
+                    self.spawn_or_log();
+                }
+                _ = ttou.recv() => self.one_fewer(),
+                _ = tick.tick() => self.kill_overdue(),
+                Some(event) = self.events_rx.recv() => self.on_event(event),
+            }
+        };
+        self.stop_all(stop_signal).await;
+        Ok(())
+    }
+
+    /// Starts the first generation and waits for it: a worker that cannot load the app stops the master with
+    /// its error instead of being respawned forever.
+    async fn start_up(&mut self) -> Result<(), MasterError> {
+        for _ in 0..self.desired {
+            self.spawn().map_err(MasterError::Spawn)?;
+        }
+        while self.workers.values().any(|w| w.state == State::Starting) {
+            let Some(event) = self.events_rx.recv().await else {
+                break;
+            };
+            match event {
+                Event::Ready(id) => self.on_event(Event::Ready(id)),
+                Event::Exited(id, status) => {
+                    let pid = self.workers.remove(&id).map_or(0, |w| w.pid);
+                    self.stop_all(Signal::SIGQUIT).await;
+                    return Err(if status.code() == Some(EXIT_APP_LOAD) {
+                        MasterError::AppLoad
+                    } else {
+                        MasterError::StartupCrash {
+                            pid,
+                            status: describe(status),
+                        }
+                    });
+                }
+                other => self.on_event(other),
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> std::io::Result<u32> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.args(std::env::args_os().skip(1).collect::<Vec<OsString>>())
+            .env(ENV_WORKER_ID, id.to_string())
+            .env(ENV_WORKER_FDS, self.fds.len().to_string())
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES");
+        let mut fds = self.fds.clone();
+        fds.push(theirs.as_raw_fd());
+        // SAFETY: the closure runs in the child between fork and exec and only calls fcntl, dup2 and close on
+        // descriptors listed in `fds` (captured before the fork, so no allocation happens there); these are
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || place_fds(&fds));
+        }
+        let mut child = cmd.spawn()?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+        self.workers.insert(
+            id,
+            Worker {
+                pid,
+                generation: self.generation,
+                state: State::Starting,
+                retiring: None,
+            },
+        );
+        tracing::info!(worker = id, pid, generation = self.generation, "worker started");
+
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                let _ = tx.send(Event::Exited(id, status));
+            }
+        });
+        ours.set_nonblocking(true)?;
+        let control = tokio::net::UnixStream::from_std(ours)?;
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(control).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let event = match line.split_once(' ') {
+                    None if line == "ready" => Event::Ready(id),
+                    Some(("retire", reason)) => match RetireReason::parse(reason) {
+                        Some(r) => Event::Retire(id, r),
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(id)
+    }
+
+    fn spawn_or_log(&mut self) {
+        if let Err(error) = self.spawn() {
+            tracing::error!(%error, "cannot start a worker");
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Ready(id) => {
+                let Some(w) = self.workers.get_mut(&id) else { return };
+                if w.state == State::Starting {
+                    w.state = State::Ready;
+                }
+                tracing::info!(worker = id, pid = w.pid, "worker ready");
+                // A new worker is serving: the oldest one waiting for a replacement can go.
+                while let Some(old) = self.to_replace.pop_front() {
+                    if self.workers.contains_key(&old) {
+                        self.stop_worker(old, Signal::SIGTERM);
+                        break;
+                    }
+                }
+            }
+            Event::Retire(id, reason) => {
+                let Some(w) = self.workers.get_mut(&id) else { return };
+                if w.retiring.is_some() || matches!(w.state, State::Stopping { .. }) {
+                    return;
+                }
+                w.retiring = Some(reason);
+                tracing::info!(worker = id, pid = w.pid, reason = reason.as_str(), "replacing worker");
+                self.to_replace.push_back(id);
+                self.spawn_or_log();
+            }
+            Event::Exited(id, status) => self.on_exit(id, status),
+            Event::Respawn => {
+                self.respawn_pending = false;
+                let active = self
+                    .workers
+                    .values()
+                    .filter(|w| !matches!(w.state, State::Stopping { .. }) && w.retiring.is_none())
+                    .count();
+                for _ in active..self.desired {
+                    self.spawn_or_log();
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, id: u32, status: ExitStatus) {
+        let Some(w) = self.workers.remove(&id) else { return };
+        self.to_replace.retain(|&old| old != id);
+        let expected = matches!(w.state, State::Stopping { .. });
+        if expected {
+            tracing::info!(worker = id, pid = w.pid, status = %describe(status), "worker exited");
+            return;
+        }
+        if w.retiring.is_some() {
+            // It left before its replacement was ready (a timed-out worker drains and exits by itself); the
+            // replacement is already on its way.
+            tracing::info!(worker = id, pid = w.pid, status = %describe(status), "retired worker exited");
+            return;
+        }
+        if w.state == State::Starting && w.generation > 0 && status.code() == Some(EXIT_APP_LOAD) {
+            tracing::error!(
+                worker = id,
+                pid = w.pid,
+                "reload failed: the new code could not be loaded; the previous workers keep serving"
+            );
+            self.abort_reload(w.generation);
+            return;
+        }
+        tracing::error!(worker = id, pid = w.pid, status = %describe(status), "worker died; replacing it");
+        self.schedule_respawn();
+    }
+
+    /// Respawns after a crash, backing off when crashes repeat so a crashing app does not spin the CPU.
+    fn schedule_respawn(&mut self) {
+        let now = Instant::now();
+        self.crashes.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+        self.crashes.push_back(now);
+        if self.respawn_pending {
+            return;
+        }
+        self.respawn_pending = true;
+        let recent = self.crashes.len() as u32;
+        let delay = match recent {
+            0 | 1 => Duration::ZERO,
+            n => (Duration::from_millis(100) * 2u32.saturating_pow(n.min(10) - 1)).min(MAX_BACKOFF),
+        };
+        if !delay.is_zero() {
+            tracing::warn!(recent_crashes = recent, delay = ?delay, "workers keep dying; backing off");
+        }
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Event::Respawn);
+        });
+    }
+
+    /// SIGHUP: start a new generation; each old worker stops as soon as a new one is ready, so the app is
+    /// re-imported with no gap in service.
+    fn reload(&mut self) {
+        self.generation += 1;
+        let mut old: Vec<(u32, u32)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !matches!(w.state, State::Stopping { .. }))
+            .map(|(id, w)| (w.generation, *id))
+            .collect();
+        old.sort();
+        tracing::info!(
+            generation = self.generation,
+            workers = self.desired,
+            "SIGHUP: reloading"
+        );
+        self.to_replace.extend(old.into_iter().map(|(_, id)| id));
+        for _ in 0..self.desired {
+            self.spawn_or_log();
+        }
+    }
+
+    fn abort_reload(&mut self, generation: u32) {
+        let starting: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation == generation && w.state == State::Starting)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in starting {
+            self.stop_worker(id, Signal::SIGKILL);
+        }
+        // The old workers that were waiting for a replacement stay.
+        self.to_replace.clear();
+    }
+
+    fn one_fewer(&mut self) {
+        if self.desired <= 1 {
+            tracing::info!("SIGTTOU: already at one worker");
+            return;
+        }
+        self.desired -= 1;
+        tracing::info!(workers = self.desired, "SIGTTOU: one worker fewer");
+        let newest = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !matches!(w.state, State::Stopping { .. }))
+            .map(|(id, _)| *id)
+            .max();
+        if let Some(id) = newest {
+            self.stop_worker(id, Signal::SIGTERM);
+        }
+    }
+
+    fn stop_worker(&mut self, id: u32, sig: Signal) {
+        let grace = match sig {
+            Signal::SIGTERM => self.config.graceful_timeout + KILL_MARGIN,
+            _ => FAST_STOP,
+        };
+        if let Some(w) = self.workers.get_mut(&id) {
+            if !matches!(w.state, State::Stopping { .. }) || sig == Signal::SIGKILL {
+                w.state = State::Stopping {
+                    kill_at: Instant::now() + grace,
+                };
+                let _ = kill(Pid::from_raw(w.pid as i32), sig);
+            }
+        }
+    }
+
+    /// A worker that did not stop within its time is killed.
+    fn kill_overdue(&mut self) {
+        let now = Instant::now();
+        for (id, w) in &mut self.workers {
+            if let State::Stopping { kill_at } = w.state {
+                if now >= kill_at {
+                    tracing::warn!(worker = id, pid = w.pid, "worker did not stop in time; killing it");
+                    let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+                    w.state = State::Stopping {
+                        kill_at: now + Duration::from_secs(3600),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Stops every worker and waits for all of them (killing the overdue).
+    async fn stop_all(&mut self, sig: Signal) {
+        let ids: Vec<u32> = self.workers.keys().copied().collect();
+        tracing::info!(workers = ids.len(), signal = %sig, "stopping");
+        for id in ids {
+            if let Some(w) = self.workers.get_mut(&id) {
+                // Even a worker already stopping gets the stop signal again, so a fast stop overrides a slow one.
+                w.state = State::Starting;
+            }
+            self.stop_worker(id, sig);
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while !self.workers.is_empty() {
+            tokio::select! {
+                _ = tick.tick() => self.kill_overdue(),
+                Some(event) = self.events_rx.recv() => {
+                    if let Event::Exited(id, status) = event {
+                        if let Some(w) = self.workers.remove(&id) {
+                            tracing::info!(worker = id, pid = w.pid, status = %describe(status), "worker exited");
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Puts the inherited descriptors at 3, 4, ... in the child, without CLOEXEC. Runs between fork and exec.
+fn place_fds(fds: &[RawFd]) -> std::io::Result<()> {
+    // First move every descriptor above the target range, so no dup2 overwrites a source not yet moved.
+    const MAX: usize = 80;
+    let mut high = [0 as RawFd; MAX];
+    if fds.len() > MAX {
+        return Err(std::io::Error::other("too many sockets"));
+    }
+    let floor = 3 + fds.len() as RawFd + MAX as RawFd;
+    for (i, &fd) in fds.iter().enumerate() {
+        // SAFETY: fcntl(F_DUPFD) on a descriptor the parent keeps open.
+        let h = unsafe { libc::fcntl(fd, libc::F_DUPFD, floor) };
+        if h < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        high[i] = h;
+    }
+    for (i, &h) in high[..fds.len()].iter().enumerate() {
+        // SAFETY: dup2 onto a small descriptor number the child is about to hand to the worker; dup2's result
+        // does not carry CLOEXEC, so it survives exec.
+        if unsafe { libc::dup2(h, 3 + i as RawFd) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: closing the temporary duplicate made above.
+        unsafe { libc::close(h) };
+    }
+    Ok(())
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        _ => status.to_string(),
+    }
+}

@@ -1,0 +1,194 @@
+//! A worker process: takes the listening sockets and the control channel from the master, loads the app,
+//! serves, and asks to be replaced when it reaches `--max-requests`, `--reload-on-rss` or a request timeout.
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+use crate::app::AppPool;
+use crate::config::Config;
+use crate::connection::ConnShared;
+use crate::listener::{BoundSocket, ListenError};
+
+/// Exit status of a worker that could not load the app: the master stops instead of respawning it.
+pub const EXIT_APP_LOAD: i32 = 3;
+
+/// Environment the master sets for a worker.
+pub const ENV_WORKER_ID: &str = "FERRULE_WORKER_ID";
+pub const ENV_WORKER_FDS: &str = "FERRULE_WORKER_FDS";
+
+/// Why a worker asks to be replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetireReason {
+    MaxRequests,
+    Memory,
+    Timeout,
+}
+
+impl RetireReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetireReason::MaxRequests => "max-requests",
+            RetireReason::Memory => "memory",
+            RetireReason::Timeout => "timeout",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RetireReason> {
+        [RetireReason::MaxRequests, RetireReason::Memory, RetireReason::Timeout]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// Per-worker counters that decide when the worker retires.
+pub struct Lifecycle {
+    served: AtomicU64,
+    max_requests: Option<u64>,
+    rss_limit: Option<u64>,
+    retiring: AtomicBool,
+    retire_tx: mpsc::UnboundedSender<RetireReason>,
+}
+
+impl Lifecycle {
+    pub fn new(config: &Config) -> (Lifecycle, mpsc::UnboundedReceiver<RetireReason>) {
+        let (retire_tx, retire_rx) = mpsc::unbounded_channel();
+        let jitter = match config.max_requests_jitter {
+            0 => 0,
+            j => random_u64() % (j + 1),
+        };
+        let lifecycle = Lifecycle {
+            served: AtomicU64::new(0),
+            max_requests: config.max_requests.map(|m| m.saturating_add(jitter)),
+            rss_limit: config.reload_on_rss,
+            retiring: AtomicBool::new(false),
+            retire_tx,
+        };
+        (lifecycle, retire_rx)
+    }
+
+    /// Called after every request: counts it and checks the recycling limits.
+    pub fn request_finished(&self) {
+        let served = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.max_requests.is_some_and(|max| served >= max) {
+            self.retire(RetireReason::MaxRequests);
+        }
+        if let Some(limit) = self.rss_limit {
+            if current_rss().is_some_and(|rss| rss > limit) {
+                self.retire(RetireReason::Memory);
+            }
+        }
+    }
+
+    /// Asks for a replacement. Recycling asks once; a timeout always gets through, since it also makes the
+    /// worker stop accepting.
+    pub fn retire(&self, reason: RetireReason) {
+        if reason == RetireReason::Timeout || !self.retiring.swap(true, Ordering::Relaxed) {
+            let _ = self.retire_tx.send(reason);
+        }
+    }
+
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+/// Resident memory of this process in bytes, from /proc/self/status.
+pub fn current_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A random number without a random crate: std's hasher keys are seeded from the OS per process.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// The worker's end of the channel to the master: readiness and retirement go up as text lines; EOF means
+/// the master is gone.
+pub struct Control {
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl Control {
+    pub fn send(&mut self, line: &str) {
+        // Tiny messages on a local socket: a blocking write cannot stall for long.
+        if let Err(error) = writeln!(self.stream, "{line}") {
+            tracing::warn!(%error, "cannot reach the master");
+        }
+    }
+
+    /// A future that resolves when the master closes its end (it exited or was killed).
+    pub fn master_gone(&self) -> std::io::Result<impl Future<Output = ()> + use<>> {
+        let stream = tokio::net::UnixStream::from_std(self.stream.try_clone()?)?;
+        Ok(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let _ = stream.readable().await;
+                match stream.try_read(&mut buf) {
+                    Ok(0) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+    }
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{ENV_WORKER_FDS} is missing or invalid: this process was not started by a ferrule master")]
+    NoSockets,
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot start the worker runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// Runs a worker to its end. Does not return on success: the process exits without finalising Python.
+pub fn run(config: Config, id: u32) -> Result<(), WorkerError> {
+    let count: i32 = std::env::var(ENV_WORKER_FDS)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| (1..=64).contains(n))
+        .ok_or(WorkerError::NoSockets)?;
+    let sockets = (3..3 + count)
+        .map(BoundSocket::inherit)
+        .collect::<Result<Vec<_>, _>>()?;
+    // SAFETY: the master places the control socket right after the listening sockets and nothing else in this
+    // process uses that descriptor; `inherit` above has already checked the ones before it.
+    let control = unsafe { OwnedFd::from_raw_fd(3 + count) };
+    let control = Control {
+        stream: std::os::unix::net::UnixStream::from(control),
+    };
+    let _span = tracing::info_span!("worker", id, pid = std::process::id()).entered();
+    let pool = match AppPool::start(&config) {
+        Ok(pool) => pool,
+        Err(error) => {
+            tracing::error!("{error}");
+            std::process::exit(EXIT_APP_LOAD);
+        }
+    };
+    let (lifecycle, retire_rx) = Lifecycle::new(&config);
+    let shared = Arc::new(ConnShared {
+        config: Arc::new(config),
+        pool: Arc::new(pool),
+        lifecycle: Arc::new(lifecycle),
+    });
+    // One thread for all I/O: Python runs on the pool, so the async side is mostly syscalls and a second
+    // runtime thread would only compete with the app threads for the same cores.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(crate::server::run(sockets, shared, retire_rx, control))?;
+    // The app threads are parked waiting for work; end without finalising the interpreter under them.
+    std::process::exit(0);
+}
