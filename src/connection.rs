@@ -35,6 +35,8 @@ const REPLY_QUEUE: usize = 8;
 /// this long, so the answer is not lost to a reset.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 4 << 20;
+/// How long a timed-out request's stack dump may wait for the GIL.
+const STACK_DUMP_LIMIT: Duration = Duration::from_secs(5);
 
 /// What every connection shares.
 pub struct ConnShared {
@@ -381,14 +383,18 @@ async fn timed_out(
     shared.lifecycle.retire(RetireReason::Timeout);
     let thread = running_on.load(Ordering::Acquire);
     let span = tracing::Span::current();
-    // Taking the stack needs the GIL, which the stuck thread may hold for a while: never on the I/O thread.
-    tokio::task::spawn_blocking(move || {
+    // Taking the stack needs the GIL, which the stuck thread may hold for a while: never on the I/O thread,
+    // and bounded, since the worker waits for this before it exits.
+    let dump = tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
         match crate::app::python_stack(thread) {
             Some(stack) => tracing::error!(thread, stack = %stack, "stuck request's Python stack"),
             None => tracing::error!(thread, "the stuck request's Python stack is not available"),
         }
     });
+    if tokio::time::timeout(STACK_DUMP_LIMIT, dump).await.is_err() {
+        tracing::error!("could not take the stuck request's Python stack: the GIL stayed busy");
+    }
     result
 }
 

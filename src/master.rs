@@ -425,18 +425,28 @@ impl<'s> Master<'s> {
         }
     }
 
+    /// Asks a worker to stop, unless it already is stopping.
     fn stop_worker(&mut self, id: u32, sig: Signal) {
+        let stopping = self
+            .workers
+            .get(&id)
+            .is_some_and(|w| matches!(w.state, State::Stopping { .. }));
+        if !stopping || sig == Signal::SIGKILL {
+            self.signal_worker(id, sig);
+        }
+    }
+
+    fn signal_worker(&mut self, id: u32, sig: Signal) {
         let grace = match sig {
             Signal::SIGTERM => self.config.graceful_timeout + KILL_MARGIN,
             _ => FAST_STOP,
         };
         if let Some(w) = self.workers.get_mut(&id) {
-            if !matches!(w.state, State::Stopping { .. }) || sig == Signal::SIGKILL {
-                w.state = State::Stopping {
-                    kill_at: Instant::now() + grace,
-                };
-                let _ = kill(Pid::from_raw(w.pid as i32), sig);
-            }
+            w.state = State::Stopping {
+                kill_at: Instant::now() + grace,
+            };
+            // The worker is reaped only by its own wait task, so its pid cannot have been reused yet.
+            let _ = kill(Pid::from_raw(w.pid as i32), sig);
         }
     }
 
@@ -461,11 +471,8 @@ impl<'s> Master<'s> {
         let ids: Vec<u32> = self.workers.keys().copied().collect();
         tracing::info!(workers = ids.len(), signal = %sig, "stopping");
         for id in ids {
-            if let Some(w) = self.workers.get_mut(&id) {
-                // Even a worker already stopping gets the stop signal again, so a fast stop overrides a slow one.
-                w.state = State::Starting;
-            }
-            self.stop_worker(id, sig);
+            // Even a worker already stopping gets the signal again, so a fast stop overrides a graceful one.
+            self.signal_worker(id, sig);
         }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         while !self.workers.is_empty() {
