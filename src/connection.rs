@@ -326,7 +326,8 @@ async fn respond(
     let result = if complete {
         finish(&mut stream).await
     } else {
-        Ok(stream.abort())
+        stream.abort();
+        Ok(())
     };
     shared.lifecycle.request_finished();
     result

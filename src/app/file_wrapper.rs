@@ -36,10 +36,10 @@ impl FileWrapper {
             return None;
         }
         // tell() accounts for what a buffered Python file has read ahead; a raw descriptor has no such buffer.
-        let offset = match filelike.call_method0("tell").and_then(|t| t.extract::<u64>()) {
-            Ok(pos) => pos,
-            Err(_) => 0,
-        };
+        let offset = filelike
+            .call_method0("tell")
+            .and_then(|t| t.extract::<u64>())
+            .unwrap_or_default();
         Some(SendableFile {
             file,
             offset,

@@ -61,6 +61,11 @@ pub enum AppError {
     Factory { name: String, error: String },
 }
 
+/// Every app thread has stopped (they only stop when the process is going away).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the app threads have stopped")]
+pub struct PoolStopped;
+
 /// What every request thread shares.
 struct Shared {
     app: Py<PyAny>,
@@ -100,9 +105,9 @@ impl AppPool {
         })
     }
 
-    /// Queues a request; the job comes back if the pool has stopped.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
-        self.jobs.send(job).map_err(|e| e.into_inner())
+    /// Queues a request; fails only if every app thread has stopped.
+    pub fn submit(&self, job: Job) -> Result<(), PoolStopped> {
+        self.jobs.send(job).map_err(|_| PoolStopped)
     }
 
     /// Requests queued but not yet picked up by a thread.

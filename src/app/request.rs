@@ -265,7 +265,7 @@ fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
 struct ResponseState {
     /// The status line as the app gave it, and its code.
     status: Option<(String, u16)>,
-    headers: Vec<(String, String)>,
+    headers: Headers,
     /// Content-Length set by the app; the server never sends more body than this.
     declared_length: Option<u64>,
     headers_sent: bool,
@@ -495,8 +495,12 @@ impl StartResponse {
     }
 }
 
-/// Checks the app's header list: (str, str) pairs, latin-1, no CR/LF/NUL, no hop-by-hop headers.
-fn parse_headers(headers: &Bound<'_, PyAny>) -> PyResult<(Vec<(String, String)>, Option<u64>)> {
+/// Response headers as the app gave them, in order.
+type Headers = Vec<(String, String)>;
+
+/// Checks the app's header list: (str, str) pairs, latin-1, no CR/LF/NUL, no hop-by-hop headers; returns them
+/// with the declared Content-Length.
+fn parse_headers(headers: &Bound<'_, PyAny>) -> PyResult<(Headers, Option<u64>)> {
     if !(headers.is_instance_of::<PyList>() || headers.is_instance_of::<PyTuple>()) {
         return Err(PyTypeError::new_err(
             "response headers must be a list of (name, value) tuples",
