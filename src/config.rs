@@ -1,6 +1,6 @@
 //! Command-line options, validated once into a `Config` that the rest of the server reads.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -53,8 +53,28 @@ pub struct Options {
     pub body_buffer_size: u64,
 
     /// Seconds a peer may take to send its whole request before it is dropped
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub read_timeout: u64,
+
+    /// Largest request body accepted, in bytes; a larger CONTENT_LENGTH gets 413 before the app runs (0: no limit)
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub max_body_size: u64,
+
+    /// Connections one worker serves at once; more wait in the listen queue
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Accept TCP connections only from these networks (comma-separated CIDRs, repeatable)
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub allow_from: Vec<String>,
+
+    /// Run as this user (name or uid) after binding the sockets, when started as root
+    #[arg(long, value_name = "USER")]
+    pub uid: Option<String>,
+
+    /// Run as this group (name or gid) after binding the sockets, when started as root
+    #[arg(long, value_name = "GROUP")]
+    pub gid: Option<String>,
 
     /// Seconds in-flight requests get to finish on SIGTERM
     #[arg(long, value_name = "SECS", default_value_t = 30)]
@@ -127,6 +147,51 @@ pub enum ConfigError {
     BadChdir(PathBuf, std::io::Error),
     #[error("--virtualenv {0}: not a virtualenv (no pyvenv.cfg)")]
     BadVirtualenv(PathBuf),
+    #[error("--allow-from {0:?}: expected a network like 10.0.0.0/8, 127.0.0.1 or ::1/128")]
+    BadCidr(String),
+}
+
+/// A network in CIDR notation, for `--allow-from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, ConfigError> {
+        let bad = || ConfigError::BadCidr(s.to_owned());
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside this network; an IPv4-mapped IPv6 peer matches IPv4 networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Parses one `--socket` value.
@@ -176,6 +241,12 @@ pub struct Config {
     pub access_log: bool,
     /// Per-request time limit.
     pub timeout: Option<Duration>,
+    pub max_body_size: Option<u64>,
+    pub max_connections: usize,
+    /// TCP peers allowed to connect; empty means all.
+    pub allow_from: Vec<Cidr>,
+    pub uid: Option<String>,
+    pub gid: Option<String>,
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
     /// Resident memory limit in bytes.
@@ -216,6 +287,16 @@ impl Config {
             listen_backlog: o.listen_backlog.max(1),
             access_log: o.access_log,
             timeout: (o.timeout > 0).then(|| Duration::from_secs(o.timeout)),
+            max_body_size: (o.max_body_size > 0).then_some(o.max_body_size),
+            max_connections: o.max_connections as usize,
+            allow_from: o
+                .allow_from
+                .iter()
+                .filter(|c| !c.trim().is_empty())
+                .map(|c| Cidr::parse(c))
+                .collect::<Result<_, _>>()?,
+            uid: o.uid,
+            gid: o.gid,
             max_requests: (o.max_requests > 0).then_some(o.max_requests),
             max_requests_jitter: o.max_requests_jitter,
             reload_on_rss: (o.reload_on_rss > 0).then(|| o.reload_on_rss.saturating_mul(1 << 20)),
@@ -263,6 +344,23 @@ mod tests {
         assert!(parse_socket("127.0.0.1").is_err());
         assert_eq!(parse_socket("fd://3").unwrap(), SocketSpec::Fd(3));
         assert!(parse_socket("fd://x").is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.2.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.9.9".parse().unwrap()));
+        let one = Cidr::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("fd00::/8").unwrap().contains("fd12::1".parse().unwrap()));
+        assert!(!Cidr::parse("fd00::/8").unwrap().contains("10.0.0.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "nope", "::1/129", "1.2.3.4/x"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -126,6 +126,14 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
         }
     };
     drop(vars);
+    if let Some(limit) = config.max_body_size.filter(|&limit| environ.content_length > limit) {
+        tracing::warn!(
+            content_length = environ.content_length,
+            limit,
+            "request body larger than --max-body-size; answering 413"
+        );
+        return refuse(&mut stream, 413).await;
+    }
     let span = tracing::info_span!(
         "request",
         method = %String::from_utf8_lossy(&environ.method),

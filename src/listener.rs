@@ -189,18 +189,18 @@ impl Listener {
         })
     }
 
-    /// Accepts one connection and names its peer for the log.
-    pub async fn accept(&self) -> io::Result<(Stream, String)> {
+    /// Accepts one connection; the peer address is `None` on a Unix socket.
+    pub async fn accept(&self) -> io::Result<(Stream, Option<std::net::SocketAddr>)> {
         match self {
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                Ok((Stream::Unix(s), "unix".to_owned()))
+                Ok((Stream::Unix(s), None))
             }
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 // Responses are written whole or in deliberate chunks; Nagle would only delay the last one.
                 s.set_nodelay(true)?;
-                Ok((Stream::Tcp(s), peer.to_string()))
+                Ok((Stream::Tcp(s), Some(peer)))
             }
         }
     }

@@ -36,8 +36,66 @@ pub enum MasterError {
     AppLoad,
     #[error("worker {pid} exited during start-up ({status})")]
     StartupCrash { pid: u32, status: String },
+    #[error("cannot switch to {what}: {reason}")]
+    Privileges { what: String, reason: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Started as root, switch to `--uid`/`--gid` now that the sockets are bound; workers inherit the identity.
+fn drop_privileges(config: &Config) -> Result<(), MasterError> {
+    use nix::unistd::{Gid, Group, Uid, User, getuid, setgid, setgroups, setuid};
+    let fail = |what: &str, reason: String| MasterError::Privileges {
+        what: what.to_owned(),
+        reason,
+    };
+    let user = match &config.uid {
+        Some(u) => {
+            let found = match u.parse::<u32>() {
+                Ok(n) => User::from_uid(Uid::from_raw(n)),
+                Err(_) => User::from_name(u),
+            };
+            Some(
+                found
+                    .map_err(|e| fail(&format!("user {u}"), e.to_string()))?
+                    .ok_or_else(|| fail(&format!("user {u}"), "no such user".into()))?,
+            )
+        }
+        None => None,
+    };
+    let group = match &config.gid {
+        Some(g) => {
+            let found = match g.parse::<u32>() {
+                Ok(n) => Group::from_gid(Gid::from_raw(n)),
+                Err(_) => Group::from_name(g),
+            };
+            Some(
+                found
+                    .map_err(|e| fail(&format!("group {g}"), e.to_string()))?
+                    .ok_or_else(|| fail(&format!("group {g}"), "no such group".into()))?
+                    .gid,
+            )
+        }
+        None => user.as_ref().map(|u| u.gid),
+    };
+    if !getuid().is_root() {
+        if user.as_ref().is_some_and(|u| u.uid != getuid()) {
+            return Err(fail("another user", "only root can change user".into()));
+        }
+        return Ok(());
+    }
+    let Some(gid) = group else {
+        tracing::warn!("running as root: pass --uid and --gid so the app does not run with root's privileges");
+        return Ok(());
+    };
+    // Group first: once the user changes, changing groups is no longer allowed.
+    setgroups(&[gid]).map_err(|e| fail("supplementary groups", e.to_string()))?;
+    setgid(gid).map_err(|e| fail(&format!("gid {gid}"), e.to_string()))?;
+    if let Some(user) = &user {
+        setuid(user.uid).map_err(|e| fail(&format!("user {}", user.name), e.to_string()))?;
+    }
+    tracing::info!(uid = %getuid(), gid = %gid, "dropped privileges");
+    Ok(())
 }
 
 /// A crash within this window of the previous ones counts towards the respawn back-off.
@@ -75,6 +133,10 @@ pub fn run(config: Config) -> Result<(), MasterError> {
             "listening beyond loopback: the uwsgi protocol has no authentication, so anyone who can reach this \
              address can send requests as any client"
         );
+    }
+    if let Err(e) = drop_privileges(&config) {
+        sockets.iter().for_each(BoundSocket::remove_file);
+        return Err(e);
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(Master::new(Arc::new(config), &sockets).run());

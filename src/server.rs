@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -38,6 +38,9 @@ pub async fn run(
 
     let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // Shared by every listener: past the limit, new connections wait in the kernel's listen queue instead of
+    // taking memory here.
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
     for bound in &sockets {
         let listener = Listener::from_bound(bound)?;
         let name = bound.display_addr();
@@ -45,6 +48,7 @@ pub async fn run(
             listener,
             name,
             Arc::clone(&shared),
+            Arc::clone(&slots),
             stop_accepting.clone(),
             tracker.clone(),
         ));
@@ -94,18 +98,55 @@ async fn accept_loop(
     listener: Listener,
     name: String,
     shared: Arc<ConnShared>,
+    slots: Arc<Semaphore>,
     stop: CancellationToken,
     conns: TaskTracker,
 ) {
+    // Warn about a full worker at most every so often, not once per waiting connection.
+    let mut last_full_warning: Option<std::time::Instant> = None;
     loop {
+        let permit = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    last_full_warning = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        limit = shared.config.max_connections,
+                        "connection limit reached; new connections wait in the listen queue"
+                    );
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    permit = Arc::clone(&slots).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((stream, peer)) => {
+                if let Some(addr) = peer {
+                    let allowed = &shared.config.allow_from;
+                    if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(addr.ip())) {
+                        tracing::warn!(peer = %addr, listener = %name, "refusing a connection not in --allow-from");
+                        continue;
+                    }
+                }
+                let peer = peer.map_or_else(|| "unix".to_owned(), |a| a.to_string());
                 let span = tracing::info_span!("conn", %peer, listener = %name);
-                conns.spawn(connection::serve(stream, Arc::clone(&shared)).instrument(span));
+                let shared = Arc::clone(&shared);
+                conns.spawn(
+                    async move {
+                        connection::serve(stream, shared).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
             }
             Err(error) => {
                 // Out of file descriptors or memory: back off instead of spinning on the same error.

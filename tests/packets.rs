@@ -93,11 +93,7 @@ fn check_capture<'a>(name: &str, capture: &'a [u8], expected: &[(&str, &str)]) -
     assert_eq!(header.modifier1, 0, "{name}: modifier1");
     assert_eq!(usize::from(header.datasize), datasize, "{name}: datasize");
     assert_eq!(header.modifier2, 0, "{name}: modifier2");
-    assert_eq!(
-        rest,
-        &capture[4..],
-        "{name}: header must consume exactly 4 bytes"
-    );
+    assert_eq!(rest, &capture[4..], "{name}: header must consume exactly 4 bytes");
 
     let block = &capture[4..4 + datasize];
     let (rest, block_vars) = match parse_uwsgi_vars(block) {
@@ -115,26 +111,13 @@ fn check_capture<'a>(name: &str, capture: &'a [u8], expected: &[(&str, &str)]) -
         Err(e) => panic!("{name}: packet parse: {}", outcome::<(), _>(&Err(e))),
     };
     assert_eq!(packet.header.modifier1, 0, "{name}: packet modifier1");
-    assert_eq!(
-        usize::from(packet.header.datasize),
-        datasize,
-        "{name}: packet datasize"
-    );
+    assert_eq!(usize::from(packet.header.datasize), datasize, "{name}: packet datasize");
     assert_eq!(packet.header.modifier2, 0, "{name}: packet modifier2");
 
-    let pairs = |vars: &[Var<'a>]| -> Vec<(&'a [u8], &'a [u8])> {
-        vars.iter().map(|v| (v.key, v.value)).collect()
-    };
+    let pairs = |vars: &[Var<'a>]| -> Vec<(&'a [u8], &'a [u8])> { vars.iter().map(|v| (v.key, v.value)).collect() };
     let got = pairs(&packet.vars);
-    assert_eq!(
-        got,
-        pairs(&block_vars),
-        "{name}: packet and vars-block parses disagree"
-    );
-    let want: Vec<(&[u8], &[u8])> = expected
-        .iter()
-        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
-        .collect();
+    assert_eq!(got, pairs(&block_vars), "{name}: packet and vars-block parses disagree");
+    let want: Vec<(&[u8], &[u8])> = expected.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())).collect();
     assert!(
         got == want,
         "{name}: vars differ\n--- got ({})\n{}--- want ({})\n{}",
@@ -147,10 +130,7 @@ fn check_capture<'a>(name: &str, capture: &'a [u8], expected: &[(&str, &str)]) -
     // Zero-copy: keys and values point into the capture itself.
     let range = capture.as_ptr_range();
     for var in &packet.vars {
-        assert!(
-            range.contains(&var.key.as_ptr()),
-            "{name}: key not borrowed from input"
-        );
+        assert!(range.contains(&var.key.as_ptr()), "{name}: key not borrowed from input");
     }
 
     assert_eq!(
@@ -384,19 +364,12 @@ fn truncated_captures_are_incomplete_until_the_vars_end() {
         let frame = 4 + datasize_of(capture);
         for n in 0..=capture.len() {
             let input = &capture[..n];
-            let result =
-                catch_unwind(|| parse_uwsgi_packet(input).map(|(rest, p)| (rest, p.vars.len())))
-                    .unwrap_or_else(|_| {
-                        panic!("{name}: parse_uwsgi_packet panicked on the first {n} bytes")
-                    });
+            let result = catch_unwind(|| parse_uwsgi_packet(input).map(|(rest, p)| (rest, p.vars.len())))
+                .unwrap_or_else(|_| panic!("{name}: parse_uwsgi_packet panicked on the first {n} bytes"));
             match result {
                 Err(nom::Err::Incomplete(_)) if n < frame => {}
                 Ok((rest, _)) if n >= frame => {
-                    assert_eq!(
-                        rest,
-                        &capture[frame..n],
-                        "{name}: body bytes after {n} bytes"
-                    );
+                    assert_eq!(rest, &capture[frame..n], "{name}: body bytes after {n} bytes");
                 }
                 other => panic!(
                     "{name}: first {n} of {} bytes (frame ends at {frame}): got {}",
@@ -421,17 +394,10 @@ fn truncated_vars_blocks_are_errors_except_on_var_boundaries() {
         let block = &capture[4..4 + datasize_of(capture)];
         let offsets = length_offsets(block);
         // A var starts at every other length prefix (keys); the block end is a boundary too.
-        let boundaries: Vec<usize> = offsets
-            .iter()
-            .step_by(2)
-            .copied()
-            .chain([block.len()])
-            .collect();
+        let boundaries: Vec<usize> = offsets.iter().step_by(2).copied().chain([block.len()]).collect();
         for n in 0..block.len() {
-            let result = catch_unwind(|| {
-                parse_uwsgi_vars(&block[..n]).map(|(rest, v)| (rest.len(), v.len()))
-            })
-            .unwrap_or_else(|_| panic!("{name}: parse_uwsgi_vars panicked on {n} block bytes"));
+            let result = catch_unwind(|| parse_uwsgi_vars(&block[..n]).map(|(rest, v)| (rest.len(), v.len())))
+                .unwrap_or_else(|_| panic!("{name}: parse_uwsgi_vars panicked on {n} block bytes"));
             match result {
                 Ok((0, count)) if boundaries.contains(&n) => {
                     let want = boundaries.iter().position(|&b| b == n).unwrap();
@@ -518,10 +484,7 @@ fn datasize_past_the_input_is_incomplete() {
 #[test]
 fn zero_length_key_is_an_error() {
     let alone = encode(&[(b"", b"value")], b"");
-    assert!(
-        is_rejection(&parse_uwsgi_packet(&alone)),
-        "lone empty key accepted"
-    );
+    assert!(is_rejection(&parse_uwsgi_packet(&alone)), "lone empty key accepted");
     assert!(
         is_rejection(&parse_uwsgi_vars(&alone[4..])),
         "lone empty key accepted by vars parser"
@@ -533,14 +496,7 @@ fn zero_length_key_is_an_error() {
         "empty key with empty value accepted"
     );
 
-    let between = encode(
-        &[
-            (b"REQUEST_METHOD", b"GET"),
-            (b"", b"x"),
-            (b"PATH_INFO", b"/"),
-        ],
-        b"",
-    );
+    let between = encode(&[(b"REQUEST_METHOD", b"GET"), (b"", b"x"), (b"PATH_INFO", b"/")], b"");
     assert!(
         is_rejection(&parse_uwsgi_packet(&between)),
         "empty key between good vars accepted"
@@ -555,10 +511,7 @@ fn zero_length_key_is_an_error() {
 /// so the rejections above are about the empty key and nothing else.
 #[test]
 fn hand_made_packet_parses() {
-    let packet = encode(
-        &[(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/")],
-        b"body",
-    );
+    let packet = encode(&[(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/")], b"body");
     let (body, parsed) = parse_uwsgi_packet(&packet).ok().unwrap();
     assert_eq!(body, b"body");
     let got: Vec<(&[u8], &[u8])> = parsed.vars.iter().map(|v| (v.key, v.value)).collect();
@@ -571,8 +524,5 @@ fn hand_made_packet_parses() {
 fn ping_header_parses() {
     let (rest, header) = parse_uwsgi_header(&[100, 0, 0, 0]).ok().unwrap();
     assert!(rest.is_empty());
-    assert_eq!(
-        (header.modifier1, header.datasize, header.modifier2),
-        (100, 0, 0)
-    );
+    assert_eq!((header.modifier1, header.datasize, header.modifier2), (100, 0, 0));
 }

@@ -55,8 +55,10 @@ fn thread_ident(py: Python<'_>) -> u64 {
 enum Failure {
     /// The app raised, or one of its calls to start_response/write was refused.
     Python(PyErr),
-    /// The app broke a PEP 3333 rule the server noticed itself.
+    /// The app broke a PEP 3333 rule the server noticed itself ("TypeError: ..." style message).
     Protocol(String),
+    /// The same, with a traceback-shaped report pointing at the app's code.
+    Located(String),
     /// The connection is gone; there is nobody to answer.
     ClientGone,
 }
@@ -122,7 +124,10 @@ impl<'py> ThreadContext<'py> {
     ) -> Result<(), Failure> {
         let env = self.environ_dict(py, environ, body)?;
         let result = self.app.call1((env, sr))?;
-        let sent = respond(py, sr, &result);
+        let sent = respond(py, sr, &result).map_err(|failure| match failure {
+            Failure::Protocol(msg) => Failure::Located(located_traceback(&result, &self.app, &msg)),
+            other => other,
+        });
         // PEP 3333: close() is called whatever happened, including errors and client aborts.
         close_iterable(py, &result);
         sent
@@ -223,6 +228,41 @@ fn close_iterable(py: Python<'_>, result: &Bound<'_, PyAny>) {
     }
 }
 
+/// A traceback-shaped report for a PEP 3333 violation the server detected itself, so no Python frame raised
+/// it: it points at the generator where it is suspended, else at the app callable.
+fn located_traceback(result: &Bound<'_, PyAny>, app: &Bound<'_, PyAny>, msg: &str) -> String {
+    let mut out = String::from("Traceback (most recent call last):\n");
+    if let Some((file, line, name)) = generator_location(result).or_else(|| callable_location(app)) {
+        out.push_str(&format!("  File \"{file}\", line {line}, in {name}\n"));
+    }
+    out.push_str(msg);
+    out
+}
+
+type Location = (String, u32, String);
+
+fn generator_location(obj: &Bound<'_, PyAny>) -> Option<Location> {
+    let frame = obj.getattr("gi_frame").ok().filter(|f| !f.is_none())?;
+    let code = frame.getattr("f_code").ok()?;
+    Some((
+        code.getattr("co_filename").ok()?.extract().ok()?,
+        frame.getattr("f_lineno").ok()?.extract().ok()?,
+        code.getattr("co_name").ok()?.extract().ok()?,
+    ))
+}
+
+fn callable_location(app: &Bound<'_, PyAny>) -> Option<Location> {
+    let code = app
+        .getattr("__code__")
+        .or_else(|_| app.getattr("__call__").and_then(|c| c.getattr("__code__")))
+        .ok()?;
+    Some((
+        code.getattr("co_filename").ok()?.extract().ok()?,
+        code.getattr("co_firstlineno").ok()?.extract().ok()?,
+        code.getattr("co_name").ok()?.extract().ok()?,
+    ))
+}
+
 /// Logs the failure and gives nginx the right answer: a 500 if nothing was sent yet, else a reset.
 fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
     match &failure {
@@ -234,6 +274,7 @@ fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
             tracing::error!(traceback = %format_exception(py, e), "application error")
         }
         Failure::Protocol(msg) => tracing::error!(error = %msg, "application error"),
+        Failure::Located(traceback) => tracing::error!(traceback = %traceback, "application error"),
     }
     let mut sr = sr.borrow_mut();
     let r = &mut sr.state;
@@ -294,9 +335,9 @@ impl ResponseState {
     }
 
     fn started(&self) -> Result<&(String, u16), Failure> {
-        self.status
-            .as_ref()
-            .ok_or_else(|| Failure::Protocol("the app returned a body without calling start_response".into()))
+        self.status.as_ref().ok_or_else(|| {
+            Failure::Protocol("RuntimeError: the app returned a body without calling start_response".into())
+        })
     }
 
     /// Hands a message to the connection, waiting (without the GIL) only when its queue is full.
@@ -325,6 +366,11 @@ impl ResponseState {
 
     /// PEP 3333: never send more than the app's own Content-Length.
     fn clip<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
+        // nginx answers HEAD from the head alone and closes the upstream connection right after it, so a body
+        // would only be written into a closing socket.
+        if self.is_head {
+            return &[];
+        }
         let Some(limit) = self.declared_length else {
             return data;
         };
@@ -490,7 +536,7 @@ impl StartResponse {
             Ok(()) => Ok(()),
             Err(Failure::ClientGone) => Err(PyOSError::new_err("the client disconnected")),
             Err(Failure::Python(e)) => Err(e),
-            Err(Failure::Protocol(msg)) => Err(PyRuntimeError::new_err(msg)),
+            Err(Failure::Protocol(msg) | Failure::Located(msg)) => Err(PyRuntimeError::new_err(msg)),
         }
     }
 }
