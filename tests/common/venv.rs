@@ -1,0 +1,173 @@
+//! A virtualenv with real frameworks from PyPI (Flask, Django), made once per target dir and shared
+//! by every test binary, for the tests that run ferrule with `--virtualenv`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Pinned to major versions so a new major release cannot change what the tests exercise.
+/// Changing this list rebuilds the venv (the marker file holds it).
+const REQUIREMENTS: &[&str] = &["flask>=3,<4", "django>=5,<6"];
+
+/// The Python ferrule links against (pyenv 3.11); the venv must be made by the same minor version
+/// or its site-packages would hold wheels built for another ABI.
+const PYTHON: &str = "python3.11";
+
+/// Bounds for `python -m venv` and `pip install` (pip downloads two wheels, a few MB).
+const VENV_TIMEOUT: Duration = Duration::from_secs(120);
+const PIP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `<target>/test-venv`, made on first call (under a file lock, so parallel tests and test
+/// binaries wait for one another instead of racing on pip).
+pub fn test_venv() -> PathBuf {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(make_venv).clone()
+}
+
+/// The cargo target dir: the parent of the per-target temp dir cargo gives integration tests.
+fn target_dir() -> PathBuf {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    tmp.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| tmp.to_path_buf())
+}
+
+/// An exclusive `flock` held until dropped (the kernel also drops it if the process dies).
+struct FileLock(File);
+
+impl FileLock {
+    fn acquire(path: &Path) -> FileLock {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open lock file {}: {e}", path.display()));
+        // Blocking: whoever holds it is installing, which is bounded by PIP_TIMEOUT.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            rc,
+            0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        FileLock(f)
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+fn make_venv() -> PathBuf {
+    let target = target_dir();
+    std::fs::create_dir_all(&target).expect("create target dir");
+    let venv = target.join("test-venv");
+    let marker = venv.join(".ferrule-test-venv-ready");
+    let want = format!("{PYTHON}\n{}\n", REQUIREMENTS.join("\n"));
+
+    let _lock = FileLock::acquire(&target.join("test-venv.lock"));
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(want.as_str()) {
+        return venv;
+    }
+
+    // Whatever is there is a half-made venv or one for other requirements.
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)
+            .unwrap_or_else(|e| panic!("remove old {}: {e}", venv.display()));
+    }
+    run_bounded(
+        Command::new(PYTHON).arg("-m").arg("venv").arg(&venv),
+        VENV_TIMEOUT,
+        &target.join("test-venv-create.log"),
+        &format!(
+            "{PYTHON} -m venv {} (is pyenv's python3.11 on PATH?)",
+            venv.display()
+        ),
+    );
+    let python = venv.join("bin").join("python");
+    run_bounded(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--timeout",
+                "30",
+                "--retries",
+                "2",
+            ])
+            .args(REQUIREMENTS),
+        PIP_TIMEOUT,
+        &target.join("test-venv-pip.log"),
+        &format!(
+            "pip install {} into {} (no network to PyPI?)",
+            REQUIREMENTS.join(" "),
+            venv.display()
+        ),
+    );
+    // Written last: its presence means the install finished.
+    std::fs::write(&marker, want).expect("write venv marker");
+    venv
+}
+
+/// Runs `cmd` with output to `log`, killing it after `timeout`; panics with `what` and the log's
+/// tail on failure.
+fn run_bounded(cmd: &mut Command, timeout: Duration, log: &Path, what: &str) {
+    let out = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let err = out.try_clone().expect("clone log handle");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if status.is_some_and(|s| s.success()) {
+        return;
+    }
+    let mut text = String::new();
+    File::open(log)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .ok();
+    let tail: Vec<&str> = text
+        .lines()
+        .rev()
+        .take(30)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    match status {
+        None => panic!(
+            "{what}: timed out after {timeout:?}; log {}:\n{}",
+            log.display(),
+            tail.join("\n")
+        ),
+        Some(s) => panic!(
+            "{what}: failed ({s}); log {}:\n{}",
+            log.display(),
+            tail.join("\n")
+        ),
+    }
+}
