@@ -149,10 +149,7 @@ impl FerruleBuilder {
             exit: None,
         };
         let ready = ferrule.log.wait_until(READY_TIMEOUT, |bytes, open| {
-            !open
-                || strip_ansi(&String::from_utf8_lossy(bytes))
-                    .lines()
-                    .any(is_ready_line)
+            !open || strip_ansi(&String::from_utf8_lossy(bytes)).lines().any(is_ready_line)
         });
         let text = ferrule.log();
         if !ready || !text.lines().any(is_ready_line) {
@@ -167,9 +164,7 @@ impl FerruleBuilder {
         } else if wants_tcp {
             match listening.iter().find(|a| matches!(a, Addr::Tcp(_))) {
                 Some(a) => a.clone(),
-                None => panic!(
-                    "no `listening address=<ip>:<port>` line in the log\n--- log ---\n{text}"
-                ),
+                None => panic!("no `listening address=<ip>:<port>` line in the log\n--- log ---\n{text}"),
             }
         } else {
             match listening.first() {
@@ -195,9 +190,7 @@ impl FerruleBuilder {
         match ferrule.wait_exit(timeout) {
             Some(status) => {
                 // The pipes close when the process is gone; wait (bounded) so the log is complete.
-                ferrule
-                    .log
-                    .wait_until(Duration::from_secs(5), |_, open| !open);
+                ferrule.log.wait_until(Duration::from_secs(5), |_, open| !open);
                 (status, ferrule.log())
             }
             None => {
@@ -234,11 +227,7 @@ impl FerruleBuilder {
 
     fn describe(&self) -> String {
         let mut parts = vec![bin().display().to_string()];
-        parts.extend(
-            self.socket_args()
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned()),
-        );
+        parts.extend(self.socket_args().iter().map(|a| a.to_string_lossy().into_owned()));
         parts.extend(self.args.iter().map(|a| a.to_string_lossy().into_owned()));
         parts.push(self.app.to_string_lossy().into_owned());
         parts.join(" ")
@@ -259,12 +248,8 @@ impl FerruleBuilder {
         if let Some(dir) = &self.current_dir {
             cmd.current_dir(dir);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin().display()));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", bin().display()));
         let log = Arc::new(LogBuf::new());
         let stdout: ChildStdout = child.stdout.take().expect("stdout is piped");
         let stderr: ChildStderr = child.stderr.take().expect("stderr is piped");
@@ -332,13 +317,7 @@ impl Ferrule {
                 Stream::Tcp(s)
             }),
         };
-        let stream = stream.unwrap_or_else(|e| {
-            panic!(
-                "connect to {:?}: {e}\n--- log ---\n{}",
-                self.addr,
-                self.log()
-            )
-        });
+        let stream = stream.unwrap_or_else(|e| panic!("connect to {:?}: {e}\n--- log ---\n{}", self.addr, self.log()));
         stream.set_read_timeout(Some(IO_TIMEOUT));
         stream.set_write_timeout(Some(IO_TIMEOUT));
         stream
@@ -377,8 +356,7 @@ impl Ferrule {
             }
             // No pollable handle for a child's exit in std; the pipes closing is the cue we wait on,
             // with a short poll of waitpid as the bound.
-            self.log
-                .wait_until(Duration::from_millis(20), |_, open| !open);
+            self.log.wait_until(Duration::from_millis(20), |_, open| !open);
             thread::sleep(Duration::from_millis(5));
         }
     }
@@ -498,9 +476,7 @@ impl Write for Stream {
 
 /// `<crate>/tests/apps`, where the test WSGI apps live.
 pub fn apps_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("apps")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("apps")
 }
 
 /// The `ferrule` binary cargo built for this test run.

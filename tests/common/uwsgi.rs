@@ -12,17 +12,9 @@ pub fn encode_vars<K: AsRef<[u8]>, V: AsRef<[u8]>>(vars: &[(K, V)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (k, v) in vars {
         let (k, v) = (k.as_ref(), v.as_ref());
-        out.extend_from_slice(
-            &u16::try_from(k.len())
-                .expect("key fits in u16")
-                .to_le_bytes(),
-        );
+        out.extend_from_slice(&u16::try_from(k.len()).expect("key fits in u16").to_le_bytes());
         out.extend_from_slice(k);
-        out.extend_from_slice(
-            &u16::try_from(v.len())
-                .expect("value fits in u16")
-                .to_le_bytes(),
-        );
+        out.extend_from_slice(&u16::try_from(v.len()).expect("value fits in u16").to_le_bytes());
         out.extend_from_slice(v);
     }
     out
@@ -35,11 +27,7 @@ pub fn encode_header(modifier1: u8, datasize: u16, modifier2: u8) -> [u8; 4] {
 }
 
 /// Header and vars block, without the body. Panics if the block exceeds the u16 datasize.
-pub fn encode_packet<K: AsRef<[u8]>, V: AsRef<[u8]>>(
-    modifier1: u8,
-    vars: &[(K, V)],
-    modifier2: u8,
-) -> Vec<u8> {
+pub fn encode_packet<K: AsRef<[u8]>, V: AsRef<[u8]>>(modifier1: u8, vars: &[(K, V)], modifier2: u8) -> Vec<u8> {
     let block = encode_vars(vars);
     let size = u16::try_from(block.len()).expect("vars block fits in the u16 datasize");
     let mut out = encode_header(modifier1, size, modifier2).to_vec();
@@ -101,10 +89,7 @@ pub fn read_to_close<R: Read>(stream: &mut R) -> Raw {
     loop {
         match stream.read(&mut buf) {
             Ok(0) => {
-                return Raw {
-                    bytes,
-                    reset: false,
-                };
+                return Raw { bytes, reset: false };
             }
             Ok(n) => bytes.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -145,9 +130,7 @@ pub fn read_until<R: Read>(stream: &mut R, needle: &[u8]) -> Vec<u8> {
 pub fn is_reset_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
     )
 }
 
@@ -179,8 +162,7 @@ impl Vars {
 
     /// Appends `key`, even if it is already present.
     pub fn add(mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
-        self.0
-            .push((key.as_ref().to_vec(), value.as_ref().to_vec()));
+        self.0.push((key.as_ref().to_vec(), value.as_ref().to_vec()));
         self
     }
 
@@ -282,8 +264,7 @@ pub fn parse_response(raw: &[u8]) -> Response {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .unwrap_or_else(|| panic!("no end of headers (CRLF CRLF) in response: {:?}", shown()));
-    let head = std::str::from_utf8(&raw[..end])
-        .unwrap_or_else(|_| panic!("response head is not UTF-8: {:?}", shown()));
+    let head = std::str::from_utf8(&raw[..end]).unwrap_or_else(|_| panic!("response head is not UTF-8: {:?}", shown()));
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("").to_owned();
     let mut parts = status_line.splitn(3, ' ');
@@ -300,9 +281,9 @@ pub fn parse_response(raw: &[u8]) -> Response {
         .unwrap_or_else(|| panic!("no status code in {status_line:?}"));
     let headers = lines
         .map(|line| {
-            let (k, v) = line.split_once(':').unwrap_or_else(|| {
-                panic!("header line without a colon: {line:?} in {:?}", shown())
-            });
+            let (k, v) = line
+                .split_once(':')
+                .unwrap_or_else(|| panic!("header line without a colon: {line:?} in {:?}", shown()));
             (k.to_owned(), v.trim_start_matches([' ', '\t']).to_owned())
         })
         .collect();
@@ -317,20 +298,17 @@ pub fn parse_response(raw: &[u8]) -> Response {
 /// SHA-256 of `data` as lowercase hex (FIPS 180-4), so the tests need no hashing crate.
 pub fn sha256_hex(data: &[u8]) -> String {
     const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
+        0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
+        0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
+        0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
+        0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
+        0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
+        0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
         0xc67178f2,
     ];
     let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
     ];
     let mut msg = data.to_vec();
     let bit_len = (data.len() as u64).wrapping_mul(8);
@@ -347,10 +325,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
         for i in 16..64 {
             let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
             let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
+            w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
         }
         let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
         for i in 0..64 {
