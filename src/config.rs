@@ -4,40 +4,61 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use std::ffi::OsString;
+
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 
 /// Serve a Python WSGI app to nginx over the uwsgi protocol.
-#[derive(Debug, Parser)]
-#[command(name = "ferrule", version, about, max_term_width = 100)]
+///
+/// Every option can also come from an environment variable (FERRULE_ and the option's name, e.g.
+/// FERRULE_WORKERS=4) or from a TOML file given with --config (keys are the option names, e.g. `workers = 4`,
+/// `socket = ["unix:/run/app.sock"]`, `app = "mysite.wsgi"`). The command line wins over the environment,
+/// which wins over the file.
+#[derive(Debug, Parser, serde::Serialize)]
+#[command(name = "ferrule", version, about, max_term_width = 110)]
 pub struct Options {
     /// The WSGI app: `package.module:callable`, `module` (callable `application`, then `app`),
     /// `path/to/file.py[:callable]`, or a factory `module:create_app()`
-    #[arg(value_name = "APP")]
-    pub app: String,
+    #[arg(value_name = "APP", env = "FERRULE_APP")]
+    pub app: Option<String>,
+
+    /// TOML file with options (see above)
+    #[arg(long, value_name = "FILE", env = "FERRULE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Validate the configuration, print the effective settings and exit
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
 
     /// Where to listen (repeatable): `unix:/path`, `/abs/path`, `HOST:PORT`, `[v6]:PORT` or an inherited
     /// `fd://N` [default: 127.0.0.1:3031, or the sockets systemd passes in LISTEN_FDS]
-    #[arg(long = "socket", value_name = "ADDR")]
+    #[arg(long = "socket", value_name = "ADDR", env = "FERRULE_SOCKET", value_delimiter = ',')]
+    #[serde(rename = "socket")]
     pub sockets: Vec<String>,
 
     /// File mode of Unix sockets, in octal (nginx usually runs as another user: 660 with a shared group)
-    #[arg(long, value_name = "OCTAL", value_parser = parse_octal_mode)]
+    #[arg(long, value_name = "OCTAL", env = "FERRULE_SOCKET_MODE", value_parser = parse_octal_mode)]
+    #[serde(serialize_with = "octal")]
     pub socket_mode: Option<u32>,
 
     /// Threads that run the app in each worker
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_name = "N", env = "FERRULE_THREADS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: u32,
 
     /// Worker processes, supervised by a master process that holds the sockets
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, value_name = "N", env = "FERRULE_WORKERS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
 
     /// Change to this directory before loading the app
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "FERRULE_CHDIR")]
     pub chdir: Option<PathBuf>,
 
     /// Add a directory to the front of sys.path (repeatable)
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "FERRULE_PYTHONPATH", value_delimiter = ',')]
     pub pythonpath: Vec<PathBuf>,
 
     /// Virtualenv whose packages the app imports
@@ -45,68 +66,97 @@ pub struct Options {
     pub virtualenv: Option<PathBuf>,
 
     /// Largest uwsgi vars block accepted, in bytes (the protocol's maximum is 65535)
-    #[arg(long, value_name = "BYTES", default_value_t = 65535, value_parser = clap::value_parser!(u32).range(64..=65535))]
+    #[arg(long, value_name = "BYTES", env = "FERRULE_BUFFER_SIZE", default_value_t = 65535,
+          value_parser = clap::value_parser!(u32).range(64..=65535))]
     pub buffer_size: u32,
 
     /// Request bodies larger than this are spooled to a temporary file instead of memory
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    #[arg(long, value_name = "BYTES", env = "FERRULE_BODY_BUFFER_SIZE", default_value_t = 1 << 20)]
     pub body_buffer_size: u64,
 
     /// Seconds a peer may take to send its whole request before it is dropped
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", env = "FERRULE_READ_TIMEOUT", default_value_t = 30)]
     pub read_timeout: u64,
 
     /// Largest request body accepted, in bytes; a larger CONTENT_LENGTH gets 413 before the app runs (0: no limit)
-    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    #[arg(long, value_name = "BYTES", env = "FERRULE_MAX_BODY_SIZE", default_value_t = 0)]
     pub max_body_size: u64,
 
     /// Connections one worker serves at once; more wait in the listen queue
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", env = "FERRULE_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
     /// Accept TCP connections only from these networks (comma-separated CIDRs, repeatable)
-    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    #[arg(long, value_name = "CIDR,...", env = "FERRULE_ALLOW_FROM", value_delimiter = ',')]
     pub allow_from: Vec<String>,
 
     /// Run as this user (name or uid) after binding the sockets, when started as root
-    #[arg(long, value_name = "USER")]
+    #[arg(long, value_name = "USER", env = "FERRULE_UID")]
     pub uid: Option<String>,
 
     /// Run as this group (name or gid) after binding the sockets, when started as root
-    #[arg(long, value_name = "GROUP")]
+    #[arg(long, value_name = "GROUP", env = "FERRULE_GID")]
     pub gid: Option<String>,
 
     /// Seconds in-flight requests get to finish on SIGTERM
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", env = "FERRULE_GRACEFUL_TIMEOUT", default_value_t = 30)]
     pub graceful_timeout: u64,
 
     /// Seconds a request may run before it is answered with 504 and its worker replaced (0: no limit)
-    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    #[arg(long, value_name = "SECS", env = "FERRULE_TIMEOUT", default_value_t = 0)]
     pub timeout: u64,
 
     /// Replace a worker after it served this many requests (0: never)
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, value_name = "N", env = "FERRULE_MAX_REQUESTS", default_value_t = 0)]
     pub max_requests: u64,
 
     /// Add a random 0..=M to --max-requests per worker, so workers do not all restart at once
-    #[arg(long, value_name = "M", default_value_t = 0)]
+    #[arg(long, value_name = "M", env = "FERRULE_MAX_REQUESTS_JITTER", default_value_t = 0)]
     pub max_requests_jitter: u64,
 
     /// Replace a worker whose resident memory passes this many MiB after a request (0: never)
-    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    #[arg(long, value_name = "MIB", env = "FERRULE_RELOAD_ON_RSS", default_value_t = 0)]
     pub reload_on_rss: u64,
 
     /// Length of the listen queue of each socket
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    #[arg(long, value_name = "N", env = "FERRULE_LISTEN_BACKLOG", default_value_t = 4096)]
     pub listen_backlog: i32,
 
+    /// Serve Prometheus metrics on this address (uwsgi protocol, like the app; expose it through nginx)
+    #[arg(long, value_name = "ADDR", env = "FERRULE_METRICS")]
+    pub metrics: Option<String>,
+
     /// Log one line per request
-    #[arg(long)]
+    #[arg(long, env = "FERRULE_ACCESS_LOG")]
     pub access_log: bool,
 
+    /// Text access-log line, with {method} {path} {status} {bytes} {duration_us} {pid} {request_id} {remote_addr}
+    #[arg(long, value_name = "FORMAT", env = "FERRULE_ACCESS_LOG_FORMAT")]
+    pub access_log_format: Option<String>,
+
+    /// Log format: human-readable text or one JSON object per line
+    #[arg(long, value_name = "FORMAT", env = "FERRULE_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    #[arg(long, value_name = "LEVEL", env = "FERRULE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn octal<S: serde::Serializer>(mode: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+    match mode {
+        Some(m) => s.serialize_str(&format!("{m:o}")),
+        None => s.serialize_none(),
+    }
 }
 
 fn parse_octal_mode(s: &str) -> Result<u32, String> {
@@ -149,6 +199,121 @@ pub enum ConfigError {
     BadVirtualenv(PathBuf),
     #[error("--allow-from {0:?}: expected a network like 10.0.0.0/8, 127.0.0.1 or ::1/128")]
     BadCidr(String),
+    #[error("no APP given: name it on the command line, in FERRULE_APP, or as `app` in the config file")]
+    NoApp,
+    #[error("--metrics: {0}")]
+    BadMetrics(Box<ConfigError>),
+    #[error("config file {file}: {error}")]
+    File { file: PathBuf, error: String },
+    #[error("config file {file}: unknown key `{key}`")]
+    UnknownKey { file: PathBuf, key: String },
+    #[error("config file {file}: key `{key}`: {error}")]
+    BadValue { file: PathBuf, key: String, error: String },
+}
+
+/// Parses the command line and the environment, then fills in what neither set from the `--config` file.
+/// Precedence: command line, then environment, then file, then defaults.
+pub fn load_options(args: Vec<OsString>) -> Result<Options, ConfigError> {
+    let matches = Options::command().get_matches_from(&args);
+    let Some(file) = matches.get_one::<PathBuf>("config").cloned() else {
+        // Cannot fail: these matches were just produced from the same definition.
+        return Options::from_arg_matches(&matches).map_err(|e| ConfigError::File {
+            file: PathBuf::new(),
+            error: e.to_string(),
+        });
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| ConfigError::File {
+        file: file.clone(),
+        error: e.to_string(),
+    })?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
+        file: file.clone(),
+        error: e.to_string(),
+    })?;
+    let cmd = Options::command();
+    let mut injected: Vec<OsString> = Vec::new();
+    let mut app_from_file = None;
+    for (key, value) in &table {
+        let id = key.replace('-', "_");
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == id.as_str() || a.get_long() == Some(key.replace('_', "-").as_str()))
+            .filter(|a| !matches!(a.get_id().as_str(), "config" | "check_config"))
+            .ok_or_else(|| ConfigError::UnknownKey {
+                file: file.clone(),
+                key: key.clone(),
+            })?;
+        let arg_id = arg.get_id().as_str();
+        // Set on the command line or in the environment: those win over the file.
+        if matches!(
+            matches.value_source(arg_id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let bad = |error: String| ConfigError::BadValue {
+            file: file.clone(),
+            key: key.clone(),
+            error,
+        };
+        let values: Vec<String> = match value {
+            toml::Value::Array(items) => items.iter().map(scalar).collect::<Result<_, _>>().map_err(bad)?,
+            other => vec![scalar(other).map_err(bad)?],
+        };
+        let Some(long) = arg.get_long() else {
+            app_from_file = values.into_iter().next();
+            continue;
+        };
+        let mut these: Vec<OsString> = Vec::new();
+        if matches!(arg.get_action(), ArgAction::SetTrue) {
+            match value {
+                toml::Value::Boolean(true) => these.push(format!("--{long}").into()),
+                toml::Value::Boolean(false) => {}
+                _ => return Err(bad("expected true or false".into())),
+            }
+        } else {
+            for v in values {
+                these.push(format!("--{long}={v}").into());
+            }
+        }
+        // Check each key alone, so an error names the key in the file rather than a command-line flag.
+        let mut probe: Vec<OsString> = vec!["ferrule".into()];
+        probe.extend(these.iter().cloned());
+        probe.push("app".into());
+        Options::command()
+            .try_get_matches_from(probe)
+            .map_err(|e| bad(e.kind().to_string() + ": " + &first_line(&e.to_string())))?;
+        injected.extend(these);
+    }
+    let mut merged: Vec<OsString> = args.iter().take(1).cloned().collect();
+    merged.extend(injected);
+    merged.extend(args.iter().skip(1).cloned());
+    if matches.get_one::<String>("app").is_none() {
+        merged.extend(app_from_file.map(OsString::from));
+    }
+    let matches = Options::command().get_matches_from(merged);
+    Options::from_arg_matches(&matches).map_err(|e| ConfigError::File {
+        file,
+        error: e.to_string(),
+    })
+}
+
+fn scalar(v: &toml::Value) -> Result<String, String> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        _ => Err("expected a string, number, boolean or a list of them".into()),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned()
 }
 
 /// A network in CIDR notation, for `--allow-from`.
@@ -247,6 +412,9 @@ pub struct Config {
     pub allow_from: Vec<Cidr>,
     pub uid: Option<String>,
     pub gid: Option<String>,
+    pub metrics: Option<SocketSpec>,
+    pub access_log_format: Option<String>,
+    pub log_format: LogFormat,
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
     /// Resident memory limit in bytes.
@@ -272,7 +440,15 @@ impl Config {
             None => None,
         };
         Ok(Config {
-            app: o.app,
+            app: o.app.filter(|a| !a.is_empty()).ok_or(ConfigError::NoApp)?,
+            metrics: o
+                .metrics
+                .as_deref()
+                .map(parse_socket)
+                .transpose()
+                .map_err(|e| ConfigError::BadMetrics(Box::new(e)))?,
+            access_log_format: o.access_log_format,
+            log_format: o.log_format,
             sockets,
             socket_mode: o.socket_mode,
             threads: o.threads as usize,

@@ -17,9 +17,10 @@ use tracing::Instrument;
 
 use crate::app::{AppPool, Job};
 use crate::body::Body;
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::environ::{Environ, EnvironError};
 use crate::listener::Stream;
+use crate::metrics::WorkerMetrics;
 use crate::packet::{self, HEADER_LEN, MODIFIER_PING, MODIFIER_WSGI, PacketError, PacketHeader};
 use crate::response::{self, Reply};
 use crate::worker::{Lifecycle, RetireReason};
@@ -43,6 +44,7 @@ pub struct ConnShared {
     pub config: Arc<Config>,
     pub pool: Arc<AppPool>,
     pub lifecycle: Arc<Lifecycle>,
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// Why a request was not handed to the app.
@@ -104,7 +106,7 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
     {
         Start::Request(p) => p,
         Start::Handled => return Ok(()),
-        Start::Refuse(status) => return refuse(&mut stream, status).await,
+        Start::Refuse(status) => return refuse(&mut stream, shared, status).await,
         Start::Empty => {
             tracing::debug!("peer closed without sending a request");
             return Ok(());
@@ -122,7 +124,7 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
             let status = match error {
                 EnvironError::InvalidContentLength(_) | EnvironError::MissingMethod => 400,
             };
-            return refuse(&mut stream, status).await;
+            return refuse(&mut stream, shared, status).await;
         }
     };
     drop(vars);
@@ -132,7 +134,7 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
             limit,
             "request body larger than --max-body-size; answering 413"
         );
-        return refuse(&mut stream, 413).await;
+        return refuse(&mut stream, shared, 413).await;
     }
     let span = tracing::info_span!(
         "request",
@@ -144,6 +146,7 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
         let body = tokio::time::timeout_at(deadline, read_body(&mut stream, peeked.packet.len(), total, config))
             .await
             .map_err(timeout)??;
+        shared.metrics.received(total);
         respond(stream, shared, environ, body, started).await
     }
     .instrument(span)
@@ -273,8 +276,8 @@ async fn respond(
     body: Body,
     started: Instant,
 ) -> Result<(), ConnError> {
-    let method = environ.method.clone();
-    let path = environ.log_path.clone();
+    let request = RequestInfo::of(&environ);
+    let _in_flight = InFlight::start(&shared.metrics);
     let (tx, mut rx) = mpsc::channel(REPLY_QUEUE);
     let running_on = Arc::new(AtomicU64::new(0));
     let job = Job {
@@ -286,7 +289,7 @@ async fn respond(
     };
     if shared.pool.submit(job).is_err() {
         tracing::error!("the app pool has stopped; answering 503");
-        return refuse(&mut stream, 503).await;
+        return refuse(&mut stream, shared, 503).await;
     }
     let deadline = shared
         .config
@@ -300,7 +303,7 @@ async fn respond(
                 reply = rx.recv() => reply,
                 () = tokio::time::sleep_until(deadline) => {
                     drop(rx);
-                    return timed_out(stream, shared, wrote, &running_on, &method, &path, started).await;
+                    return timed_out(stream, shared, wrote, &running_on, &request, started).await;
                 }
             },
             None => rx.recv().await,
@@ -330,7 +333,8 @@ async fn respond(
         stream.abort();
         return Ok(());
     };
-    access_log(shared, &method, &path, status, body_bytes, started);
+    shared.metrics.answered(status, body_bytes, started.elapsed());
+    access_log(shared, &request, status, body_bytes, started);
     let result = if complete {
         finish(&mut stream).await
     } else {
@@ -349,20 +353,81 @@ async fn finish(stream: &mut Stream) -> Result<(), ConnError> {
     Ok(())
 }
 
-fn access_log(shared: &ConnShared, method: &[u8], path: &[u8], status: u16, body_bytes: u64, started: Instant) {
-    if shared.config.access_log {
-        let duration_us = started.elapsed().as_micros() as u64;
-        tracing::info!(
-            target: "ferrule::access",
-            parent: None,
-            method = %String::from_utf8_lossy(method),
-            path = %String::from_utf8_lossy(path),
-            status,
-            bytes = body_bytes,
-            duration_us,
-            "request"
-        );
+/// Counts a request as in flight until dropped, whichever way `respond` returns.
+struct InFlight<'m>(&'m WorkerMetrics);
+
+impl<'m> InFlight<'m> {
+    fn start(metrics: &'m WorkerMetrics) -> InFlight<'m> {
+        metrics.request_started();
+        InFlight(metrics)
     }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// What the access log says about a request.
+struct RequestInfo {
+    method: Bytes,
+    path: Bytes,
+    request_id: Option<Bytes>,
+    remote_addr: Option<Bytes>,
+}
+
+impl RequestInfo {
+    fn of(environ: &Environ) -> RequestInfo {
+        RequestInfo {
+            method: environ.method.clone(),
+            path: environ.log_path.clone(),
+            request_id: environ.get(b"HTTP_X_REQUEST_ID").cloned(),
+            remote_addr: environ.get(b"REMOTE_ADDR").cloned(),
+        }
+    }
+}
+
+fn access_log(shared: &ConnShared, request: &RequestInfo, status: u16, body_bytes: u64, started: Instant) {
+    if !shared.config.access_log {
+        return;
+    }
+    let duration_us = started.elapsed().as_micros() as u64;
+    let text = |b: &Option<Bytes>| {
+        b.as_ref()
+            .map_or_else(|| "-".to_owned(), |v| String::from_utf8_lossy(v).into_owned())
+    };
+    let method = String::from_utf8_lossy(&request.method);
+    let path = String::from_utf8_lossy(&request.path);
+    let request_id = text(&request.request_id);
+    let remote_addr = text(&request.remote_addr);
+    let pid = std::process::id();
+    if let (Some(format), LogFormat::Text) = (&shared.config.access_log_format, shared.config.log_format) {
+        let line = format
+            .replace("{method}", &method)
+            .replace("{path}", &path)
+            .replace("{status}", &status.to_string())
+            .replace("{bytes}", &body_bytes.to_string())
+            .replace("{duration_us}", &duration_us.to_string())
+            .replace("{pid}", &pid.to_string())
+            .replace("{request_id}", &request_id)
+            .replace("{remote_addr}", &remote_addr);
+        tracing::info!(target: "ferrule::access", parent: None, "{line}");
+        return;
+    }
+    tracing::info!(
+        target: "ferrule::access",
+        parent: None,
+        %method,
+        %path,
+        status,
+        bytes = body_bytes,
+        duration_us,
+        pid,
+        %request_id,
+        %remote_addr,
+        "request"
+    );
 }
 
 /// The request ran past `--timeout`: answer 504 if nothing was sent yet (else reset), log where the app is
@@ -372,8 +437,7 @@ async fn timed_out(
     shared: &ConnShared,
     wrote: bool,
     running_on: &AtomicU64,
-    method: &[u8],
-    path: &[u8],
+    request: &RequestInfo,
     started: Instant,
 ) -> Result<(), ConnError> {
     let limit = shared.config.timeout.unwrap_or_default();
@@ -383,12 +447,14 @@ async fn timed_out(
         Ok(())
     } else {
         let (bytes, body_len) = response::server_response(504);
-        access_log(shared, method, path, 504, body_len, started);
+        shared.metrics.answered(504, body_len, started.elapsed());
+        access_log(shared, request, 504, body_len, started);
         match stream.write_all(&bytes).await {
             Ok(()) => finish(&mut stream).await,
             Err(e) => Err(e.into()),
         }
     };
+    shared.metrics.timed_out();
     shared.lifecycle.retire(RetireReason::Timeout);
     let thread = running_on.load(Ordering::Acquire);
     let span = tracing::Span::current();
@@ -423,8 +489,9 @@ async fn answer_ping(stream: &mut Stream, header: PacketHeader) -> Result<(), Co
 
 /// Answers a request the server refuses itself, then drains what the peer still sends for a bounded time so
 /// the answer is not lost to a reset.
-async fn refuse(stream: &mut Stream, status: u16) -> Result<(), ConnError> {
-    let (bytes, _) = response::server_response(status);
+async fn refuse(stream: &mut Stream, shared: &ConnShared, status: u16) -> Result<(), ConnError> {
+    let (bytes, body_len) = response::server_response(status);
+    shared.metrics.answered(status, body_len, Duration::ZERO);
     stream.write_all(&bytes).await?;
     stream.shutdown().await?;
     let mut scratch = vec![0u8; 64 * 1024];

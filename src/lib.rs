@@ -15,6 +15,7 @@
 //! [`config`] validates the options once; [`body`] is the request body type passed from connection to app.
 
 pub mod config;
+pub mod metrics;
 pub mod master;
 pub mod worker;
 pub mod listener;

@@ -56,6 +56,15 @@ impl BoundSocket {
         }
     }
 
+    /// Connections waiting in the accept queue, where the OS reports it (see [`listen_queue_depth`]).
+    pub fn listen_queue_depth(&self) -> Option<u64> {
+        if self.is_unix() {
+            None
+        } else {
+            listen_queue_depth(&self.fd)
+        }
+    }
+
     /// Whether this is a Unix domain socket (decided by the socket itself, so inherited ones work too).
     pub fn is_unix(&self) -> bool {
         SockRef::from(&self.fd).local_addr().is_ok_and(|a| a.is_unix())
@@ -100,6 +109,30 @@ impl BoundSocket {
             }
         }
     }
+}
+
+/// Connections waiting in a listening TCP socket's accept queue: Linux reports the queue's current length in
+/// TCP_INFO's `tcpi_unacked` for a listening socket. Unix sockets have no such report.
+pub fn listen_queue_depth(fd: &impl AsFd) -> Option<u64> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and zero-initialised; the
+    // descriptor is borrowed, so it is open for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zero-initialised and then filled by the kernel: every field is a plain integer.
+    let info = unsafe { info.assume_init() };
+    Some(u64::from(info.tcpi_unacked))
 }
 
 /// Binds and listens on one socket.

@@ -1,38 +1,70 @@
-//! The `ferrule` command: parse options, set up logging, start the app and serve; exit codes.
+//! The `ferrule` command: read options, set up logging, then run as the master or (when the master started
+//! this process) as a worker; exit codes.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use ferrule::config::{Config, Options};
+use ferrule::config::{self, Config, LogFormat, Options};
 use ferrule::{master, worker};
 
 fn main() -> ExitCode {
-    let options = Options::parse();
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(spec),
-        _ => EnvFilter::try_new(&options.log_level),
-    };
-    let filter = match filter {
-        Ok(f) => f,
+    let options = match config::load_options(std::env::args_os().collect()) {
+        Ok(o) => o,
         Err(e) => {
-            eprintln!("ferrule: invalid log level {:?}: {e}", options.log_level);
+            // Logging is not set up yet: the options that configure it are what failed.
+            eprintln!("ferrule: {e}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-
+    if let Err(msg) = init_logging(&options) {
+        eprintln!("ferrule: {msg}");
+        return ExitCode::from(2);
+    }
+    if options.check_config {
+        return check_config(options);
+    }
     match run(options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(options: &Options) -> Result<(), String> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => EnvFilter::try_new(spec),
+        _ => EnvFilter::try_new(&options.log_level),
+    }
+    .map_err(|e| format!("invalid log level {:?}: {e}", options.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match options.log_format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One JSON object per line: serde escapes whatever a request put in a path, a header or a traceback.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+    Ok(())
+}
+
+/// `--check-config`: validate, then print the effective settings as TOML.
+fn check_config(options: Options) -> ExitCode {
+    let shown = toml::to_string(&options);
+    match Config::from_options(options) {
+        Ok(_) => {
+            match shown {
+                Ok(text) => print!("{text}"),
+                Err(e) => eprintln!("ferrule: cannot print the configuration: {e}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferrule: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -8,10 +8,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::{Config, systemd_fds};
-use crate::listener::{self, BoundSocket, ListenError};
+use crate::listener::{self, BoundSocket, ListenError, Listener, Stream};
+use crate::metrics::{MasterMetrics, Snapshot};
 use crate::worker::{ENV_WORKER_FDS, ENV_WORKER_ID, EXIT_APP_LOAD, RetireReason};
 
 /// Why the master could not run.
@@ -134,13 +135,47 @@ pub fn run(config: Config) -> Result<(), MasterError> {
              address can send requests as any client"
         );
     }
+    let metrics_socket = match &config.metrics {
+        Some(spec) => match listener::bind(spec, config.socket_mode, config.listen_backlog) {
+            Ok(bound) => {
+                tracing::info!(address = %bound.display_addr(), "serving metrics");
+                Some(bound)
+            }
+            Err(e) => {
+                sockets.iter().for_each(BoundSocket::remove_file);
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
+    let remove_all = |sockets: &[BoundSocket]| {
+        sockets
+            .iter()
+            .chain(metrics_socket.as_ref())
+            .for_each(BoundSocket::remove_file);
+    };
     if let Err(e) = drop_privileges(&config) {
-        sockets.iter().for_each(BoundSocket::remove_file);
+        remove_all(&sockets);
         return Err(e);
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let result = runtime.block_on(Master::new(Arc::new(config), &sockets).run());
-    sockets.iter().for_each(BoundSocket::remove_file);
+    let result = runtime.block_on(async {
+        let master = Master::new(Arc::new(config), &sockets);
+        if let Some(bound) = &metrics_socket {
+            let queues = sockets
+                .iter()
+                .filter(|s| !s.is_unix())
+                .map(|s| Ok((s.display_addr(), s.fd.try_clone()?)))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            tokio::spawn(serve_metrics(
+                Listener::from_bound(bound)?,
+                Arc::clone(&master.metrics),
+                queues,
+            ));
+        }
+        master.run().await
+    });
+    remove_all(&sockets);
     result
 }
 
@@ -172,6 +207,7 @@ struct Worker {
 
 enum Event {
     Ready(u32),
+    Stats(u32, Snapshot),
     Retire(u32, RetireReason),
     Exited(u32, ExitStatus),
     Respawn,
@@ -191,6 +227,7 @@ struct Master<'s> {
     respawn_pending: bool,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
+    metrics: Arc<Mutex<MasterMetrics>>,
 }
 
 impl<'s> Master<'s> {
@@ -209,6 +246,7 @@ impl<'s> Master<'s> {
             respawn_pending: false,
             events_tx,
             events_rx,
+            metrics: Arc::new(Mutex::new(MasterMetrics::default())),
         }
     }
 
@@ -296,6 +334,7 @@ impl<'s> Master<'s> {
         let mut child = cmd.spawn()?;
         drop(theirs);
         let pid = child.id().unwrap_or(0);
+        self.metrics().worker_started(id, pid);
         self.workers.insert(
             id,
             Worker {
@@ -321,6 +360,10 @@ impl<'s> Master<'s> {
             while let Ok(Some(line)) = lines.next_line().await {
                 let event = match line.split_once(' ') {
                     None if line == "ready" => Event::Ready(id),
+                    Some(("stats", numbers)) => match Snapshot::parse(numbers) {
+                        Some(s) => Event::Stats(id, s),
+                        None => continue,
+                    },
                     Some(("retire", reason)) => match RetireReason::parse(reason) {
                         Some(r) => Event::Retire(id, r),
                         None => continue,
@@ -333,6 +376,11 @@ impl<'s> Master<'s> {
             }
         });
         Ok(id)
+    }
+
+    fn metrics(&self) -> MutexGuard<'_, MasterMetrics> {
+        // A poisoned lock only means a scrape panicked mid-render; the counts themselves are intact.
+        self.metrics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn spawn_or_log(&mut self) {
@@ -363,10 +411,15 @@ impl<'s> Master<'s> {
                     return;
                 }
                 w.retiring = Some(reason);
+                self.metrics
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restarted(reason.as_str(), 1);
                 tracing::info!(worker = id, pid = w.pid, reason = reason.as_str(), "replacing worker");
                 self.to_replace.push_back(id);
                 self.spawn_or_log();
             }
+            Event::Stats(id, snapshot) => self.metrics().update(id, snapshot),
             Event::Exited(id, status) => self.on_exit(id, status),
             Event::Respawn => {
                 self.respawn_pending = false;
@@ -383,6 +436,7 @@ impl<'s> Master<'s> {
     }
 
     fn on_exit(&mut self, id: u32, status: ExitStatus) {
+        self.metrics().worker_exited(id);
         let Some(w) = self.workers.remove(&id) else { return };
         self.to_replace.retain(|&old| old != id);
         let expected = matches!(w.state, State::Stopping { .. });
@@ -406,6 +460,7 @@ impl<'s> Master<'s> {
             return;
         }
         tracing::error!(worker = id, pid = w.pid, status = %describe(status), "worker died; replacing it");
+        self.metrics().restarted("crash", 1);
         self.schedule_respawn();
     }
 
@@ -449,6 +504,7 @@ impl<'s> Master<'s> {
             workers = self.desired,
             "SIGHUP: reloading"
         );
+        self.metrics().restarted("reload", old.len() as u64);
         self.to_replace.extend(old.into_iter().map(|(_, id)| id));
         for _ in 0..self.desired {
             self.spawn_or_log();
@@ -542,6 +598,7 @@ impl<'s> Master<'s> {
                 _ = tick.tick() => self.kill_overdue(),
                 Some(event) = self.events_rx.recv() => {
                     if let Event::Exited(id, status) = event {
+                        self.metrics().worker_exited(id);
                         if let Some(w) = self.workers.remove(&id) {
                             tracing::info!(worker = id, pid = w.pid, status = %describe(status), "worker exited");
                         }
@@ -591,4 +648,73 @@ fn describe(status: ExitStatus) -> String {
         },
         _ => status.to_string(),
     }
+}
+
+/// Serves `--metrics`: any uwsgi request gets the Prometheus text exposition (a ping gets a pong).
+async fn serve_metrics(listener: Listener, metrics: Arc<Mutex<MasterMetrics>>, queues: Vec<(String, OwnedFd)>) {
+    let queues = Arc::new(queues);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = Arc::clone(&metrics);
+        let queues = Arc::clone(&queues);
+        tokio::spawn(async move {
+            let answered = tokio::time::timeout(Duration::from_secs(5), answer_scrape(stream, &metrics, &queues)).await;
+            if !matches!(answered, Ok(Ok(()))) {
+                tracing::debug!("metrics: a scrape did not complete");
+            }
+        });
+    }
+}
+
+async fn answer_scrape(
+    mut stream: Stream,
+    metrics: &Mutex<MasterMetrics>,
+    queues: &[(String, OwnedFd)],
+) -> std::io::Result<()> {
+    let mut header = [0u8; crate::packet::HEADER_LEN];
+    read_exact(&mut stream, &mut header).await?;
+    let Ok((_, header)) = crate::packet::parse_uwsgi_header(&header) else {
+        return Ok(());
+    };
+    let mut vars = vec![0u8; usize::from(header.datasize)];
+    read_exact(&mut stream, &mut vars).await?;
+    if header.modifier1 == crate::packet::MODIFIER_PING {
+        let pong = crate::packet::PacketHeader {
+            modifier1: crate::packet::MODIFIER_PING,
+            datasize: 0,
+            modifier2: 1,
+        };
+        stream.write_all(&crate::packet::encode_header(pong)).await?;
+        return stream.shutdown().await;
+    }
+    let depths: Vec<(String, u64)> = queues
+        .iter()
+        .filter_map(|(name, fd)| Some((name.clone(), listener::listen_queue_depth(fd)?)))
+        .collect();
+    let body = metrics.lock().unwrap_or_else(|e| e.into_inner()).render(&depths);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+async fn read_exact(stream: &mut Stream, mut buf: &mut [u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match stream.read(buf).await? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
 }

@@ -56,8 +56,11 @@ pub async fn run(
     control.send("ready");
     tracing::info!(threads = shared.pool.threads(), "ready");
 
+    // Counters go to the master once a second, which is plenty for a scrape interval of seconds.
+    let mut report = tokio::time::interval(Duration::from_secs(1));
     let stop = loop {
         tokio::select! {
+            _ = report.tick() => control.send(&shared.metrics.snapshot().encode()),
             _ = term.recv() => break Stop::Graceful,
             _ = int.recv() => break Stop::Fast,
             _ = quit.recv() => break Stop::Fast,
@@ -90,6 +93,7 @@ pub async fn run(
     if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
         tracing::warn!(cut_off = tracker.len(), timeout = ?limit, "stop cut off requests still in flight");
     }
+    control.send(&shared.metrics.snapshot().encode());
     tracing::info!(served = shared.lifecycle.served(), "worker stopped");
     Ok(())
 }

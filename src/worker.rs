@@ -12,6 +12,7 @@ use crate::app::AppPool;
 use crate::config::Config;
 use crate::connection::ConnShared;
 use crate::listener::{BoundSocket, ListenError};
+use crate::metrics::WorkerMetrics;
 
 /// Exit status of a worker that could not load the app: the master stops instead of respawning it.
 pub const EXIT_APP_LOAD: i32 = 3;
@@ -184,6 +185,7 @@ pub fn run(config: Config, id: u32) -> Result<(), WorkerError> {
         config: Arc::new(config),
         pool: Arc::new(pool),
         lifecycle: Arc::new(lifecycle),
+        metrics: Arc::new(WorkerMetrics::default()),
     });
     // One thread for all I/O: Python runs on the pool, so the async side is mostly syscalls and a second
     // runtime thread would only compete with the app threads for the same cores.

@@ -389,6 +389,13 @@ impl ResponseState {
     }
 
     fn send_whole(&mut self, py: Python<'_>, chunks: &[&[u8]]) -> Result<(), Failure> {
+        if self.headers_sent {
+            // The app already streamed part of the body through write(): the rest follows as plain chunks.
+            for chunk in chunks {
+                self.send_chunk(py, chunk)?;
+            }
+            return self.finish(py);
+        }
         let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         let length = self.may_add_length().then_some(total);
         let mut buf = self.head(length, usize::try_from(total).unwrap_or(0))?;

@@ -1,0 +1,345 @@
+//! Prometheus metrics. Each worker counts its own requests in atomics and reports a snapshot to the master
+//! every second over the control channel; the master adds them up (keeping what exited workers counted, so
+//! counters never go backwards), adds what only it knows (restarts, memory per worker, listen queues), and
+//! serves the text exposition on `--metrics` over the uwsgi protocol.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Upper bounds of the request duration histogram, in seconds (the last bucket, +Inf, is implicit).
+pub const DURATION_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const NBUCKETS: usize = DURATION_BUCKETS.len() + 1;
+
+/// A worker's own counters.
+#[derive(Debug, Default)]
+pub struct WorkerMetrics {
+    /// Requests by status class: 1xx to 5xx.
+    requests: [AtomicU64; 5],
+    in_flight: AtomicI64,
+    /// Non-cumulative bucket counts, the last one for durations above every bound.
+    buckets: [AtomicU64; NBUCKETS],
+    duration_sum_us: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    timeouts: AtomicU64,
+}
+
+impl WorkerMetrics {
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Pairs with `request_started`, however the request ended.
+    pub fn request_ended(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records an answer, including those the server made itself (400, 413, 431, 504).
+    pub fn answered(&self, status: u16, body_bytes: u64, elapsed: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[class].fetch_add(1, Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64();
+        let bucket = DURATION_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(NBUCKETS - 1);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.bytes_out.fetch_add(body_bytes, Ordering::Relaxed);
+    }
+
+    pub fn received(&self, bytes: u64) {
+        self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn timed_out(&self) {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Snapshot {
+            requests: self.requests.each_ref().map(load),
+            in_flight: self.in_flight.load(Ordering::Relaxed).max(0),
+            buckets: self.buckets.each_ref().map(load),
+            duration_sum_us: load(&self.duration_sum_us),
+            bytes_in: load(&self.bytes_in),
+            bytes_out: load(&self.bytes_out),
+            timeouts: load(&self.timeouts),
+        }
+    }
+}
+
+/// A worker's counters at one moment, as sent to the master.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub requests: [u64; 5],
+    pub in_flight: i64,
+    pub buckets: [u64; NBUCKETS],
+    pub duration_sum_us: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub timeouts: u64,
+}
+
+impl Snapshot {
+    /// The control-channel line: `stats` and the numbers in a fixed order.
+    pub fn encode(&self) -> String {
+        let mut parts: Vec<String> = vec!["stats".into()];
+        parts.extend(self.requests.iter().map(u64::to_string));
+        parts.push(self.in_flight.to_string());
+        parts.extend(self.buckets.iter().map(u64::to_string));
+        for n in [self.duration_sum_us, self.bytes_in, self.bytes_out, self.timeouts] {
+            parts.push(n.to_string());
+        }
+        parts.join(" ")
+    }
+
+    /// Parses the numbers after `stats`.
+    pub fn parse(numbers: &str) -> Option<Snapshot> {
+        let n: Vec<i64> = numbers.split(' ').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        if n.len() != 5 + 1 + NBUCKETS + 4 || n.iter().any(|&x| x < 0) {
+            return None;
+        }
+        let u = |i: usize| n[i] as u64;
+        let mut s = Snapshot {
+            in_flight: n[5],
+            ..Snapshot::default()
+        };
+        for i in 0..5 {
+            s.requests[i] = u(i);
+        }
+        for i in 0..NBUCKETS {
+            s.buckets[i] = u(6 + i);
+        }
+        let rest = 6 + NBUCKETS;
+        s.duration_sum_us = u(rest);
+        s.bytes_in = u(rest + 1);
+        s.bytes_out = u(rest + 2);
+        s.timeouts = u(rest + 3);
+        Some(s)
+    }
+
+    /// Adds counters (not the in-flight gauge, which only live workers have).
+    fn add_counters(&mut self, other: &Snapshot) {
+        for i in 0..5 {
+            self.requests[i] += other.requests[i];
+        }
+        for i in 0..NBUCKETS {
+            self.buckets[i] += other.buckets[i];
+        }
+        self.duration_sum_us += other.duration_sum_us;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.timeouts += other.timeouts;
+    }
+}
+
+/// What the master knows: the last snapshot of each live worker, the sum of exited ones, and restarts.
+#[derive(Debug, Default)]
+pub struct MasterMetrics {
+    live: HashMap<u32, (u32, Snapshot)>,
+    exited: Snapshot,
+    restarts: BTreeMap<&'static str, u64>,
+}
+
+/// Why the master replaced a worker, for `ferrule_worker_restarts_total`.
+pub const RESTART_REASONS: [&str; 5] = ["crash", "timeout", "max-requests", "memory", "reload"];
+
+impl MasterMetrics {
+    pub fn worker_started(&mut self, id: u32, pid: u32) {
+        self.live.insert(id, (pid, Snapshot::default()));
+    }
+
+    pub fn update(&mut self, id: u32, snapshot: Snapshot) {
+        if let Some(entry) = self.live.get_mut(&id) {
+            entry.1 = snapshot;
+        }
+    }
+
+    /// Keeps what an exited worker counted, so the totals never go backwards.
+    pub fn worker_exited(&mut self, id: u32) {
+        if let Some((_, last)) = self.live.remove(&id) {
+            self.exited.add_counters(&last);
+        }
+    }
+
+    pub fn restarted(&mut self, reason: &'static str, count: u64) {
+        *self.restarts.entry(reason).or_default() += count;
+    }
+
+    /// The Prometheus text exposition. `queues` are listen queue depths by socket, where the OS reports them.
+    pub fn render(&self, queues: &[(String, u64)]) -> String {
+        let mut total = self.exited;
+        let mut in_flight = 0;
+        for (_, snap) in self.live.values() {
+            total.add_counters(snap);
+            in_flight += snap.in_flight;
+        }
+        let mut registry = Registry::with_prefix("ferrule");
+
+        let requests = Family::<Vec<(String, String)>, Counter>::default();
+        for (i, n) in total.requests.iter().enumerate() {
+            requests
+                .get_or_create(&vec![("status_class".into(), format!("{}xx", i + 1))])
+                .inc_by(*n);
+        }
+        registry.register("requests", "Requests answered, by status class", requests);
+        let gauge = |v: i64| {
+            let g = Gauge::<i64>::default();
+            g.set(v);
+            g
+        };
+        let counter = |v: u64| {
+            let c = Counter::<u64>::default();
+            c.inc_by(v);
+            c
+        };
+        registry.register("requests_in_flight", "Requests being served now", gauge(in_flight));
+        let mut cumulative_free = Vec::with_capacity(NBUCKETS);
+        for (i, n) in total.buckets.iter().enumerate() {
+            cumulative_free.push((DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), *n));
+        }
+        registry.register(
+            "request_duration_seconds",
+            "Time from the request's first byte to the response's last",
+            FixedHistogram {
+                sum: total.duration_sum_us as f64 / 1e6,
+                count: total.buckets.iter().sum(),
+                buckets: cumulative_free,
+            },
+        );
+        registry.register(
+            "request_bytes",
+            "Request bytes received (packet and body)",
+            counter(total.bytes_in),
+        );
+        registry.register("response_bytes", "Response body bytes sent", counter(total.bytes_out));
+        registry.register(
+            "request_timeouts",
+            "Requests answered 504 after --timeout",
+            counter(total.timeouts),
+        );
+        let restarts = Family::<Vec<(String, String)>, Counter>::default();
+        for reason in RESTART_REASONS {
+            let n = self.restarts.get(reason).copied().unwrap_or(0);
+            restarts
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .inc_by(n);
+        }
+        registry.register("worker_restarts", "Workers replaced, by reason", restarts);
+        registry.register("workers", "Live worker processes", gauge(self.live.len() as i64));
+        let rss = Family::<Vec<(String, String)>, Gauge>::default();
+        for (id, (pid, _)) in &self.live {
+            if let Some(bytes) = process_rss(*pid) {
+                rss.get_or_create(&vec![
+                    ("worker".into(), id.to_string()),
+                    ("pid".into(), pid.to_string()),
+                ])
+                .set(bytes as i64);
+            }
+        }
+        registry.register("worker_resident_memory_bytes", "Resident memory of each worker", rss);
+        let queue = Family::<Vec<(String, String)>, Gauge>::default();
+        for (socket, depth) in queues {
+            queue
+                .get_or_create(&vec![("socket".into(), socket.clone())])
+                .set(*depth as i64);
+        }
+        registry.register(
+            "listen_queue_depth",
+            "Connections waiting to be accepted (TCP sockets; Linux does not report it for Unix sockets)",
+            queue,
+        );
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// A histogram whose buckets were counted elsewhere (in the workers).
+#[derive(Debug)]
+struct FixedHistogram {
+    sum: f64,
+    count: u64,
+    /// (upper bound, count in this bucket alone); the encoder makes them cumulative.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for FixedHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Resident memory of another process, from /proc.
+pub fn process_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_round_trip() {
+        let m = WorkerMetrics::default();
+        m.request_started();
+        m.answered(200, 11, Duration::from_millis(3));
+        m.request_ended();
+        m.answered(413, 5, Duration::from_secs(20));
+        m.received(100);
+        m.timed_out();
+        let snap = m.snapshot();
+        let line = snap.encode();
+        let parsed = Snapshot::parse(line.strip_prefix("stats ").unwrap()).unwrap();
+        assert_eq!(parsed, snap);
+        assert_eq!(snap.requests, [0, 1, 0, 1, 0]);
+        assert_eq!(snap.buckets[1], 1); // 3 ms is in the 5 ms bucket
+        assert_eq!(snap.buckets[NBUCKETS - 1], 1); // 20 s is past every bound
+        assert!(Snapshot::parse("1 2 3").is_none());
+    }
+
+    #[test]
+    fn exited_workers_keep_their_counts() {
+        let mut master = MasterMetrics::default();
+        master.worker_started(1, 100);
+        let mut snap = Snapshot::default();
+        snap.requests[1] = 7;
+        snap.in_flight = 2;
+        master.update(1, snap);
+        master.worker_exited(1);
+        master.restarted("crash", 1);
+        let text = master.render(&[("127.0.0.1:3031".into(), 4)]);
+        assert!(
+            text.contains("ferrule_requests_total{status_class=\"2xx\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("ferrule_requests_in_flight 0"), "{text}");
+        assert!(
+            text.contains("ferrule_worker_restarts_total{reason=\"crash\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ferrule_listen_queue_depth{socket=\"127.0.0.1:3031\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ferrule_request_duration_seconds_bucket{le=\"+Inf\"} 0"),
+            "{text}"
+        );
+    }
+}
