@@ -1,0 +1,365 @@
+//! Tier 3, failover: two ferrule instances behind one nginx upstream; one is SIGKILLed (master and workers,
+//! as when its machine or container dies) while GET traffic flows, and no client request may fail.
+//!
+//! This pins the advice in nginx/upstream.conf: `uwsgi_next_upstream error timeout;` makes nginx retry a GET
+//! on the next server when a connection is refused or cut before the response head, so a dead instance costs
+//! latency, not errors. The shared harness's `Nginx` proxies to a single address, so this file writes its own
+//! nginx config with an `upstream` block of two servers.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir};
+use common::http::Client;
+use common::nginx::nginx_binary;
+use tempfile::TempDir;
+
+/// Every wait in this test is bounded by one of these.
+const NGINX_START: Duration = Duration::from_secs(15);
+const NGINX_STOP: Duration = Duration::from_secs(5);
+const KILL_TAKES_EFFECT: Duration = Duration::from_secs(10);
+const PHASE: Duration = Duration::from_secs(60);
+/// Client threads; each sends one request at a time, so this many requests are in flight at once.
+const CLIENTS: usize = 4;
+/// Requests each instance must have answered before the kill: proof that nginx balanced over both.
+const BEFORE_KILL_EACH: usize = 25;
+/// Requests that must complete after the kill, all of them answered by the survivor or by a retry.
+const AFTER_KILL: usize = 300;
+/// Hard cap on the whole run, so a stuck phase cannot loop forever.
+const MAX_REQUESTS: usize = 5_000;
+/// The app sleeps this long per request, so requests are in flight on the victim when it dies.
+const PATH: &str = "/sleep?s=0.005";
+
+/// One finished GET as the client saw it.
+struct Outcome {
+    /// nginx's `$upstream_addr`: one address, or several separated by ", " when nginx retried.
+    upstream: String,
+    ok: bool,
+    summary: String,
+    after_kill: bool,
+}
+
+#[test]
+fn traffic_survives_sigkill_of_one_upstream_instance() {
+    let victim = wsgi_cases().arg("--workers").arg("2").spawn();
+    let survivor = wsgi_cases().arg("--workers").arg("2").spawn();
+    let victim_addr = victim.addr.nginx_upstream();
+    let survivor_addr = survivor.addr.nginx_upstream();
+    let nginx = Balancer::start(&[&victim_addr, &survivor_addr]);
+
+    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let killed = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (outcomes, killed, stop) = (Arc::clone(&outcomes), Arc::clone(&killed), Arc::clone(&stop));
+            let port = nginx.port;
+            thread::spawn(move || {
+                let mut client = Client::new(port);
+                while !stop.load(Ordering::SeqCst) && outcomes.lock().unwrap().len() < MAX_REQUESTS {
+                    // Read before sending: a request counts as "after the kill" only if it started after it.
+                    let after_kill = killed.load(Ordering::SeqCst);
+                    let r = client.get(PATH);
+                    let outcome = Outcome {
+                        upstream: r.header("X-Upstream").unwrap_or("").to_owned(),
+                        ok: r.status == 200 && r.is_complete() && r.body == b"slept",
+                        summary: r.summary(),
+                        after_kill,
+                    };
+                    outcomes.lock().unwrap().push(outcome);
+                }
+            })
+        })
+        .collect();
+
+    // Phase 1: both instances take traffic.
+    let served_by = |addr: &str| {
+        let outcomes = outcomes.lock().unwrap();
+        outcomes.iter().filter(|o| o.ok && o.upstream == addr).count()
+    };
+    let both_served = wait_until(PHASE, || {
+        served_by(&victim_addr) >= BEFORE_KILL_EACH && served_by(&survivor_addr) >= BEFORE_KILL_EACH
+    });
+    let before = (served_by(&victim_addr), served_by(&survivor_addr));
+
+    // Phase 2: the victim dies at once, workers included, with no chance to drain.
+    let victim_pids = if both_served {
+        killed.store(true, Ordering::SeqCst);
+        let pids = sigkill_instance(&victim);
+        let refused = wait_until(
+            KILL_TAKES_EFFECT,
+            || matches!(&victim.addr, Addr::Unix(path) if UnixStream::connect(path).is_err()),
+        );
+        assert!(refused, "the victim's socket still accepts after SIGKILL of {pids:?}");
+        pids
+    } else {
+        Vec::new()
+    };
+    let after_done = |outcomes: &Vec<Outcome>| outcomes.iter().filter(|o| o.after_kill).count();
+    let enough_after = both_served && wait_until(PHASE, || after_done(&outcomes.lock().unwrap()) >= AFTER_KILL);
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().expect("a client thread panicked (see its message above)");
+    }
+
+    let outcomes = outcomes.lock().unwrap();
+    let failures: Vec<&Outcome> = outcomes.iter().filter(|o| !o.ok).collect();
+    let retried = outcomes.iter().filter(|o| o.upstream.contains(", ")).count();
+    let after: Vec<&Outcome> = outcomes.iter().filter(|o| o.after_kill).collect();
+    let after_on_victim_only = after.iter().filter(|o| o.upstream == victim_addr).count();
+    let report = format!(
+        "{} requests, {} failed, {retried} retried by nginx on the other server; before the kill: victim {}, \
+         survivor {}; victim pids {victim_pids:?}; {} requests started after the kill, {after_on_victim_only} \
+         answered by the victim alone\n{}",
+        outcomes.len(),
+        failures.len(),
+        before.0,
+        before.1,
+        after.len(),
+        nginx.error_log_tail(),
+    );
+    eprintln!("{report}");
+
+    assert!(both_served, "both instances must serve before the kill: {report}");
+    assert!(enough_after, "too few requests completed after the kill: {report}");
+    assert!(
+        failures.is_empty(),
+        "client-visible failures:\n{}\n{report}",
+        failures
+            .iter()
+            .take(5)
+            .map(|o| o.summary.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(after_on_victim_only, 0, "a dead instance cannot answer: {report}");
+
+    // The survivor still stops cleanly once the load is gone.
+    drop(nginx);
+    let mut survivor = survivor;
+    survivor.signal(libc::SIGTERM);
+    let status = survivor.wait_exit(Duration::from_secs(40));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "survivor exit after SIGTERM: {status:?}\n{}",
+        survivor.log()
+    );
+}
+
+fn wsgi_cases() -> FerruleBuilder {
+    let app = apps_dir().join("wsgi_cases.py");
+    FerruleBuilder::new(&format!("{}:application", app.display()))
+}
+
+/// Polls `done` every 10 ms until it holds or `timeout` passes; returns whether it held.
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGKILLs a ferrule master and every worker it started; returns the pids killed (master first).
+///
+/// The harness's drop kills only the master, whose workers would then drain gracefully; a crash does
+/// not drain. The master was started by this test process without a group of its own, so a group
+/// kill would hit the test too: the workers are found by their parent pid instead.
+fn sigkill_instance(ferrule: &Ferrule) -> Vec<i32> {
+    let master = i32::try_from(ferrule.pid()).expect("pid fits in i32");
+    let workers = children_of(master);
+    assert!(!workers.is_empty(), "no worker processes found under master {master}");
+    let mut pids = vec![master];
+    pids.extend(workers);
+    for &pid in &pids {
+        // SAFETY: kill(2) on the master (our unreaped child) and on its workers, whose parent is alive
+        // until this very loop, so none of these pids can have been reused by an unrelated process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    pids
+}
+
+/// Pids whose parent is `parent`, from /proc/<pid>/stat.
+fn children_of(parent: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue; // exited while we looked
+        };
+        // Fields after the command name, which is in parentheses and may itself hold spaces or parens.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1).and_then(|s| s.parse::<i32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// nginx with one `upstream` of several ferrule sockets, on a free loopback port; stopped on drop.
+struct Balancer {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Balancer {
+    fn start(servers: &[&str]) -> Balancer {
+        // Another process can take the probed port before nginx binds it: then try a new port.
+        for _ in 0..5 {
+            let dir = tempfile::Builder::new()
+                .prefix("ferrule-failover-")
+                .tempdir()
+                .expect("temp dir for nginx");
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("probe a free port")
+                .port();
+            let conf = dir.path().join("nginx.conf");
+            std::fs::write(&conf, balancer_conf(dir.path(), port, servers)).expect("write nginx.conf");
+            let child = Command::new(nginx_binary())
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                // Its own group, so the last-resort SIGKILL in drop reaches nginx's workers and nothing else.
+                .process_group(0)
+                .spawn()
+                .expect("start nginx (apt-get install nginx)");
+            let mut nginx = Balancer { child, port, dir };
+            match nginx.wait_accepting() {
+                Ok(()) => return nginx,
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("nginx did not start:\n{log}"),
+            }
+        }
+        panic!("nginx found no free port in 5 attempts");
+    }
+
+    fn wait_accepting(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + NGINX_START;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid nginx") {
+                return Err(format!("exit {status}\n{}", self.error_log_tail()));
+            }
+            // Accepting and still alive: the listener is ours, not another process's on a reused port.
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && self.child.try_wait().ok().flatten().is_none()
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not accepting after {NGINX_START:?}\n{}",
+                    self.error_log_tail()
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The end of nginx's error log, where its upstream errors and retries are recorded.
+    fn error_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("upstream") || l.contains("emerg"))
+            .collect();
+        let tail = &lines[lines.len().saturating_sub(8)..];
+        format!(
+            "--- nginx error.log (upstream lines, last {}) ---\n{}",
+            tail.len(),
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pid = i32::try_from(self.child.id()).expect("pid fits in i32");
+        // SAFETY: signals our own unreaped child (graceful stop), then its process group, which
+        // process_group(0) made separate from ours.
+        unsafe { libc::kill(pid, libc::SIGQUIT) };
+        if !wait_until(NGINX_STOP, || self.child.try_wait().ok().flatten().is_some()) {
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            self.child.wait().ok();
+        }
+    }
+}
+
+fn balancer_conf(dir: &Path, port: u16, servers: &[&str]) -> String {
+    let d = dir.display();
+    // Started as root, nginx workers would switch to `nobody`, who cannot enter the 0700 temp dirs.
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root;"
+    } else {
+        ""
+    };
+    // max_fails/fail_timeout: after one failure nginx stops choosing the dead server for a while, so
+    // most requests go straight to the survivor instead of paying for a refused connect first.
+    let upstream: String = servers
+        .iter()
+        .map(|s| format!("        server {s} max_fails=1 fail_timeout=30s;\n"))
+        .collect();
+    format!(
+        "# generated by tests/failover.rs
+daemon off;
+worker_processes 1;
+{user}
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream ferrule {{
+{upstream}    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            include /etc/nginx/uwsgi_params;
+            uwsgi_pass ferrule;
+            # The behaviour under test: a refused connect or a connection cut before the response
+            # head is retried on the next server (for idempotent methods only, as nginx does by default).
+            uwsgi_next_upstream error timeout;
+            uwsgi_connect_timeout 2s;
+            uwsgi_read_timeout 10s;
+            add_header X-Upstream $upstream_addr always;
+        }}
+    }}
+}}
+"
+    )
+}
