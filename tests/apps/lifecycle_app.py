@@ -48,16 +48,23 @@ def pid(environ, start_response):
 def sleep(environ, start_response):
     q = _query(environ)
     seconds = min(float(q.get("s", "1")), STUCK_LIMIT_S)
-    _mark(environ, f"sleep-start tag={q.get('tag', '-')} pid={os.getpid()}")
+    tag = q.get("tag", "-")
+    _mark(environ, f"sleep-start tag={tag} pid={os.getpid()}")
     time.sleep(seconds)
+    _mark(environ, f"sleep-end tag={tag} pid={os.getpid()}")
     return _text(start_response, str(os.getpid()))
 
 
 def lifecycle_stuck_in_here(environ):
-    """Sleeps in short steps so the stack dump taken by --timeout shows this function by name."""
-    deadline = time.monotonic() + STUCK_LIMIT_S
-    while time.monotonic() < deadline:
+    """Sleeps in short steps so the stack dump taken by --timeout shows this function by name. Says when it has
+    been stuck for a second, so a test can start a neighbour request that overlaps the timeout."""
+    started = time.monotonic()
+    marked = False
+    while time.monotonic() < started + STUCK_LIMIT_S:
         time.sleep(0.05)
+        if not marked and time.monotonic() >= started + 1.0:
+            _mark(environ, f"stuck-1s pid={os.getpid()}")
+            marked = True
 
 
 def stuck(environ, start_response):
