@@ -589,8 +589,11 @@ impl<'s> Master<'s> {
         let ids: Vec<u32> = self.workers.keys().copied().collect();
         tracing::info!(workers = ids.len(), signal = %sig, "stopping");
         for id in ids {
+            // A worker still importing the app has no handlers yet (SIGQUIT's default would dump core) and
+            // nothing in flight: it is killed outright.
+            let starting = self.workers.get(&id).is_some_and(|w| w.state == State::Starting);
             // Even a worker already stopping gets the signal again, so a fast stop overrides a graceful one.
-            self.signal_worker(id, sig);
+            self.signal_worker(id, if starting { Signal::SIGKILL } else { sig });
         }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         while !self.workers.is_empty() {
