@@ -8,9 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::ferrule::{Ferrule, FerruleBuilder, apps_dir};
-use common::http::{
-    BodyEnd, Client, ReqBody, Response, StreamEvent, pseudo_random_bytes, sha256_hex,
-};
+use common::http::{BodyEnd, Client, ReqBody, Response, StreamEvent, pseudo_random_bytes, sha256_hex};
 use common::nginx::Nginx;
 
 /// How long to wait for a line to reach ferrule's log after the response was read.
@@ -61,12 +59,9 @@ impl Stack {
     /// The app's view of one environ key, via `/environ/key` (which answers with Python's
     /// `ascii()` of the value, so `'a, b'` for the string a, b).
     fn environ_key(&self, key: &str, headers: &[(&str, &str)]) -> (String, Response) {
-        let r = self.client().request(
-            "GET",
-            &format!("/environ/key?key={key}"),
-            headers,
-            ReqBody::Empty,
-        );
+        let r = self
+            .client()
+            .request("GET", &format!("/environ/key?key={key}"), headers, ReqBody::Empty);
         assert!(
             r.status == 200 && r.is_complete(),
             "environ key {key}: {}\n{}",
@@ -112,12 +107,7 @@ fn sha256_matches_known_vectors() {
 fn get_with_query_string() {
     let stack = Stack::unix("");
     let (qs, _) = stack.environ_key("QUERY_STRING&x=1&y=a%20b&z=", &[]);
-    assert_eq!(
-        qs,
-        py_ascii("key=QUERY_STRING&x=1&y=a%20b&z="),
-        "{}",
-        stack.logs()
-    );
+    assert_eq!(qs, py_ascii("key=QUERY_STRING&x=1&y=a%20b&z="), "{}", stack.logs());
     let (path, _) = stack.environ_key("PATH_INFO&x=1", &[]);
     assert_eq!(path, py_ascii("/environ/key"));
     let (method, _) = stack.environ_key("REQUEST_METHOD", &[]);
@@ -146,14 +136,7 @@ fn post_10mb_read_in_every_wsgi_input_style() {
     let body = pseudo_random_bytes(10 * 1024 * 1024 + 7, 1);
     let want = format!("{} {}", body.len(), sha256_hex(&body));
     let mut failures = Vec::new();
-    for style in [
-        "read",
-        "read_n",
-        "readline",
-        "readline_limit",
-        "readlines",
-        "iter",
-    ] {
+    for style in ["read", "read_n", "readline", "readline_limit", "readlines", "iter"] {
         let path = format!("/input/{style}");
         let r = stack.client().request(
             "POST",
@@ -165,12 +148,7 @@ fn post_10mb_read_in_every_wsgi_input_style() {
             failures.push(format!("POST {path}: want {want:?}, got {}", r.summary()));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{}\n{}",
-        failures.join("\n"),
-        stack.logs()
-    );
+    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), stack.logs());
 }
 
 #[test]
@@ -232,17 +210,10 @@ fn streamed_response_reaches_the_client_as_it_is_produced() {
                     break at;
                 }
             }
-            StreamEvent::End(end) => panic!(
-                "body ended ({end:?}) before chunk 0: {body:?}\n{}",
-                stack.logs()
-            ),
+            StreamEvent::End(end) => panic!("body ended ({end:?}) before chunk 0: {body:?}\n{}", stack.logs()),
         }
     };
-    assert!(
-        body.starts_with(b"chunk 0\n"),
-        "{:?}",
-        String::from_utf8_lossy(&body)
-    );
+    assert!(body.starts_with(b"chunk 0\n"), "{:?}", String::from_utf8_lossy(&body));
     std::fs::write(&gate, b"").expect("open the gate");
 
     let (pieces, end) = s.collect_timed();
@@ -259,10 +230,7 @@ fn streamed_response_reaches_the_client_as_it_is_produced() {
 
     // The app sleeps `delay` before each later chunk, so chunk 0 arrives at least (n-1)*delay
     // before the last one unless something buffers; half of that is a generous bound.
-    let last_at = pieces
-        .last()
-        .map(|(at, _)| *at)
-        .expect("chunks after the first");
+    let last_at = pieces.last().map(|(at, _)| *at).expect("chunks after the first");
     let spread = last_at.duration_since(first_at);
     let min = Duration::from_secs_f64((n - 1) as f64 * delay * 0.5);
     assert!(
@@ -285,10 +253,7 @@ fn file_wrapper_50mb_arrives_intact() {
             r.summary(),
             stack.logs()
         );
-        let want_sha = r
-            .header("x-sha256")
-            .expect("X-Sha256 from the app")
-            .to_string();
+        let want_sha = r.header("x-sha256").expect("X-Sha256 from the app").to_string();
         let want_size: usize = r
             .header("x-size")
             .expect("X-Size from the app")
@@ -328,24 +293,12 @@ fn app_errors_give_500_with_traceback_and_server_survives() {
     let stack = Stack::unix("");
     // (path, text that must follow the traceback in the log, when the app raised it itself)
     let cases: &[(&str, Option<&str>)] = &[
-        (
-            "/error/before",
-            Some("ValueError: boom before start_response"),
-        ),
-        (
-            "/error/after_start",
-            Some("ValueError: boom after start_response"),
-        ),
-        (
-            "/error/first_chunk",
-            Some("ValueError: boom in first chunk"),
-        ),
+        ("/error/before", Some("ValueError: boom before start_response")),
+        ("/error/after_start", Some("ValueError: boom after start_response")),
+        ("/error/first_chunk", Some("ValueError: boom in first chunk")),
         ("/error/bad_status?status=abc", None),
         // A CRLF in the status would inject a header into the response to nginx.
-        (
-            "/error/bad_status?status=200%20OK%0D%0AX-Injected:%201",
-            None,
-        ),
+        ("/error/bad_status?status=200%20OK%0D%0AX-Injected:%201", None),
         ("/error/non_str_status", None),
         ("/error/bad_header", None),
         ("/error/bad_header_name", None),
@@ -370,13 +323,8 @@ fn app_errors_give_500_with_traceback_and_server_survives() {
                 r.summary()
             ));
         }
-        if !stack
-            .ferrule
-            .wait_for_log_since(offset, TRACEBACK, LOG_WAIT)
-        {
-            failures.push(format!(
-                "GET {path}: no traceback in the log for this request"
-            ));
+        if !stack.ferrule.wait_for_log_since(offset, TRACEBACK, LOG_WAIT) {
+            failures.push(format!("GET {path}: no traceback in the log for this request"));
         } else if let Some(text) = raised {
             if !stack.ferrule.wait_for_log_since(offset, text, LOG_WAIT) {
                 failures.push(format!("GET {path}: the log lacks {text:?}"));
@@ -387,12 +335,7 @@ fn app_errors_give_500_with_traceback_and_server_survives() {
     if !(after.status == 200 && after.is_complete() && after.text() == "hello world") {
         failures.push(format!("GET /hello after the errors: {}", after.summary()));
     }
-    assert!(
-        failures.is_empty(),
-        "{}\n{}",
-        failures.join("\n"),
-        stack.logs()
-    );
+    assert!(failures.is_empty(), "{}\n{}", failures.join("\n"), stack.logs());
 }
 
 /// After the headers went out, an error must not look like a complete response: the client
@@ -418,11 +361,7 @@ fn assert_incomplete(stack: &Stack, path: &str, raised: &str) {
         "GET {path}: unexpected body {}",
         r.summary()
     );
-    assert!(
-        !r.text().contains("must never be sent"),
-        "GET {path}: {}",
-        r.summary()
-    );
+    assert!(!r.text().contains("must never be sent"), "GET {path}: {}", r.summary());
     assert!(
         stack.ferrule.wait_for_log_since(offset, raised, LOG_WAIT),
         "GET {path}: the log lacks {raised:?}\n{}",
@@ -481,12 +420,7 @@ fn head_request_has_headers_and_no_body() {
     let head = stack.client().request("HEAD", "/head", &[], ReqBody::Empty);
     assert_eq!(head.status, 200, "{}\n{}", head.summary(), stack.logs());
     assert_eq!(head.header("x-method"), Some("HEAD"), "{}", head.summary());
-    assert_eq!(
-        head.header("content-type"),
-        Some("text/plain"),
-        "{}",
-        head.summary()
-    );
+    assert_eq!(head.header("content-type"), Some("text/plain"), "{}", head.summary());
     assert!(head.body.is_empty(), "{}", head.summary());
     // nginx takes HEAD answers as head-only: a body ferrule might send is dropped, not forwarded.
     assert!(
@@ -504,11 +438,7 @@ fn no_content_and_not_modified() {
     let r = stack.get("/204");
     assert_eq!(r.status, 204, "{}\n{}", r.summary(), stack.logs());
     assert_eq!(r.header("x-empty"), Some("yes"), "{}", r.summary());
-    assert!(
-        r.header("content-length").is_none_or(|v| v == "0"),
-        "{}",
-        r.summary()
-    );
+    assert!(r.header("content-length").is_none_or(|v| v == "0"), "{}", r.summary());
 
     let r = stack.get("/304");
     assert_eq!(r.status, 304, "{}\n{}", r.summary(), stack.logs());
@@ -519,10 +449,7 @@ fn no_content_and_not_modified() {
         !log.contains("upstream sent"),
         "nginx found the upstream response malformed:\n{log}"
     );
-    for line in [
-        "path=/204 status=204 bytes=0",
-        "path=/304 status=304 bytes=0",
-    ] {
+    for line in ["path=/204 status=204 bytes=0", "path=/304 status=304 bytes=0"] {
         assert!(
             stack.ferrule.wait_for_log(line, LOG_WAIT),
             "no access line with {line:?}\n{}",
@@ -560,10 +487,7 @@ fn validator_sees_no_protocol_violation() {
     );
     let log = stack.ferrule.log_since(offset);
     for bad in ["WSGIWarning", "AssertionError", TRACEBACK] {
-        assert!(
-            !log.contains(bad),
-            "the validator complained ({bad}):\n{log}"
-        );
+        assert!(!log.contains(bad), "the validator complained ({bad}):\n{log}");
     }
 }
 

@@ -8,9 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::ferrule::{Ferrule, FerruleBuilder, apps_dir};
-use common::http::{
-    BodyEnd, Client, ReqBody, Response, form_encode, multipart, pseudo_random_bytes, sha256_hex,
-};
+use common::http::{BodyEnd, Client, ReqBody, Response, form_encode, multipart, pseudo_random_bytes, sha256_hex};
 use common::nginx::Nginx;
 use common::venv::test_venv;
 
@@ -93,9 +91,7 @@ fn assert_streams(stack: &Stack, path: &str, n: usize, delay: f64, expected_body
         s.headers
     );
     assert_eq!(
-        s.header("transfer-encoding")
-            .map(str::to_ascii_lowercase)
-            .as_deref(),
+        s.header("transfer-encoding").map(str::to_ascii_lowercase).as_deref(),
         Some("chunked"),
         "{path}: nginx should stream it chunked: {:?}",
         s.headers
@@ -108,11 +104,7 @@ fn assert_streams(stack: &Stack, path: &str, n: usize, delay: f64, expected_body
         stack.logs()
     );
     let body: Vec<u8> = pieces.iter().flat_map(|(_, b)| b.iter().copied()).collect();
-    assert_eq!(
-        String::from_utf8_lossy(&body),
-        expected_body,
-        "{path}: body"
-    );
+    assert_eq!(String::from_utf8_lossy(&body), expected_body, "{path}: body");
     let first = pieces.first().expect("at least one piece").0;
     let last = pieces.last().expect("at least one piece").0;
     let spread = last.duration_since(first);
@@ -130,12 +122,7 @@ fn flask_json_endpoint() {
     let stack = flask();
     let r = stack.client().get("/json?a=1&a=2&b=x%20y");
     assert_ok(&stack, &r, "GET /json");
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/json"),
-        "{}",
-        r.summary()
-    );
+    assert_eq!(r.header("content-type"), Some("application/json"), "{}", r.summary());
     let body = r.text();
     // Flask's JSON is compact with sorted keys, so substrings are stable.
     for want in [
@@ -183,12 +170,9 @@ fn flask_file_upload() {
     // werkzeug's multipart parser reads.
     let data = pseudo_random_bytes(3 * 1024 * 1024 + 17, 11);
     let (ctype, body) = multipart(&[("note", "from the test")], &[("file", "blob.bin", &data)]);
-    let r = stack.client().request(
-        "POST",
-        "/upload",
-        &[("Content-Type", &ctype)],
-        ReqBody::Fixed(&body),
-    );
+    let r = stack
+        .client()
+        .request("POST", "/upload", &[("Content-Type", &ctype)], ReqBody::Fixed(&body));
     assert_ok(&stack, &r, "POST /upload");
     let text = r.text();
     for want in [
@@ -204,9 +188,7 @@ fn flask_file_upload() {
 #[test]
 fn flask_streamed_response() {
     let stack = flask();
-    let expected: String = (0..4)
-        .map(|i| format!("part {i} of 4 for /stream\n"))
-        .collect();
+    let expected: String = (0..4).map(|i| format!("part {i} of 4 for /stream\n")).collect();
     assert_streams(&stack, "/stream?n=4&delay=0.3", 4, 0.3, &expected);
 }
 
@@ -227,11 +209,7 @@ fn flask_exception_is_500_with_traceback_in_log() {
     assert!(r.is_complete(), "{}", r.summary());
     // Flask answers the 500 itself and logs the exception to wsgi.errors, which ferrule must
     // put in its log.
-    assert!(
-        r.text().contains("Internal Server Error"),
-        "{}",
-        r.summary()
-    );
+    assert!(r.text().contains("Internal Server Error"), "{}", r.summary());
     assert!(
         stack
             .ferrule
@@ -240,10 +218,7 @@ fn flask_exception_is_500_with_traceback_in_log() {
         stack.logs()
     );
     assert!(
-        stack
-            .ferrule
-            .log()
-            .contains("Traceback (most recent call last)"),
+        stack.ferrule.log().contains("Traceback (most recent call last)"),
         "{}",
         stack.logs()
     );
@@ -280,22 +255,12 @@ fn django_csrf_form() {
     let form_without = form_encode(&[("name", "ferrule")]);
     let ctype = [("Content-Type", "application/x-www-form-urlencoded")];
 
-    let ok = client.request(
-        "POST",
-        "/form/",
-        &ctype,
-        ReqBody::Fixed(form_with.as_bytes()),
-    );
+    let ok = client.request("POST", "/form/", &ctype, ReqBody::Fixed(form_with.as_bytes()));
     assert_ok(&stack, &ok, "POST /form/ with cookie and token");
     assert_eq!(ok.text(), "thanks ferrule");
 
     // The cookie alone is not enough: the token must be in the form.
-    let no_token = client.request(
-        "POST",
-        "/form/",
-        &ctype,
-        ReqBody::Fixed(form_without.as_bytes()),
-    );
+    let no_token = client.request("POST", "/form/", &ctype, ReqBody::Fixed(form_without.as_bytes()));
     assert_eq!(
         no_token.status,
         403,
@@ -305,12 +270,9 @@ fn django_csrf_form() {
     );
 
     // Nor is the token without its cookie.
-    let no_cookie = stack.client().request(
-        "POST",
-        "/form/",
-        &ctype,
-        ReqBody::Fixed(form_with.as_bytes()),
-    );
+    let no_cookie = stack
+        .client()
+        .request("POST", "/form/", &ctype, ReqBody::Fixed(form_with.as_bytes()));
     assert_eq!(
         no_cookie.status,
         403,
@@ -327,12 +289,7 @@ fn django_session_counter_via_signed_cookie() {
     for n in 1..=3 {
         let r = client.get("/counter/");
         assert_ok(&stack, &r, "GET /counter/");
-        assert_eq!(
-            r.text(),
-            format!(r#"{{"count": {n}}}"#),
-            "request {n}: {}",
-            r.summary()
-        );
+        assert_eq!(r.text(), format!(r#"{{"count": {n}}}"#), "request {n}: {}", r.summary());
         assert!(
             client.cookies.contains_key("sessionid"),
             "no session cookie after request {n}: {}",
@@ -352,12 +309,9 @@ fn django_multipart_upload() {
     // temp file from ferrule's spooled input.
     let data = pseudo_random_bytes(3 * 1024 * 1024 + 5, 23);
     let (ctype, body) = multipart(&[("note", "django note")], &[("file", "upload.bin", &data)]);
-    let r = stack.client().request(
-        "POST",
-        "/upload/",
-        &[("Content-Type", &ctype)],
-        ReqBody::Fixed(&body),
-    );
+    let r = stack
+        .client()
+        .request("POST", "/upload/", &[("Content-Type", &ctype)], ReqBody::Fixed(&body));
     assert_ok(&stack, &r, "POST /upload/");
     let text = r.text();
     for want in [

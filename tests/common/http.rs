@@ -113,9 +113,9 @@ enum ReadErr {
 impl ReadErr {
     fn from_io(e: io::Error) -> ReadErr {
         match e.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe => ReadErr::Reset,
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
+                ReadErr::Reset
+            }
             // A socket read timeout surfaces as WouldBlock on Linux.
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ReadErr::TimedOut,
             _ => ReadErr::Other(e),
@@ -231,13 +231,7 @@ impl Client {
     }
 
     /// Sends one request on a fresh connection and reads the response to its end.
-    pub fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: ReqBody,
-    ) -> Response {
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: ReqBody) -> Response {
         let mut s = self.stream(method, path, headers, body);
         let mut out = Vec::new();
         let end = loop {
@@ -258,22 +252,12 @@ impl Client {
 
     /// Sends one request and reads only the head; the body is read chunk by chunk with
     /// [`StreamingResponse::next_chunk`], each stamped with the time it arrived.
-    pub fn stream(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: ReqBody,
-    ) -> StreamingResponse {
+    pub fn stream(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: ReqBody) -> StreamingResponse {
         let started = Instant::now();
         let stream = TcpStream::connect(("127.0.0.1", self.port))
             .unwrap_or_else(|e| panic!("connect to nginx on 127.0.0.1:{}: {e}", self.port));
-        stream
-            .set_read_timeout(Some(IO_TIMEOUT))
-            .expect("set read timeout");
-        stream
-            .set_write_timeout(Some(IO_TIMEOUT))
-            .expect("set write timeout");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).expect("set read timeout");
+        stream.set_write_timeout(Some(IO_TIMEOUT)).expect("set write timeout");
         stream.set_nodelay(true).ok();
         let local_port = stream.local_addr().expect("local addr").port();
 
@@ -281,15 +265,9 @@ impl Client {
             "{method} {path} HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\n",
             self.port
         );
-        let caller_sets_cookie = headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("cookie"));
+        let caller_sets_cookie = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("cookie"));
         if !caller_sets_cookie && !self.cookies.is_empty() {
-            let jar: Vec<String> = self
-                .cookies
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
+            let jar: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
             head.push_str(&format!("Cookie: {}\r\n", jar.join("; ")));
         }
         for (k, v) in headers {
@@ -364,11 +342,7 @@ impl Client {
             }
         }
 
-        let framing = if method.eq_ignore_ascii_case("HEAD")
-            || status / 100 == 1
-            || status == 204
-            || status == 304
-        {
+        let framing = if method.eq_ignore_ascii_case("HEAD") || status / 100 == 1 || status == 204 || status == 304 {
             Framing::None
         } else if header_in(&resp_headers, "transfer-encoding")
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
@@ -403,10 +377,7 @@ impl Client {
         let Some((name, value)) = attrs.next().and_then(|nv| nv.split_once('=')) else {
             return;
         };
-        let (name, value) = (
-            name.trim().to_string(),
-            value.trim().trim_matches('"').to_string(),
-        );
+        let (name, value) = (name.trim().to_string(), value.trim().trim_matches('"').to_string());
         let expired = attrs.any(|a| a.trim().eq_ignore_ascii_case("max-age=0"));
         if value.is_empty() || expired {
             self.cookies.remove(&name);
@@ -417,13 +388,7 @@ impl Client {
 }
 
 /// Shorthand for one request without cookies.
-pub fn request(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: ReqBody,
-) -> Response {
+pub fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: ReqBody) -> Response {
     Client::new(port).request(method, path, headers, body)
 }
 
@@ -524,9 +489,7 @@ impl StreamingResponse {
         match self.conn.read_line() {
             Ok(l) if l.is_empty() => {}
             Ok(l) => {
-                return StreamEvent::End(BodyEnd::BadFraming(format!(
-                    "no CRLF after chunk data, got {l:?}"
-                )));
+                return StreamEvent::End(BodyEnd::BadFraming(format!("no CRLF after chunk data, got {l:?}")));
             }
             Err(e) => return StreamEvent::End(e.into_end(BodyEnd::IncompleteChunked)),
         }
@@ -560,10 +523,7 @@ pub fn multipart(fields: &[(&str, &str)], files: &[(&str, &str, &[u8])]) -> (Str
     let mut body = Vec::new();
     for (name, value) in fields {
         body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-            )
-            .as_bytes(),
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
         );
     }
     for (name, filename, data) in files {
@@ -586,9 +546,7 @@ pub fn form_encode(pairs: &[(&str, &str)]) -> String {
     let enc = |s: &str| -> String {
         s.bytes()
             .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
                 b' ' => "+".to_string(),
                 _ => format!("%{b:02X}"),
             })
@@ -619,20 +577,17 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// SHA-256 as lowercase hex (FIPS 180-4), written out here so the harness needs no hashing crate.
 pub fn sha256_hex(data: &[u8]) -> String {
     const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
+        0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
+        0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
+        0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
+        0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
+        0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
+        0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
         0xc67178f2,
     ];
     let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
     ];
 
     let mut compress = |block: &[u8]| {
@@ -643,10 +598,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
         for i in 16..64 {
             let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
             let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
+            w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
         }
         let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
         for i in 0..64 {

@@ -36,11 +36,7 @@ pub fn nginx_binary() -> PathBuf {
 /// The `uwsgi_params` file shipped with nginx; tests use it as a real deployment would.
 fn uwsgi_params() -> PathBuf {
     let p = PathBuf::from("/etc/nginx/uwsgi_params");
-    assert!(
-        p.is_file(),
-        "{} is missing: apt-get install nginx",
-        p.display()
-    );
+    assert!(p.is_file(), "{} is missing: apt-get install nginx", p.display());
     p
 }
 
@@ -114,15 +110,9 @@ impl Nginx {
                 .expect("create nginx temp dir");
             let port = probe_free_port();
             let conf = dir.path().join("nginx.conf");
-            std::fs::write(
-                &conf,
-                config(dir.path(), port, upstream, extra_location_conf),
-            )
-            .expect("write nginx.conf");
-            let out =
-                std::fs::File::create(dir.path().join("stdout.log")).expect("create stdout.log");
-            let err =
-                std::fs::File::create(dir.path().join("stderr.log")).expect("create stderr.log");
+            std::fs::write(&conf, config(dir.path(), port, upstream, extra_location_conf)).expect("write nginx.conf");
+            let out = std::fs::File::create(dir.path().join("stdout.log")).expect("create stdout.log");
+            let err = std::fs::File::create(dir.path().join("stderr.log")).expect("create stderr.log");
 
             let mut child = Command::new(&bin)
                 // -e: errors before the config is read would otherwise go to /var/log/nginx.
@@ -151,9 +141,7 @@ impl Nginx {
                 }
                 // Still alive after the connect, so it was our nginx that accepted, not a
                 // process that took the port after nginx failed to bind it.
-                if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                    && child.try_wait().ok().flatten().is_none()
-                {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() && child.try_wait().ok().flatten().is_none() {
                     return Nginx { child, port, dir };
                 }
                 if Instant::now() > deadline {

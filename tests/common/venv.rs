@@ -31,9 +31,7 @@ pub fn test_venv() -> PathBuf {
 /// The cargo target dir: the parent of the per-target temp dir cargo gives integration tests.
 fn target_dir() -> PathBuf {
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| tmp.to_path_buf())
+    tmp.parent().map(Path::to_path_buf).unwrap_or_else(|| tmp.to_path_buf())
 }
 
 /// An exclusive `flock` held until dropped (the kernel also drops it if the process dies).
@@ -49,13 +47,7 @@ impl FileLock {
             .unwrap_or_else(|e| panic!("open lock file {}: {e}", path.display()));
         // Blocking: whoever holds it is installing, which is bounded by PIP_TIMEOUT.
         let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(
-            rc,
-            0,
-            "flock {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "flock {}: {}", path.display(), std::io::Error::last_os_error());
         FileLock(f)
     }
 }
@@ -80,17 +72,13 @@ fn make_venv() -> PathBuf {
 
     // Whatever is there is a half-made venv or one for other requirements.
     if venv.exists() {
-        std::fs::remove_dir_all(&venv)
-            .unwrap_or_else(|e| panic!("remove old {}: {e}", venv.display()));
+        std::fs::remove_dir_all(&venv).unwrap_or_else(|e| panic!("remove old {}: {e}", venv.display()));
     }
     run_bounded(
         Command::new(PYTHON).arg("-m").arg("venv").arg(&venv),
         VENV_TIMEOUT,
         &target.join("test-venv-create.log"),
-        &format!(
-            "{PYTHON} -m venv {} (is pyenv's python3.11 on PATH?)",
-            venv.display()
-        ),
+        &format!("{PYTHON} -m venv {} (is pyenv's python3.11 on PATH?)", venv.display()),
     );
     let python = venv.join("bin").join("python");
     run_bounded(
@@ -147,9 +135,7 @@ fn run_bounded(cmd: &mut Command, timeout: Duration, log: &Path, what: &str) {
         return;
     }
     let mut text = String::new();
-    File::open(log)
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .ok();
+    File::open(log).and_then(|mut f| f.read_to_string(&mut text)).ok();
     let tail: Vec<&str> = text
         .lines()
         .rev()
@@ -164,10 +150,6 @@ fn run_bounded(cmd: &mut Command, timeout: Duration, log: &Path, what: &str) {
             log.display(),
             tail.join("\n")
         ),
-        Some(s) => panic!(
-            "{what}: failed ({s}); log {}:\n{}",
-            log.display(),
-            tail.join("\n")
-        ),
+        Some(s) => panic!("{what}: failed ({s}); log {}:\n{}", log.display(), tail.join("\n")),
     }
 }
