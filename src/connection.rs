@@ -36,6 +36,8 @@ const REPLY_QUEUE: usize = 8;
 /// this long, so the answer is not lost to a reset.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 4 << 20;
+/// Most bytes of queued chunks gathered into one writev.
+const WRITE_BATCH: usize = 256 * 1024;
 /// How long a timed-out request's stack dump may wait for the GIL.
 const STACK_DUMP_LIMIT: Duration = Duration::from_secs(5);
 
@@ -297,28 +299,56 @@ async fn respond(
         .map(|t| tokio::time::Instant::from_std(started) + t);
     let mut wrote = false;
     let mut verdict = None;
+    // A reply taken from the queue while gathering a batch of writes, handled next.
+    let mut next: Option<Reply> = None;
     loop {
-        let reply = match deadline {
-            Some(deadline) => tokio::select! {
-                reply = rx.recv() => reply,
-                () = tokio::time::sleep_until(deadline) => {
-                    drop(rx);
-                    return timed_out(stream, shared, wrote, &running_on, &request, started).await;
-                }
+        let reply = match next.take() {
+            Some(reply) => Some(reply),
+            None => match deadline {
+                Some(deadline) => tokio::select! {
+                    reply = rx.recv() => reply,
+                    () = tokio::time::sleep_until(deadline) => {
+                        drop(rx);
+                        return timed_out(stream, shared, wrote, &running_on, &request, started).await;
+                    }
+                },
+                None => rx.recv().await,
             },
-            None => rx.recv().await,
         };
         let Some(reply) = reply else { break };
         match reply {
             // A failed write returns early and drops `rx`, which tells the app thread to stop.
             Reply::Send(bytes) => {
                 wrote = true;
-                stream.write_all(&bytes).await?;
+                // Chunks the app produced while the last write was in progress go out in one writev.
+                let mut batch = vec![bytes];
+                let mut batched = batch[0].len();
+                while batched < WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(Reply::Send(more)) => {
+                            batched += more.len();
+                            batch.push(more);
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                stream.write_all_vectored(batch).await?;
             }
             Reply::SendFile { file, offset, len } => {
                 stream.sendfile(&file, offset, len).await?;
             }
-            Reply::Done { status, body_bytes } => {
+            Reply::Done {
+                tail,
+                status,
+                body_bytes,
+            } => {
+                if !tail.is_empty() {
+                    stream.write_all(&tail).await?;
+                }
                 verdict = Some((status, body_bytes, true));
                 break;
             }

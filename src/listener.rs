@@ -289,6 +289,32 @@ impl Stream {
         each!(self, s => s.write_all(buf).await)
     }
 
+    /// Writes every buffer, in order, with as few writev calls as the socket allows.
+    pub async fn write_all_vectored(&mut self, mut bufs: Vec<bytes::Bytes>) -> io::Result<()> {
+        if bufs.len() == 1 {
+            return self.write_all(&bufs[0]).await;
+        }
+        let mut first = 0;
+        while first < bufs.len() {
+            let slices: Vec<io::IoSlice<'_>> = bufs[first..].iter().map(|b| io::IoSlice::new(b)).collect();
+            let mut n = each!(self, s => s.write_vectored(&slices).await)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while n > 0 {
+                let len = bufs[first].len();
+                if n >= len {
+                    n -= len;
+                    first += 1;
+                } else {
+                    bytes::Buf::advance(&mut bufs[first], n);
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Ends our half of the connection with an ordinary FIN.
     pub async fn shutdown(&mut self) -> io::Result<()> {
         each!(self, s => s.shutdown().await)

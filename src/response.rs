@@ -12,8 +12,9 @@ pub enum Reply {
     Send(Bytes),
     /// `len` bytes of `file` from `offset`, written with sendfile(2).
     SendFile { file: File, offset: u64, len: u64 },
-    /// The response is complete.
-    Done { status: u16, body_bytes: u64 },
+    /// The response is complete once `tail` (often the whole response, or nothing) is written: one message,
+    /// so a response known in full costs the connection a single wake-up.
+    Done { tail: Bytes, status: u16, body_bytes: u64 },
     /// The response failed after its head was sent: the connection is reset so nginx sees the truncation
     /// instead of relaying a short body as complete.
     Abort { status: u16, body_bytes: u64 },

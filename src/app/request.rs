@@ -290,15 +290,14 @@ fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
     } else {
         let (bytes, body_len) = response::server_response(500);
         r.headers_sent = true;
-        if r.send(py, Reply::Send(bytes)).is_ok() {
-            let _ = r.send(
-                py,
-                Reply::Done {
-                    status: 500,
-                    body_bytes: body_len,
-                },
-            );
-        }
+        let _ = r.send(
+            py,
+            Reply::Done {
+                tail: bytes,
+                status: 500,
+                body_bytes: body_len,
+            },
+        );
     }
 }
 
@@ -405,8 +404,7 @@ impl ResponseState {
             self.body_bytes += chunk.len() as u64;
         }
         self.headers_sent = true;
-        self.send(py, Reply::Send(buf.freeze()))?;
-        self.finish(py)
+        self.finish_with(py, buf.freeze())
     }
 
     fn send_chunk(&mut self, py: Python<'_>, data: &[u8]) -> Result<(), Failure> {
@@ -454,13 +452,20 @@ impl ResponseState {
 
     /// The body is complete: send the head if no chunk carried it, then tell the connection.
     fn finish(&mut self, py: Python<'_>) -> Result<(), Failure> {
-        let (_, status) = *self.started()?;
-        if !self.headers_sent {
+        let tail = if self.headers_sent {
+            Bytes::new()
+        } else {
             // Everything the app produced was empty, so the length is known to be zero.
             let head = self.head(self.may_add_length().then_some(0), 0)?;
             self.headers_sent = true;
-            self.send(py, Reply::Send(head.freeze()))?;
-        }
+            head.freeze()
+        };
+        self.finish_with(py, tail)
+    }
+
+    /// Completes the response with `tail` as its last bytes.
+    fn finish_with(&mut self, py: Python<'_>, tail: Bytes) -> Result<(), Failure> {
+        let (_, status) = *self.started()?;
         let short = self
             .declared_length
             .is_some_and(|l| self.body_bytes < l && !self.is_head && response::may_add_content_length(b"GET", status));
@@ -470,6 +475,9 @@ impl ResponseState {
                 sent = self.body_bytes,
                 "the app sent less body than its Content-Length"
             );
+            if !tail.is_empty() {
+                self.send(py, Reply::Send(tail))?;
+            }
             return self.send(
                 py,
                 Reply::Abort {
@@ -481,6 +489,7 @@ impl ResponseState {
         self.send(
             py,
             Reply::Done {
+                tail,
                 status,
                 body_bytes: self.body_bytes,
             },
