@@ -108,7 +108,7 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
     {
         Start::Request(p) => p,
         Start::Handled => return Ok(()),
-        Start::Refuse(status) => return refuse(&mut stream, shared, status).await,
+        Start::Refuse(status) => return refuse(&mut stream, shared, status, &RequestInfo::unknown(), started).await,
         Start::Empty => {
             tracing::debug!("peer closed without sending a request");
             return Ok(());
@@ -126,7 +126,14 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
             let status = match error {
                 EnvironError::InvalidContentLength(_) | EnvironError::MissingMethod => 400,
             };
-            return refuse(&mut stream, shared, status).await;
+            return refuse(
+                &mut stream,
+                shared,
+                status,
+                &RequestInfo::of_vars(&peeked.packet, &vars),
+                started,
+            )
+            .await;
         }
     };
     drop(vars);
@@ -136,7 +143,7 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
             limit,
             "request body larger than --max-body-size; answering 413"
         );
-        return refuse(&mut stream, shared, 413).await;
+        return refuse(&mut stream, shared, 413, &RequestInfo::of(&environ), started).await;
     }
     let span = tracing::info_span!(
         "request",
@@ -291,7 +298,7 @@ async fn respond(
     };
     if shared.pool.submit(job).is_err() {
         tracing::error!("the app pool has stopped; answering 503");
-        return refuse(&mut stream, shared, 503).await;
+        return refuse(&mut stream, shared, 503, &request, started).await;
     }
     let deadline = shared
         .config
@@ -363,8 +370,7 @@ async fn respond(
         stream.abort();
         return Ok(());
     };
-    shared.metrics.answered(status, body_bytes, started.elapsed());
-    access_log(shared, &request, status, body_bytes, started);
+    record(shared, &request, status, body_bytes, started);
     let result = if complete {
         finish(&mut stream).await
     } else {
@@ -408,6 +414,34 @@ struct RequestInfo {
 }
 
 impl RequestInfo {
+    /// A request whose vars were never decoded.
+    fn unknown() -> RequestInfo {
+        RequestInfo {
+            method: Bytes::from_static(b"-"),
+            path: Bytes::from_static(b"-"),
+            request_id: None,
+            remote_addr: None,
+        }
+    }
+
+    /// From raw vars, for a request refused before its environ could be built.
+    fn of_vars(packet: &Bytes, vars: &[crate::packet::Var<'_>]) -> RequestInfo {
+        let get = |key: &[u8]| {
+            vars.iter()
+                .rev()
+                .find(|v| v.key == key)
+                .map(|v| packet.slice_ref(v.value))
+        };
+        RequestInfo {
+            method: get(b"REQUEST_METHOD").unwrap_or_else(|| Bytes::from_static(b"-")),
+            path: get(b"REQUEST_URI")
+                .or_else(|| get(b"PATH_INFO"))
+                .unwrap_or_else(|| Bytes::from_static(b"-")),
+            request_id: get(b"HTTP_X_REQUEST_ID"),
+            remote_addr: get(b"REMOTE_ADDR"),
+        }
+    }
+
     fn of(environ: &Environ) -> RequestInfo {
         RequestInfo {
             method: environ.method.clone(),
@@ -418,30 +452,38 @@ impl RequestInfo {
     }
 }
 
-fn access_log(shared: &ConnShared, request: &RequestInfo, status: u16, body_bytes: u64, started: Instant) {
+/// Counts an answer in the metrics and writes its access-log line.
+fn record(shared: &ConnShared, request: &RequestInfo, status: u16, body_bytes: u64, started: Instant) {
+    let elapsed = started.elapsed();
+    shared.metrics.answered(status, body_bytes, elapsed);
     if !shared.config.access_log {
         return;
     }
-    let duration_us = started.elapsed().as_micros() as u64;
-    let text = |b: &Option<Bytes>| {
-        b.as_ref()
-            .map_or_else(|| "-".to_owned(), |v| String::from_utf8_lossy(v).into_owned())
-    };
-    let method = String::from_utf8_lossy(&request.method);
-    let path = String::from_utf8_lossy(&request.path);
-    let request_id = text(&request.request_id);
-    let remote_addr = text(&request.remote_addr);
+    let duration_us = elapsed.as_micros() as u64;
     let pid = std::process::id();
-    if let (Some(format), LogFormat::Text) = (&shared.config.access_log_format, shared.config.log_format) {
-        let line = format
-            .replace("{method}", &method)
-            .replace("{path}", &path)
-            .replace("{status}", &status.to_string())
-            .replace("{bytes}", &body_bytes.to_string())
-            .replace("{duration_us}", &duration_us.to_string())
-            .replace("{pid}", &pid.to_string())
-            .replace("{request_id}", &request_id)
-            .replace("{remote_addr}", &remote_addr);
+    let text_mode = shared.config.log_format == LogFormat::Text;
+    // The text log is read in terminals: whatever the client sent is escaped there. JSON escapes itself.
+    let show = |b: Option<&Bytes>| match b {
+        None => "-".to_owned(),
+        Some(v) if text_mode => log_safe(v),
+        Some(v) => String::from_utf8_lossy(v).into_owned(),
+    };
+    let method = show(Some(&request.method));
+    let path = show(Some(&request.path));
+    let request_id = show(request.request_id.as_ref());
+    let remote_addr = show(request.remote_addr.as_ref());
+    if let (Some(format), true) = (&shared.config.access_log_format, text_mode) {
+        let line = render_template(format, |name| match name {
+            "method" => Some(method.clone()),
+            "path" => Some(path.clone()),
+            "status" => Some(status.to_string()),
+            "bytes" => Some(body_bytes.to_string()),
+            "duration_us" => Some(duration_us.to_string()),
+            "pid" => Some(pid.to_string()),
+            "request_id" => Some(request_id.clone()),
+            "remote_addr" => Some(remote_addr.clone()),
+            _ => None,
+        });
         tracing::info!(target: "ferrule::access", parent: None, "{line}");
         return;
     }
@@ -458,6 +500,49 @@ fn access_log(shared: &ConnShared, request: &RequestInfo, status: u16, body_byte
         %remote_addr,
         "request"
     );
+}
+
+/// Fills `{name}` placeholders in one pass, so a value that itself contains `{status}` stays as it is;
+/// unknown placeholders are kept verbatim.
+fn render_template(format: &str, value: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(format.len() + 64);
+    let mut rest = format;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after.find('}').and_then(|close| Some((close, value(&after[..close])?))) {
+            Some((close, v)) => {
+                out.push_str(&v);
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Bytes from the client made safe for a text log, as nginx does: control characters, backslashes and
+/// bytes that are not UTF-8 become `\xHH`, so a request cannot inject terminal escapes or fake log lines.
+fn log_safe(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || c == '\\' {
+                let _ = write!(out, "\\x{:02X}", u32::from(c));
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02X}");
+        }
+    }
+    out
 }
 
 /// The request ran past `--timeout`: answer 504 if nothing was sent yet (else reset), log where the app is
@@ -477,8 +562,7 @@ async fn timed_out(
         Ok(())
     } else {
         let (bytes, body_len) = response::server_response(504);
-        shared.metrics.answered(504, body_len, started.elapsed());
-        access_log(shared, request, 504, body_len, started);
+        record(shared, request, 504, body_len, started);
         match stream.write_all(&bytes).await {
             Ok(()) => finish(&mut stream).await,
             Err(e) => Err(e.into()),
@@ -519,9 +603,15 @@ async fn answer_ping(stream: &mut Stream, header: PacketHeader) -> Result<(), Co
 
 /// Answers a request the server refuses itself, then drains what the peer still sends for a bounded time so
 /// the answer is not lost to a reset.
-async fn refuse(stream: &mut Stream, shared: &ConnShared, status: u16) -> Result<(), ConnError> {
+async fn refuse(
+    stream: &mut Stream,
+    shared: &ConnShared,
+    status: u16,
+    request: &RequestInfo,
+    started: Instant,
+) -> Result<(), ConnError> {
     let (bytes, body_len) = response::server_response(status);
-    shared.metrics.answered(status, body_len, Duration::ZERO);
+    record(shared, request, status, body_len, started);
     stream.write_all(&bytes).await?;
     stream.shutdown().await?;
     let mut scratch = vec![0u8; 64 * 1024];
@@ -536,4 +626,29 @@ async fn refuse(stream: &mut Stream, shared: &ConnShared, status: u16) -> Result
     })
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_in_one_pass() {
+        let v = |name: &str| match name {
+            "path" => Some("/x?q={status}".to_owned()),
+            "status" => Some("200".to_owned()),
+            _ => None,
+        };
+        assert_eq!(
+            render_template("{path} {status} {nope} {", v),
+            "/x?q={status} 200 {nope} {"
+        );
+    }
+
+    #[test]
+    fn log_safe_escapes_what_a_terminal_would_act_on() {
+        assert_eq!(log_safe(b"/caf\xc3\xa9"), "/caf\u{e9}");
+        assert_eq!(log_safe(b"a\x1b[2J\x07\nb"), "a\\x1B[2J\\x07\\x0Ab");
+        assert_eq!(log_safe(b"\xff\\"), "\\xFF\\x5C");
+    }
 }

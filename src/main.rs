@@ -40,13 +40,23 @@ fn init_logging(options: &Options) -> Result<(), String> {
         _ => EnvFilter::try_new(&options.log_level),
     }
     .map_err(|e| format!("invalid log level {:?}: {e}", options.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match options.log_format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        // One JSON object per line: serde escapes whatever a request put in a path, a header or a traceback.
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+        // One JSON object per line: serde escapes whatever a request put in a path, a header or a traceback,
+        // and in a worker what the app prints is wrapped too.
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_current_span(true);
+            if std::env::var_os(worker::ENV_WORKER_ID).is_some() {
+                let stderr = worker::capture_app_output().map_err(|e| format!("cannot capture app output: {e}"))?;
+                builder.with_writer(std::sync::Arc::new(stderr)).init();
+            } else {
+                builder.with_writer(std::io::stderr).init();
+            }
+        }
     }
     Ok(())
 }

@@ -145,6 +145,29 @@ impl Control {
     }
 }
 
+/// With JSON logs, the app's own prints and Python's `logging` to stderr become log lines too, so every line
+/// on stderr stays valid JSON: stdout and stderr are pointed at a pipe whose lines are logged by a thread.
+/// Returns the original stderr, where the log itself is written.
+pub fn capture_app_output() -> std::io::Result<std::fs::File> {
+    use std::io::BufRead;
+    let original = nix::unistd::dup(std::io::stderr())?;
+    let (read, write) = nix::unistd::pipe()?;
+    nix::unistd::dup2_stdout(&write)?;
+    nix::unistd::dup2_stderr(&write)?;
+    drop(write);
+    std::thread::Builder::new()
+        .name("ferrule-output".into())
+        .spawn(move || {
+            let reader = std::io::BufReader::new(std::fs::File::from(read));
+            for line in reader.split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line);
+                tracing::info!(target: "ferrule::app_output", line = %line.trim_end_matches('\r'), "app output");
+            }
+        })?;
+    Ok(std::fs::File::from(original))
+}
+
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
