@@ -204,11 +204,13 @@ pub fn run(config: Config, id: u32) -> Result<(), WorkerError> {
         }
     };
     let (lifecycle, retire_rx) = Lifecycle::new(&config);
+    let threads = config.threads;
     let shared = Arc::new(ConnShared {
         config: Arc::new(config),
         pool: Arc::new(pool),
         lifecycle: Arc::new(lifecycle),
         metrics: Arc::new(WorkerMetrics::default()),
+        app_slots: tokio::sync::Semaphore::new(threads),
     });
     // One thread for all I/O: Python runs on the pool, so the async side is mostly syscalls and a second
     // runtime thread would only compete with the app threads for the same cores.
