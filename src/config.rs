@@ -78,6 +78,10 @@ pub struct Options {
     #[arg(long, value_name = "SECS", env = "FERRULE_READ_TIMEOUT", default_value_t = 30)]
     pub read_timeout: u64,
 
+    /// Seconds a peer may take nothing of the response before it is dropped [default: --read-timeout]
+    #[arg(long, value_name = "SECS", env = "FERRULE_WRITE_TIMEOUT")]
+    pub write_timeout: Option<u64>,
+
     /// Largest request body accepted, in bytes; a larger CONTENT_LENGTH gets 413 before the app runs (0: no limit)
     #[arg(long, value_name = "BYTES", env = "FERRULE_MAX_BODY_SIZE", default_value_t = 0)]
     pub max_body_size: u64,
@@ -401,6 +405,8 @@ pub struct Config {
     pub max_vars_size: usize,
     pub body_buffer_size: u64,
     pub read_timeout: Duration,
+    /// How long a peer may take nothing of the response (a stalled reader would otherwise hold an app thread).
+    pub write_timeout: Duration,
     pub graceful_timeout: Duration,
     pub listen_backlog: i32,
     pub access_log: bool,
@@ -459,6 +465,7 @@ impl Config {
             max_vars_size: o.buffer_size as usize,
             body_buffer_size: o.body_buffer_size,
             read_timeout: Duration::from_secs(o.read_timeout.max(1)),
+            write_timeout: Duration::from_secs(o.write_timeout.unwrap_or(o.read_timeout).max(1)),
             graceful_timeout: Duration::from_secs(o.graceful_timeout),
             listen_backlog: o.listen_backlog.max(1),
             access_log: o.access_log,

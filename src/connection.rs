@@ -60,6 +60,8 @@ pub enum ConnError {
     Malformed(PacketError),
     #[error("the peer did not send its request within {0:?}")]
     ReadTimeout(Duration),
+    #[error("the peer stopped reading the response for {0:?}; dropping it")]
+    WriteStalled(Duration),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -318,6 +320,11 @@ async fn respond(
         .config
         .timeout
         .map(|t| tokio::time::Instant::from_std(started) + t);
+    let stall = shared.config.write_timeout;
+    let stalled = |e: io::Error| match e.kind() {
+        io::ErrorKind::TimedOut => ConnError::WriteStalled(stall),
+        _ => ConnError::Io(e),
+    };
     let mut wrote = false;
     let mut verdict = None;
     // A reply taken from the queue while gathering a batch of writes, handled next.
@@ -357,10 +364,10 @@ async fn respond(
                         Err(_) => break,
                     }
                 }
-                stream.write_all_vectored(batch).await?;
+                stream.write_all_vectored(batch, stall).await.map_err(stalled)?;
             }
             Reply::SendFile { file, offset, len } => {
-                stream.sendfile(&file, offset, len).await?;
+                stream.sendfile(&file, offset, len, stall).await.map_err(stalled)?;
             }
             Reply::Done {
                 tail,
@@ -368,7 +375,7 @@ async fn respond(
                 body_bytes,
             } => {
                 if !tail.is_empty() {
-                    stream.write_all(&tail).await?;
+                    stream.write_all_within(&tail, stall).await.map_err(stalled)?;
                 }
                 verdict = Some((status, body_bytes, true));
                 break;

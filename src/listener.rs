@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -289,15 +290,30 @@ impl Stream {
         each!(self, s => s.write_all(buf).await)
     }
 
-    /// Writes every buffer, in order, with as few writev calls as the socket allows.
-    pub async fn write_all_vectored(&mut self, mut bufs: Vec<bytes::Bytes>) -> io::Result<()> {
+    /// Writes all of `buf`; fails with `TimedOut` if the peer takes nothing for `stall` (progress resets it).
+    pub async fn write_all_within(&mut self, mut buf: &[u8], stall: Duration) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = each!(self, s => tokio::time::timeout(stall, s.write(buf)).await)
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    /// Writes every buffer, in order, with as few writev calls as the socket allows; fails with `TimedOut` if
+    /// the peer takes nothing for `stall`.
+    pub async fn write_all_vectored(&mut self, mut bufs: Vec<bytes::Bytes>, stall: Duration) -> io::Result<()> {
         if bufs.len() == 1 {
-            return self.write_all(&bufs[0]).await;
+            return self.write_all_within(&bufs[0], stall).await;
         }
         let mut first = 0;
         while first < bufs.len() {
             let slices: Vec<io::IoSlice<'_>> = bufs[first..].iter().map(|b| io::IoSlice::new(b)).collect();
-            let mut n = each!(self, s => s.write_vectored(&slices).await)?;
+            let mut n = each!(self, s => tokio::time::timeout(stall, s.write_vectored(&slices)).await)
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -322,14 +338,17 @@ impl Stream {
 
     /// Writes `len` bytes of `file` from `offset` with sendfile(2): the bytes go from the page cache to the
     /// socket without passing through this process.
-    pub async fn sendfile(&self, file: &fs::File, mut offset: u64, len: u64) -> io::Result<u64> {
+    /// Fails with `TimedOut` if the socket accepts nothing for `stall`.
+    pub async fn sendfile(&self, file: &fs::File, mut offset: u64, len: u64, stall: Duration) -> io::Result<u64> {
         let end = offset.saturating_add(len);
         let mut sent = 0;
         while offset < end {
             // Big enough to keep the socket buffer full, small enough to interleave with other connections.
             let count = (end - offset).min(1 << 20) as usize;
             let n = each!(self, s => {
-                s.writable().await?;
+                tokio::time::timeout(stall, s.writable())
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
                 s.try_io(Interest::WRITABLE, || sendfile(s.as_fd().as_raw_fd(), file, &mut offset, count))
             });
             match n {
