@@ -9,12 +9,6 @@ use tracing_subscriber::EnvFilter;
 use ferrule::config::{self, Config, LogFormat, Options};
 use ferrule::{master, worker};
 
-// mimalloc instead of glibc's malloc for the Rust side (Python keeps its own allocator): response buffers
-// are allocated on an app thread and freed on the I/O thread, a pattern on which glibc kept trimming and
-// re-faulting its per-thread heaps (5% of a worker's CPU in page faults on the 64 KiB benchmark).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let options = match config::load_options(std::env::args_os().collect()) {
         Ok(o) => o,
