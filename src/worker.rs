@@ -216,6 +216,7 @@ pub fn run(config: Config, id: u32) -> Result<(), WorkerError> {
     // runtime thread would only compete with the app threads for the same cores.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(crate::server::run(sockets, shared, retire_rx, control))?;
+    crate::app::run_exit_handlers();
     // The app threads are parked waiting for work; end without finalising the interpreter under them.
     std::process::exit(0);
 }

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::procs::poll_until;
+
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -86,7 +88,7 @@ fn traffic_survives_sigkill_of_one_upstream_instance() {
         let outcomes = outcomes.lock().unwrap();
         outcomes.iter().filter(|o| o.ok && o.upstream == addr).count()
     };
-    let both_served = wait_until(PHASE, || {
+    let both_served = poll_until(PHASE, || {
         served_by(&victim_addr) >= BEFORE_KILL_EACH && served_by(&survivor_addr) >= BEFORE_KILL_EACH
     });
     let before = (served_by(&victim_addr), served_by(&survivor_addr));
@@ -95,7 +97,7 @@ fn traffic_survives_sigkill_of_one_upstream_instance() {
     let victim_pids = if both_served {
         killed.store(true, Ordering::SeqCst);
         let pids = sigkill_instance(&victim);
-        let refused = wait_until(
+        let refused = poll_until(
             KILL_TAKES_EFFECT,
             || matches!(&victim.addr, Addr::Unix(path) if UnixStream::connect(path).is_err()),
         );
@@ -105,7 +107,7 @@ fn traffic_survives_sigkill_of_one_upstream_instance() {
         Vec::new()
     };
     let after_done = |outcomes: &Vec<Outcome>| outcomes.iter().filter(|o| o.after_kill).count();
-    let enough_after = both_served && wait_until(PHASE, || after_done(&outcomes.lock().unwrap()) >= AFTER_KILL);
+    let enough_after = both_served && poll_until(PHASE, || after_done(&outcomes.lock().unwrap()) >= AFTER_KILL);
     stop.store(true, Ordering::SeqCst);
     for c in clients {
         c.join().expect("a client thread panicked (see its message above)");
@@ -158,20 +160,6 @@ fn traffic_survives_sigkill_of_one_upstream_instance() {
 fn wsgi_cases() -> FerruleBuilder {
     let app = apps_dir().join("wsgi_cases.py");
     FerruleBuilder::new(&format!("{}:application", app.display()))
-}
-
-/// Polls `done` every 10 ms until it holds or `timeout` passes; returns whether it held.
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// SIGKILLs a ferrule master and every worker it started; returns the pids killed (master first).
@@ -307,7 +295,7 @@ impl Drop for Balancer {
         // SAFETY: signals our own unreaped child (graceful stop), then its process group, which
         // process_group(0) made separate from ours.
         unsafe { libc::kill(pid, libc::SIGQUIT) };
-        if !wait_until(NGINX_STOP, || self.child.try_wait().ok().flatten().is_some()) {
+        if !poll_until(NGINX_STOP, || self.child.try_wait().ok().flatten().is_some()) {
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             self.child.wait().ok();
         }

@@ -16,8 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::ferrule::Stream;
+use common::http::sha256_hex;
 use common::uwsgi::{
-    self, encode_header, encode_request, encode_vars, nginx_vars, parse_response, read_to_close, read_until, sha256_hex,
+    self, encode_header, encode_request, encode_vars, nginx_vars, parse_response, read_to_close, read_until,
 };
 use hardening_support::*;
 

@@ -15,9 +15,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir, listening_addrs};
+use common::http::sha256_hex;
 use common::uwsgi::{
     MODIFIER_PING, Response, Vars, encode_header, encode_packet, encode_request, encode_vars, is_reset_error,
-    nginx_vars, parse_response, read_to_close, read_until, request, send_raw, sha256_hex,
+    nginx_vars, parse_response, read_to_close, read_until, request, send_raw,
 };
 
 /// How long a log line may take to show up after the response that caused it.
@@ -1298,6 +1299,27 @@ fn sigterm_removes_the_socket_file_and_exits_0() {
     f.signal(libc::SIGTERM);
     let status = f.wait_exit(EXIT_WAIT).expect("exit after SIGTERM");
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// The interpreter is not finalised when a worker exits, so ferrule runs the app's `atexit` handlers itself.
+#[test]
+fn sigterm_runs_the_apps_atexit_handlers() {
+    let marker_dir = tempfile::tempdir().expect("tempdir");
+    let marker = marker_dir.path().join("atexit.txt");
+    let mut f = FerruleBuilder::new("atexit_app:application")
+        .arg("--pythonpath")
+        .arg(apps_dir())
+        .env("FERRULE_TEST_ATEXIT_FILE", marker.as_os_str())
+        .spawn();
+    f.signal(libc::SIGTERM);
+    let status = f.wait_exit(EXIT_WAIT).expect("exit after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status:?}\n{}", f.log());
+    let text = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(
+        text.contains("atexit ran in"),
+        "atexit handler did not run: {text:?}\n{}",
+        f.log()
+    );
 }
 
 #[test]

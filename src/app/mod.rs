@@ -136,3 +136,13 @@ pub fn python_stack(thread_ident: u64) -> Option<String> {
     .ok()
     .flatten()
 }
+
+/// Runs the app's `atexit` handlers before a worker exits. The interpreter itself is not finalised (the app
+/// threads are parked inside it), so this is where an app's clean-up at exit gets to run.
+pub fn run_exit_handlers() {
+    Python::attach(|py| {
+        if let Err(e) = py.import("atexit").and_then(|m| m.call_method0("_run_exitfuncs")) {
+            tracing::error!(traceback = %errors::format_exception(py, &e), "atexit handlers failed");
+        }
+    });
+}

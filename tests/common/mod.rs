@@ -4,5 +4,6 @@
 pub mod ferrule;
 pub mod http;
 pub mod nginx;
+pub mod procs;
 pub mod uwsgi;
 pub mod venv;

@@ -25,9 +25,6 @@ pub const PYTHON: &str = "python3.11";
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a fast stop (SIGINT) at the end of a test may take before the harness kills the master.
 const FAST_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Step of the bounded polls of /proc, which has no readiness notification to wait on.
-const PROC_POLL: Duration = Duration::from_millis(20);
-
 /// `lifecycle_app:application` from tests/apps with `--workers N`.
 pub fn lifecycle_app(workers: u32) -> FerruleBuilder {
     FerruleBuilder::new("lifecycle_app:application")
@@ -201,41 +198,7 @@ pub fn worker_lines(log: &str, message: &str) -> Vec<WorkerLine> {
         .collect()
 }
 
-/// Polls `done` every few milliseconds until it holds or `timeout` passes. Only for state with nothing to wait
-/// on (the process table); log lines are waited for through the harness instead.
-pub fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(PROC_POLL);
-    }
-}
-
-/// The fields of /proc/PID/stat after the command name: (state, ppid).
-fn proc_state_ppid(pid: u32) -> Option<(char, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may itself hold spaces or parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut it = rest.split_whitespace();
-    let state = it.next()?.chars().next()?;
-    let ppid = it.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
-/// Live (not zombie) children of `parent`, from the whole process table.
-pub fn live_children(parent: u32) -> BTreeSet<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return BTreeSet::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| proc_state_ppid(pid).is_some_and(|(state, ppid)| ppid == parent && state != 'Z'))
-        .collect()
-}
+pub use crate::common::procs::{live_children, poll_until};
 
 /// Resident memory of a process in MiB, from /proc/PID/status.
 pub fn rss_mib(pid: u32) -> Option<u64> {
@@ -247,7 +210,7 @@ pub fn rss_mib(pid: u32) -> Option<u64> {
 
 /// Whether a process exists (a zombie counts as gone).
 pub fn alive(pid: u32) -> bool {
-    proc_state_ppid(pid).is_some_and(|(state, _)| state != 'Z')
+    crate::common::procs::state_and_ppid(pid).is_some_and(|(state, _)| state != 'Z')
 }
 
 // --- load generator ----------------------------------------------------------------------------------------

@@ -84,43 +84,11 @@ pub fn run_ferrule(dir: &Path, args: &[&str], envs: &[(&str, &str)], timeout: Du
     }
 }
 
-/// Polls `done` every 20 ms until it holds or `timeout` passes; returns whether it held.
-pub fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(POLL);
-    }
-}
+pub use crate::common::procs::poll_until;
 
 // --- processes ------------------------------------------------------------------------------------------
 
-/// State and parent of a process, from /proc/<pid>/stat (the command name may hold spaces and parentheses,
-/// so the fields are read after the last `)`).
-fn state_and_ppid(pid: u32) -> Option<(char, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
-/// Live (not zombie) children of `parent`.
-pub fn live_children(parent: u32) -> Vec<u32> {
-    let mut out: Vec<u32> = std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| matches!(state_and_ppid(pid), Some((state, ppid)) if ppid == parent && state != 'Z'))
-        .collect();
-    out.sort_unstable();
-    out
-}
+pub use crate::common::procs::live_children;
 
 /// Sends `sig` to a process the test found among its own server's workers.
 pub fn signal(pid: u32, sig: i32) {

@@ -1,0 +1,44 @@
+//! The process table for the tier-3 tests: a ferrule master's live workers, and polling for such state.
+
+use std::collections::BTreeSet;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How often `poll_until` looks again.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `done` until it holds or `timeout` passes; returns whether it held. Only for state with nothing to
+/// wait on (the process table, a metrics page); log lines are waited for through the harness instead.
+pub fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// State and parent of a process, from /proc/PID/stat (the command name may hold spaces and parentheses,
+/// so the fields are read after the last `)`).
+pub fn state_and_ppid(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Live (not zombie) children of `parent`, from the whole process table.
+pub fn live_children(parent: u32) -> BTreeSet<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return BTreeSet::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| state_and_ppid(pid).is_some_and(|(state, ppid)| ppid == parent && state != 'Z'))
+        .collect()
+}
