@@ -149,7 +149,14 @@ async fn handle(mut stream: Stream, shared: &ConnShared) -> Result<(), ConnError
             limit,
             "request body larger than --max-body-size; answering 413"
         );
-        return refuse(&mut stream, shared, 413, &RequestInfo::of(&environ), started).await;
+        return refuse(
+            &mut stream,
+            shared,
+            413,
+            &RequestInfo::of(&environ, shared.config.access_log),
+            started,
+        )
+        .await;
     }
     let span = tracing::info_span!(
         "request",
@@ -298,7 +305,7 @@ async fn respond(
     body: Body,
     started: Instant,
 ) -> Result<(), ConnError> {
-    let request = RequestInfo::of(&environ);
+    let request = RequestInfo::of(&environ, shared.config.access_log);
     let _in_flight = InFlight::start(&shared.metrics);
     let (tx, mut rx) = mpsc::channel(REPLY_QUEUE);
     let running_on = Arc::new(AtomicU64::new(0));
@@ -463,12 +470,14 @@ impl RequestInfo {
         }
     }
 
-    fn of(environ: &Environ) -> RequestInfo {
+    /// `details` (request id, remote address) are looked up only when the access log will show them.
+    fn of(environ: &Environ, details: bool) -> RequestInfo {
+        let get = |key: &[u8]| if details { environ.get(key).cloned() } else { None };
         RequestInfo {
             method: environ.method.clone(),
             path: environ.log_path.clone(),
-            request_id: environ.get(b"HTTP_X_REQUEST_ID").cloned(),
-            remote_addr: environ.get(b"REMOTE_ADDR").cloned(),
+            request_id: get(b"HTTP_X_REQUEST_ID"),
+            remote_addr: get(b"REMOTE_ADDR"),
         }
     }
 }
@@ -612,12 +621,8 @@ async fn timed_out(
 async fn answer_ping(stream: &mut Stream, header: PacketHeader) -> Result<(), ConnError> {
     let mut packet = vec![0u8; HEADER_LEN + usize::from(header.datasize)];
     read_exact(stream, &mut packet).await?;
-    let pong = packet::encode_header(PacketHeader {
-        modifier1: MODIFIER_PING,
-        datasize: 0,
-        modifier2: 1,
-    });
-    stream.write_all(&pong).await?;
+
+    stream.write_all(&packet::PONG).await?;
     stream.shutdown().await?;
     Ok(())
 }

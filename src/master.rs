@@ -689,12 +689,7 @@ async fn answer_scrape(
     let mut vars = vec![0u8; usize::from(header.datasize)];
     read_exact(&mut stream, &mut vars).await?;
     if header.modifier1 == crate::packet::MODIFIER_PING {
-        let pong = crate::packet::PacketHeader {
-            modifier1: crate::packet::MODIFIER_PING,
-            datasize: 0,
-            modifier2: 1,
-        };
-        stream.write_all(&crate::packet::encode_header(pong)).await?;
+        stream.write_all(&crate::packet::PONG).await?;
         return stream.shutdown().await;
     }
     let depths: Vec<(String, u64)> = queues

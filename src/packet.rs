@@ -132,7 +132,10 @@ pub fn parse_uwsgi_packet(i: &[u8]) -> IResult<&[u8], Packet<'_>, PacketError> {
     Ok((body, Packet { header, vars }))
 }
 
-/// Encodes a header; used for the ping answer and by tests.
+/// The answer to a uWSGI ping, as uWSGI gives it: the ping header back with `modifier2 = 1`.
+pub const PONG: [u8; HEADER_LEN] = [MODIFIER_PING, 0, 0, 1];
+
+/// Encodes a header; used by tests and tools that build packets.
 pub fn encode_header(header: PacketHeader) -> [u8; HEADER_LEN] {
     let [lo, hi] = header.datasize.to_le_bytes();
     [header.modifier1, lo, hi, header.modifier2]

@@ -95,7 +95,12 @@ pub fn check_header(name: &str, value: &str) -> Result<(), ResponseError> {
 /// Whether a Content-Length may be added for a response whose whole body is known: never for HEAD (the
 /// body was not produced, so its length is unknown) and never for statuses that have no body.
 pub fn may_add_content_length(method: &[u8], status: u16) -> bool {
-    method != b"HEAD" && !(100..200).contains(&status) && status != 204 && status != 304
+    method != b"HEAD" && status_has_body(status)
+}
+
+/// Whether a response with this status carries a body at all (1xx, 204 and 304 never do).
+pub fn status_has_body(status: u16) -> bool {
+    !(100..200).contains(&status) && status != 204 && status != 304
 }
 
 fn put_latin1(buf: &mut BytesMut, s: &str) {

@@ -78,7 +78,7 @@ impl Lifecycle {
             self.retire(RetireReason::MaxRequests);
         }
         if let Some(limit) = self.rss_limit {
-            if current_rss().is_some_and(|rss| rss > limit) {
+            if crate::metrics::process_rss(std::process::id()).is_some_and(|rss| rss > limit) {
                 self.retire(RetireReason::Memory);
             }
         }
@@ -95,14 +95,6 @@ impl Lifecycle {
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
-}
-
-/// Resident memory of this process in bytes, from /proc/self/status.
-pub fn current_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// A random number without a random crate: std's hasher keys are seeded from the OS per process.

@@ -241,24 +241,25 @@ fn located_traceback(result: &Bound<'_, PyAny>, app: &Bound<'_, PyAny>, msg: &st
 
 type Location = (String, u32, String);
 
+/// The suspended generator's current line.
 fn generator_location(obj: &Bound<'_, PyAny>) -> Option<Location> {
     let frame = obj.getattr("gi_frame").ok().filter(|f| !f.is_none())?;
-    let code = frame.getattr("f_code").ok()?;
-    Some((
-        code.getattr("co_filename").ok()?.extract().ok()?,
-        frame.getattr("f_lineno").ok()?.extract().ok()?,
-        code.getattr("co_name").ok()?.extract().ok()?,
-    ))
+    code_location(&frame.getattr("f_code").ok()?, &frame.getattr("f_lineno").ok()?)
 }
 
+/// Where the app callable (a function, or an object with `__call__`) is defined.
 fn callable_location(app: &Bound<'_, PyAny>) -> Option<Location> {
     let code = app
         .getattr("__code__")
         .or_else(|_| app.getattr("__call__").and_then(|c| c.getattr("__code__")))
         .ok()?;
+    code_location(&code, &code.getattr("co_firstlineno").ok()?)
+}
+
+fn code_location(code: &Bound<'_, PyAny>, line: &Bound<'_, PyAny>) -> Option<Location> {
     Some((
         code.getattr("co_filename").ok()?.extract().ok()?,
-        code.getattr("co_firstlineno").ok()?.extract().ok()?,
+        line.extract().ok()?,
         code.getattr("co_name").ok()?.extract().ok()?,
     ))
 }
@@ -353,8 +354,7 @@ impl ResponseState {
     }
 
     fn may_add_length(&self) -> bool {
-        let method: &[u8] = if self.is_head { b"HEAD" } else { b"GET" };
-        self.declared_length.is_none() && response::may_add_content_length(method, self.status_code())
+        self.declared_length.is_none() && !self.is_head && response::status_has_body(self.status_code())
     }
 
     fn head(&self, content_length: Option<u64>, extra: usize) -> Result<BytesMut, Failure> {
@@ -468,7 +468,7 @@ impl ResponseState {
         let (_, status) = *self.started()?;
         let short = self
             .declared_length
-            .is_some_and(|l| self.body_bytes < l && !self.is_head && response::may_add_content_length(b"GET", status));
+            .is_some_and(|l| self.body_bytes < l && !self.is_head && response::status_has_body(status));
         if short {
             tracing::error!(
                 content_length = self.declared_length,
