@@ -4,11 +4,14 @@
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 
@@ -206,6 +209,68 @@ fn remove_stale_socket(spec: &SocketSpec, path: &Path) -> Result<(), ListenError
     }
 }
 
+/// Accepts a connection that is already waiting, without blocking and without a runtime (`Ok(None)`: none is
+/// waiting). The app threads accept this way, so a request nginx has already sent is read, run and answered by
+/// one thread. The socket comes back non-blocking: every wait on it is an explicit, bounded poll.
+pub fn accept_now(listener: &OwnedFd) -> io::Result<Option<(Socket, Option<SocketAddr>)>> {
+    loop {
+        // SAFETY: accept4 writes at most `len` bytes of address into the zeroed storage socket2 provides, and
+        // the descriptor it returns is new, so the OwnedFd is its only owner.
+        let accepted = unsafe {
+            SockAddr::try_init(|storage, len| {
+                let fd = libc::accept4(
+                    listener.as_raw_fd(),
+                    storage.cast(),
+                    len,
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                );
+                if fd < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(OwnedFd::from_raw_fd(fd))
+                }
+            })
+        };
+        return match accepted {
+            Ok((fd, addr)) => {
+                let socket = Socket::from(fd);
+                let peer = addr.as_socket();
+                if peer.is_some() {
+                    // Responses are written whole or in deliberate chunks; Nagle would only delay the last one.
+                    socket.set_tcp_nodelay(true)?;
+                }
+                Ok(Some((socket, peer)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            // A connection reset while queued, or a signal: try the next one.
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted) => continue,
+            Err(e) => Err(e),
+        };
+    }
+}
+
+/// Peeks at the bytes queued in a non-blocking socket without consuming them (`WouldBlock`: none yet).
+pub fn peek_now(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: viewing initialised bytes as MaybeUninit is sound as long as nothing writes uninitialised bytes
+    // through the view; recv(2) only ever writes received bytes.
+    let view: &mut [MaybeUninit<u8>] = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    socket.peek(view)
+}
+
+/// Waits until `fd` is ready for `events` (readable, writable, or closed), at most `timeout`. Returns false when
+/// the time ran out. For the app threads, which call it with the GIL released.
+pub fn wait_ready(fd: BorrowedFd<'_>, events: PollFlags, timeout: Duration) -> io::Result<bool> {
+    let mut fds = [PollFd::new(fd, events)];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match nix::poll::poll(&mut fds, timeout) {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        // A signal: report ready, so the caller retries its operation and waits again if needed.
+        Err(nix::errno::Errno::EINTR) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A listening socket registered with the runtime.
 pub enum Listener {
     Unix(tokio::net::UnixListener),
@@ -256,6 +321,26 @@ macro_rules! each {
 }
 
 impl Stream {
+    /// Takes over a connection an app thread accepted and passed on (`tcp`: it is a TCP connection). Must be
+    /// called inside the runtime, which it registers with.
+    pub fn from_socket(socket: Socket, tcp: bool) -> io::Result<Stream> {
+        let fd = OwnedFd::from(socket);
+        Ok(if tcp {
+            Stream::Tcp(tokio::net::TcpStream::from_std(fd.into())?)
+        } else {
+            Stream::Unix(tokio::net::UnixStream::from_std(fd.into())?)
+        })
+    }
+
+    /// Leaves the runtime, for the app thread that will write the response (still non-blocking).
+    pub fn into_socket(self) -> io::Result<Socket> {
+        let fd: OwnedFd = match self {
+            Stream::Unix(s) => s.into_std()?.into(),
+            Stream::Tcp(s) => s.into_std()?.into(),
+        };
+        Ok(Socket::from(fd))
+    }
+
     /// Peeks at the queued bytes without consuming them, waiting until more than `have` bytes are queued.
     /// Returns `have` or fewer when the peer closed before sending more.
     pub async fn peek_more(&self, buf: &mut [u8], have: usize) -> io::Result<usize> {
@@ -290,98 +375,17 @@ impl Stream {
         each!(self, s => s.write_all(buf).await)
     }
 
-    /// Writes all of `buf`; fails with `TimedOut` if the peer takes nothing for `stall` (progress resets it).
-    pub async fn write_all_within(&mut self, mut buf: &[u8], stall: Duration) -> io::Result<()> {
-        while !buf.is_empty() {
-            let n = each!(self, s => tokio::time::timeout(stall, s.write(buf)).await)
-                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            buf = &buf[n..];
-        }
-        Ok(())
-    }
-
-    /// Writes every buffer, in order, with as few writev calls as the socket allows; fails with `TimedOut` if
-    /// the peer takes nothing for `stall`.
-    pub async fn write_all_vectored(&mut self, mut bufs: Vec<bytes::Bytes>, stall: Duration) -> io::Result<()> {
-        if bufs.len() == 1 {
-            return self.write_all_within(&bufs[0], stall).await;
-        }
-        let mut first = 0;
-        while first < bufs.len() {
-            let slices: Vec<io::IoSlice<'_>> = bufs[first..].iter().map(|b| io::IoSlice::new(b)).collect();
-            let mut n = each!(self, s => tokio::time::timeout(stall, s.write_vectored(&slices)).await)
-                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            while n > 0 {
-                let len = bufs[first].len();
-                if n >= len {
-                    n -= len;
-                    first += 1;
-                } else {
-                    bytes::Buf::advance(&mut bufs[first], n);
-                    n = 0;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Ends our half of the connection with an ordinary FIN.
     pub async fn shutdown(&mut self) -> io::Result<()> {
         each!(self, s => s.shutdown().await)
     }
-
-    /// Writes `len` bytes of `file` from `offset` with sendfile(2): the bytes go from the page cache to the
-    /// socket without passing through this process.
-    /// Fails with `TimedOut` if the socket accepts nothing for `stall`.
-    pub async fn sendfile(&self, file: &fs::File, mut offset: u64, len: u64, stall: Duration) -> io::Result<u64> {
-        let end = offset.saturating_add(len);
-        let mut sent = 0;
-        while offset < end {
-            // Big enough to keep the socket buffer full, small enough to interleave with other connections.
-            let count = (end - offset).min(1 << 20) as usize;
-            let n = each!(self, s => {
-                tokio::time::timeout(stall, s.writable())
-                    .await
-                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-                s.try_io(Interest::WRITABLE, || sendfile(s.as_fd().as_raw_fd(), file, &mut offset, count))
-            });
-            match n {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "file shorter than announced",
-                    ));
-                }
-                Ok(n) => sent += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(sent)
-    }
-
-    /// Closes so that the peer sees an error instead of a clean end of the response: an RST on TCP, and on a
-    /// Unix socket ECONNRESET, which Linux reports when a socket is closed with unread data in its queue (the
-    /// connection keeps the request's last byte unread until the response is complete for this reason).
-    pub fn abort(self) {
-        if let Stream::Tcp(s) = &self {
-            let _ = SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
-        }
-        drop(self);
-    }
 }
 
 /// One sendfile(2) call.
-fn sendfile(socket: std::os::fd::RawFd, file: &fs::File, offset: &mut u64, count: usize) -> io::Result<usize> {
+pub fn sendfile(socket: std::os::fd::RawFd, file: &fs::File, offset: &mut u64, count: usize) -> io::Result<usize> {
     let mut off = libc::off_t::try_from(*offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: both descriptors are open for the whole call (the socket is borrowed from a live stream, the
-    // file from a live `File`), and `off` is a valid, exclusive pointer to an off_t.
+    // SAFETY: both descriptors are open for the whole call (the caller holds the socket open, the file is a
+    // live `File`), and `off` is a valid, exclusive pointer to an off_t.
     let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut off, count) };
     if n < 0 {
         return Err(io::Error::last_os_error());

@@ -1,24 +1,7 @@
-//! Status and headers from the app to HTTP/1.1 bytes for nginx, the server's own 4xx/5xx answers, and the
-//! messages an app thread sends to its connection. Pure: no I/O, no pyo3.
-
-use std::fs::File;
+//! Status and headers from the app to HTTP/1.1 bytes for nginx, and the server's own 4xx/5xx answers.
+//! Pure: no I/O, no pyo3.
 
 use bytes::{BufMut, Bytes, BytesMut};
-
-/// What an app thread hands to the connection that writes the response, in order.
-#[derive(Debug)]
-pub enum Reply {
-    /// Bytes to write as they are (the head, body chunks, or both).
-    Send(Bytes),
-    /// `len` bytes of `file` from `offset`, written with sendfile(2).
-    SendFile { file: File, offset: u64, len: u64 },
-    /// The response is complete once `tail` (often the whole response, or nothing) is written: one message,
-    /// so a response known in full costs the connection a single wake-up.
-    Done { tail: Bytes, status: u16, body_bytes: u64 },
-    /// The response failed after its head was sent: the connection is reset so nginx sees the truncation
-    /// instead of relaying a short body as complete.
-    Abort { status: u16, body_bytes: u64 },
-}
 
 /// Why a status or header from the app was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

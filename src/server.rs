@@ -1,17 +1,26 @@
-//! The accept loop of a worker: accept on every listener, serve each connection as its own task, and on a
-//! stop signal (or a retirement that requires it) drain in-flight requests under a time limit.
+//! The worker's serving loop. The app threads accept connections themselves, each only while it is free, so a
+//! busy worker leaves new connections in the shared listen queue for an idle one; a request that is already
+//! queued in full is run on the spot by the thread that accepted it. This module's runtime takes the
+//! connections that need waiting (slow peers, large bodies, refusals) and queues their requests for the next
+//! free thread. On a stop signal (or a retirement that requires it) the threads stop accepting and the requests
+//! in flight are drained under a time limit.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use socket2::Socket;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::connection::{self, ConnShared};
-use crate::listener::{BoundSocket, Listener};
+use crate::app::{AppPool, Job, JobSource};
+use crate::connection::{self, ConnShared, Queued, Unblock};
+use crate::listener::{self, BoundSocket};
 use crate::worker::{Control, RetireReason};
 
 /// How the worker was asked to stop.
@@ -23,9 +32,17 @@ pub enum Stop {
     Fast,
 }
 
+/// How often a stopping worker checks whether its requests have drained.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// How long an idle app thread sleeps before it looks again on its own (it is normally woken well before).
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How long an app thread backs off after accept failed (out of descriptors or memory).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Serves until told to stop, then drains.
 pub async fn run(
     sockets: Vec<BoundSocket>,
+    pool: &AppPool,
     shared: Arc<ConnShared>,
     mut retire_rx: mpsc::UnboundedReceiver<RetireReason>,
     mut control: Control,
@@ -36,25 +53,14 @@ pub async fn run(
     let master_gone = control.master_gone()?;
     tokio::pin!(master_gone);
 
-    let stop_accepting = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    // Shared by every listener: past the limit, new connections wait in the kernel's listen queue instead of
-    // taking memory here.
-    let slots = Arc::new(Semaphore::new(shared.config.max_connections));
-    for bound in &sockets {
-        let listener = Listener::from_bound(bound)?;
-        let name = bound.display_addr();
-        tokio::spawn(accept_loop(
-            listener,
-            name,
-            Arc::clone(&shared),
-            Arc::clone(&slots),
-            stop_accepting.clone(),
-            tracker.clone(),
-        ));
-    }
+    let hub = Arc::new(Hub::new(sockets, Arc::clone(&shared))?);
+    let intakes = (0..pool.threads())
+        .map(|_| Intake::new(&hub).map(|i| Box::new(i) as Box<dyn JobSource>))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    pool.run(intakes)?;
+    tokio::spawn(connection::watch_timeouts(Arc::clone(&shared)));
     control.send("ready");
-    tracing::info!(threads = shared.pool.threads(), "ready");
+    tracing::info!(threads = pool.threads(), "ready");
 
     // Counters go to the master once a second, which is plenty for a scrape interval of seconds.
     let mut report = tokio::time::interval(Duration::from_secs(1));
@@ -79,83 +85,260 @@ pub async fn run(
             }
         }
     };
-    stop_accepting.cancel();
-    // Close our copies of the listening sockets; the master and the other workers keep them open.
-    drop(sockets);
-    tracker.close();
+    hub.stop();
     let limit = match stop {
         Stop::Graceful => shared.config.graceful_timeout,
         Stop::Fast => Duration::ZERO,
     };
-    if !tracker.is_empty() {
-        tracing::info!(in_flight = tracker.len(), ?stop, "waiting for in-flight requests");
+    if hub.in_flight() > 0 {
+        tracing::info!(in_flight = hub.in_flight(), ?stop, "waiting for in-flight requests");
     }
-    if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
-        tracing::warn!(cut_off = tracker.len(), timeout = ?limit, "stop cut off requests still in flight");
+    let deadline = Instant::now() + limit;
+    while hub.in_flight() > 0 {
+        if Instant::now() >= deadline {
+            tracing::warn!(cut_off = hub.in_flight(), timeout = ?limit, "stop cut off requests still in flight");
+            break;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
     }
     control.send(&shared.metrics.snapshot().encode());
     tracing::info!(served = shared.lifecycle.served(), "worker stopped");
     Ok(())
 }
 
-async fn accept_loop(
-    listener: Listener,
-    name: String,
+/// What the app threads and the async side share.
+struct Hub {
+    /// The listening sockets, with the names the log uses for them.
+    listeners: Vec<(OwnedFd, String)>,
     shared: Arc<ConnShared>,
-    slots: Arc<Semaphore>,
-    stop: CancellationToken,
-    conns: TaskTracker,
-) {
-    // Warn about a full worker at most every so often, not once per waiting connection.
-    let mut last_full_warning: Option<std::time::Instant> = None;
-    loop {
-        let permit = match Arc::clone(&slots).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                if last_full_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    last_full_warning = Some(std::time::Instant::now());
-                    tracing::warn!(
-                        limit = shared.config.max_connections,
-                        "connection limit reached; new connections wait in the listen queue"
-                    );
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    permit = Arc::clone(&slots).acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
-                }
+    /// Requests the async side has read, waiting for an app thread.
+    ready_tx: crossbeam_channel::Sender<Job>,
+    ready_rx: crossbeam_channel::Receiver<Job>,
+    /// One count per queued request (a semaphore eventfd), so each wakes one idle app thread.
+    ready_signal: EventFd,
+    /// Readable once the worker stops: wakes every idle app thread.
+    stop_signal: EventFd,
+    stopping: AtomicBool,
+    /// App threads between accepting a connection and handing it on: a stop waits for them, so a connection
+    /// accepted just as the stop began is still served.
+    accepting: AtomicUsize,
+    /// Connections the async side is reading.
+    reading: TaskTracker,
+    runtime: tokio::runtime::Handle,
+    /// When the app threads last warned that --max-connections was reached.
+    full_warned: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Hub {
+    fn new(sockets: Vec<BoundSocket>, shared: Arc<ConnShared>) -> std::io::Result<Hub> {
+        let listeners = sockets
+            .into_iter()
+            .map(|b| {
+                let name = b.display_addr();
+                (b.fd, name)
+            })
+            .collect();
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+        let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
+        Ok(Hub {
+            listeners,
+            shared,
+            ready_tx,
+            ready_rx,
+            ready_signal: EventFd::from_flags(flags | EfdFlags::EFD_SEMAPHORE)?,
+            stop_signal: EventFd::from_flags(flags)?,
+            stopping: AtomicBool::new(false),
+            accepting: AtomicUsize::new(0),
+            reading: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
+            full_warned: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop_signal.write(1);
+        self.reading.close();
+    }
+
+    /// Connections being accepted or read, requests queued, and requests running that have not timed out.
+    fn in_flight(&self) -> usize {
+        self.accepting.load(Ordering::SeqCst)
+            + self.reading.len()
+            + self.ready_rx.len()
+            + self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// Queues a request the async side has read.
+    fn queue(&self, job: Job) {
+        // The receiver lives as long as the hub, which owns it.
+        let _ = self.ready_tx.send(job);
+        let _ = self.ready_signal.write(1);
+    }
+
+    /// A queued request, if there is one for this thread.
+    fn take_queued(&self) -> Option<Job> {
+        if self.ready_rx.is_empty() {
+            return None;
+        }
+        // Each count was added after its request was queued, so taking a count guarantees a request.
+        self.ready_signal.read().ok()?;
+        self.ready_rx.try_recv().ok()
+    }
+
+    /// Passes a connection whose request is not (all) there yet to the async side.
+    fn pass_on(self: &Arc<Self>, socket: Socket, tcp: bool, span: tracing::Span) {
+        let hub = Arc::clone(self);
+        let read = async move {
+            if let Some(job) = connection::serve(socket, tcp, Arc::clone(&hub.shared)).await {
+                hub.queue(job);
             }
         };
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
+        self.reading.spawn_on(read.instrument(span), &self.runtime);
+    }
+
+    fn allowed(&self, peer: Option<std::net::SocketAddr>, listener: &str) -> bool {
+        let (Some(addr), allowed) = (peer, &self.shared.config.allow_from) else {
+            return true;
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                if let Some(addr) = peer {
-                    let allowed = &shared.config.allow_from;
-                    if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(addr.ip())) {
-                        tracing::warn!(peer = %addr, listener = %name, "refusing a connection not in --allow-from");
-                        continue;
-                    }
+        if allowed.is_empty() || allowed.iter().any(|net| net.contains(addr.ip())) {
+            return true;
+        }
+        tracing::warn!(peer = %addr, listener, "refusing a connection not in --allow-from");
+        false
+    }
+
+    /// Whether the async side holds as many connections as --max-connections allows.
+    fn full(&self) -> bool {
+        let limit = self.shared.config.max_connections;
+        if self.reading.len() < limit {
+            return false;
+        }
+        let mut warned = self.full_warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            *warned = Some(Instant::now());
+            tracing::warn!(
+                limit,
+                "connection limit reached; new connections wait in the listen queue"
+            );
+        }
+        true
+    }
+}
+
+/// One app thread's way to its next request.
+struct Intake {
+    hub: Arc<Hub>,
+    /// Wakes this thread for a new connection (one thread per connection: EPOLLEXCLUSIVE), a queued request,
+    /// or the stop. Dropped once the worker stops, so wake-ups go to threads that still accept.
+    epoll: Option<Epoll>,
+}
+
+/// What one round of accepting gave.
+// Made once per connection and taken apart at once: boxing the request would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Accepted {
+    Job(Job),
+    /// A connection was dealt with (passed on, refused or broken): look again before waiting.
+    Handled,
+    Nothing,
+}
+
+impl Intake {
+    fn new(hub: &Arc<Hub>) -> std::io::Result<Intake> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let one = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+        for (fd, _) in &hub.listeners {
+            epoll.add(fd, EpollEvent::new(one, 0))?;
+        }
+        epoll.add(&hub.ready_signal, EpollEvent::new(one, 0))?;
+        epoll.add(&hub.stop_signal, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+        Ok(Intake {
+            hub: Arc::clone(hub),
+            epoll: Some(epoll),
+        })
+    }
+
+    /// Accepts on each listener until one gives a connection.
+    fn accept(&self, unblock: Unblock<'_>) -> Accepted {
+        let hub = &self.hub;
+        for (fd, name) in &hub.listeners {
+            let (socket, peer) = match listener::accept_now(fd) {
+                Ok(Some(accepted)) => accepted,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::error!(%error, listener = %name, "accept failed");
+                    unblock(&mut || std::thread::sleep(ACCEPT_BACKOFF));
+                    return Accepted::Handled;
                 }
-                let peer = peer.map_or_else(|| "unix".to_owned(), |a| a.to_string());
-                let span = tracing::info_span!("conn", %peer, listener = %name);
-                let shared = Arc::clone(&shared);
-                conns.spawn(
-                    async move {
-                        connection::serve(stream, shared).await;
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
+            };
+            if !hub.allowed(peer, name) {
+                return Accepted::Handled;
             }
-            Err(error) => {
-                // Out of file descriptors or memory: back off instead of spinning on the same error.
-                tracing::error!(%error, listener = %name, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            let span = connection::conn_span(peer, name);
+            let tcp = peer.is_some();
+            return match connection::read_queued(socket, tcp, span.clone(), &hub.shared, unblock) {
+                Queued::Job(job) => Accepted::Job(job),
+                Queued::PassOn(socket) => {
+                    hub.pass_on(socket, tcp, span);
+                    Accepted::Handled
+                }
+                Queued::Done => Accepted::Handled,
+            };
+        }
+        Accepted::Nothing
+    }
+
+    /// Waits for a queued request only (the worker is stopping, or the async side is full).
+    fn wait_queued(&self, unblock: Unblock<'_>, timeout: Duration) -> Option<Job> {
+        let hub = &self.hub;
+        let mut job = None;
+        unblock(&mut || job = hub.ready_rx.recv_timeout(timeout).ok());
+        if job.is_some() {
+            let _ = hub.ready_signal.read();
+        }
+        job
+    }
+}
+
+impl JobSource for Intake {
+    fn next(&mut self, unblock: Unblock<'_>) -> Option<Job> {
+        loop {
+            let hub = &self.hub;
+            if let Some(job) = hub.take_queued() {
+                return Some(job);
+            }
+            // Counted before the stop flag is read: a stop that begins now waits for this thread to hand on
+            // whatever it accepts.
+            hub.accepting.fetch_add(1, Ordering::SeqCst);
+            if hub.stopping.load(Ordering::SeqCst) {
+                hub.accepting.fetch_sub(1, Ordering::SeqCst);
+                self.epoll = None;
+                if let Some(job) = self.wait_queued(unblock, IDLE_WAIT) {
+                    return Some(job);
+                }
+                continue;
+            }
+            if hub.full() {
+                hub.accepting.fetch_sub(1, Ordering::SeqCst);
+                if let Some(job) = self.wait_queued(unblock, DRAIN_POLL) {
+                    return Some(job);
+                }
+                continue;
+            }
+            let accepted = self.accept(unblock);
+            hub.accepting.fetch_sub(1, Ordering::SeqCst);
+            match accepted {
+                Accepted::Job(job) => return Some(job),
+                Accepted::Handled => continue,
+                Accepted::Nothing => {}
+            }
+            if let Some(epoll) = &self.epoll {
+                let mut events = [EpollEvent::empty(); 4];
+                let timeout = EpollTimeout::try_from(IDLE_WAIT).unwrap_or(EpollTimeout::MAX);
+                unblock(&mut || {
+                    let _ = epoll.wait(&mut events, timeout);
+                });
             }
         }
     }

@@ -196,18 +196,15 @@ pub fn run(config: Config, id: u32) -> Result<(), WorkerError> {
         }
     };
     let (lifecycle, retire_rx) = Lifecycle::new(&config);
-    let threads = config.threads;
-    let shared = Arc::new(ConnShared {
-        config: Arc::new(config),
-        pool: Arc::new(pool),
-        lifecycle: Arc::new(lifecycle),
-        metrics: Arc::new(WorkerMetrics::default()),
-        app_slots: tokio::sync::Semaphore::new(threads),
-    });
-    // One thread for all I/O: Python runs on the pool, so the async side is mostly syscalls and a second
-    // runtime thread would only compete with the app threads for the same cores.
+    let shared = Arc::new(ConnShared::new(
+        Arc::new(config),
+        Arc::new(lifecycle),
+        Arc::new(WorkerMetrics::default()),
+    ));
+    // One thread for the async side: the app threads serve most requests end to end, so it only reads slow
+    // peers, answers refusals and keeps time; a second runtime thread would compete for the same cores.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(crate::server::run(sockets, shared, retire_rx, control))?;
+    runtime.block_on(crate::server::run(sockets, &pool, shared, retire_rx, control))?;
     crate::app::run_exit_handlers();
     // The app threads are parked waiting for work; end without finalising the interpreter under them.
     std::process::exit(0);

@@ -1,8 +1,8 @@
 //! The Python boundary: the only module that touches pyo3. It starts the interpreter, loads the app, and runs
 //! requests on a pool of threads that stay attached to the interpreter and hold the GIL only while Python runs.
 //!
-//! The async side hands a `Job` over a channel and gets `Reply` messages back over another; no Python object
-//! ever crosses to the async side.
+//! Each app thread takes its requests from a [`JobSource`] (the server's accept loop) and writes the response
+//! through the request's `Responder`; no Python object ever leaves these threads.
 
 mod errors;
 mod file_wrapper;
@@ -12,30 +12,31 @@ mod loader;
 mod request;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::thread;
 
 use pyo3::prelude::*;
-use tokio::sync::mpsc;
 
 use crate::body::Body;
 use crate::config::Config;
+use crate::connection::{Responder, Unblock};
 use crate::environ::Environ;
-use crate::response::Reply;
 
 pub use loader::AppSpec;
 
-/// One request for the pool.
+/// One request for an app thread.
 pub struct Job {
     pub environ: Environ,
     pub body: Body,
-    /// Where the response goes, in order; dropped by the connection when the client went away.
-    pub reply: mpsc::Sender<Reply>,
+    /// Writes the response to the request's connection.
+    pub responder: Responder,
     /// The request's span, entered on the app thread so its log lines carry the request's fields.
     pub span: tracing::Span,
-    /// Set by the app thread that takes the job: its Python thread id, so a timed-out request's stack can be
-    /// found.
-    pub running_on: Arc<AtomicU64>,
+}
+
+/// Where an app thread gets its requests.
+pub trait JobSource: Send {
+    /// The next request to run. Called with the GIL held: it waits only through `unblock`, which releases it.
+    fn next(&mut self, unblock: Unblock<'_>) -> Option<Job>;
 }
 
 /// Why the app could not be started.
@@ -61,11 +62,6 @@ pub enum AppError {
     Factory { name: String, error: String },
 }
 
-/// Every app thread has stopped (they only stop when the process is going away).
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the app threads have stopped")]
-pub struct PoolStopped;
-
 /// What every request thread shares.
 struct Shared {
     app: Py<PyAny>,
@@ -73,14 +69,14 @@ struct Shared {
     multiprocess: bool,
 }
 
-/// The threads that run the app.
+/// The loaded app and the threads that run it.
 pub struct AppPool {
-    jobs: crossbeam_channel::Sender<Job>,
+    shared: Arc<Shared>,
     threads: usize,
 }
 
 impl AppPool {
-    /// Starts the interpreter, imports the app and starts `config.threads` request threads.
+    /// Starts the interpreter and imports the app; the threads start with [`AppPool::run`].
     pub fn start(config: &Config) -> Result<AppPool, AppError> {
         interpreter::initialize(config)?;
         let spec = AppSpec::parse(&config.app)?;
@@ -90,29 +86,21 @@ impl AppPool {
             multithread: config.threads > 1,
             multiprocess: config.workers > 1,
         });
-        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
-        for n in 0..config.threads {
-            let shared = Arc::clone(&shared);
-            let queue = queue.clone();
-            thread::Builder::new()
-                .name(format!("ferrule-app-{n}"))
-                .spawn(move || request::run_thread(&shared, &queue))
-                .map_err(|e| AppError::Interpreter(format!("cannot start app thread: {e}")))?;
-        }
         Ok(AppPool {
-            jobs,
+            shared,
             threads: config.threads,
         })
     }
 
-    /// Queues a request; fails only if every app thread has stopped.
-    pub fn submit(&self, job: Job) -> Result<(), PoolStopped> {
-        self.jobs.send(job).map_err(|_| PoolStopped)
-    }
-
-    /// Requests queued but not yet picked up by a thread.
-    pub fn queued(&self) -> usize {
-        self.jobs.len()
+    /// Starts one app thread per source; each runs requests from its source until the process ends.
+    pub fn run(&self, sources: Vec<Box<dyn JobSource>>) -> std::io::Result<()> {
+        for (n, source) in sources.into_iter().enumerate() {
+            let shared = Arc::clone(&self.shared);
+            thread::Builder::new()
+                .name(format!("ferrule-app-{n}"))
+                .spawn(move || request::run_thread(&shared, source))?;
+        }
+        Ok(())
     }
 
     pub fn threads(&self) -> usize {

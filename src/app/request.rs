@@ -1,5 +1,5 @@
 //! One request on an app thread: the environ dict, `start_response` and `write()`, iterating the response
-//! and `close()`, all turned into `Reply` messages for the connection.
+//! and `close()`, written to the connection as the app produces it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -9,22 +9,24 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use tokio::sync::mpsc::{self, error::TrySendError};
 
 use super::errors::{ErrorStream, format_exception};
 use super::file_wrapper::{FileWrapper, SendableFile};
 use super::input::Input;
-use super::{Job, Shared};
+use super::{Job, JobSource, Shared};
 use crate::body::Body;
+use crate::connection::Responder;
 use crate::environ::{Environ, UrlScheme};
-use crate::response::{self, Reply};
+use crate::response;
 
 /// How many distinct environ keys a thread keeps as ready Python strings; beyond it keys are made per request,
 /// so hostile header names cannot grow the cache without bound.
 const KEY_CACHE_LIMIT: usize = 512;
 
-/// The body of a request thread: wait for work with the GIL released, run it with the GIL held.
-pub(super) fn run_thread(shared: &Shared, queue: &crossbeam_channel::Receiver<Job>) {
+/// The body of a request thread: take requests from `source` and run them. The thread keeps the GIL from one
+/// request to the next and releases it only to wait (for a connection, or for a full socket): with requests
+/// queued, taking the next one costs no GIL hand-over.
+pub(super) fn run_thread(shared: &Shared, mut source: Box<dyn JobSource>) {
     Python::attach(|py| {
         let ctx = match ThreadContext::new(py, shared) {
             Ok(ctx) => ctx,
@@ -34,13 +36,18 @@ pub(super) fn run_thread(shared: &Shared, queue: &crossbeam_channel::Receiver<Jo
             }
         };
         let ident = thread_ident(py);
-        while let Ok(job) = py.detach(|| queue.recv()) {
-            job.running_on.store(ident, std::sync::atomic::Ordering::Release);
+        while let Some(job) = source.next(&detached(py)) {
+            job.responder.running_on(ident);
             let span = job.span.clone();
             let _entered = span.enter();
             ctx.handle(py, job);
         }
     });
+}
+
+/// Runs a wait with the GIL released, so the other app threads run Python meanwhile.
+fn detached(py: Python<'_>) -> impl Fn(&mut (dyn FnMut() + Send)) + '_ {
+    move |wait| py.detach(wait)
 }
 
 /// This thread's `threading.get_ident()`, the key of `sys._current_frames()`.
@@ -98,11 +105,10 @@ impl<'py> ThreadContext<'py> {
         let Job {
             environ,
             body,
-            reply,
+            responder,
             span: _,
-            running_on: _,
         } = job;
-        let state = ResponseState::new(reply, &environ.method[..] == b"HEAD");
+        let state = ResponseState::new(responder, &environ.method[..] == b"HEAD");
         let start_response = match Bound::new(py, StartResponse { state }) {
             Ok(sr) => sr,
             Err(e) => {
@@ -281,24 +287,13 @@ fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
     let r = &mut sr.state;
     if r.headers_sent {
         let status = r.status_code();
-        let _ = r.send(
-            py,
-            Reply::Abort {
-                status,
-                body_bytes: r.body_bytes,
-            },
-        );
+        r.abort(status);
     } else {
         let (bytes, body_len) = response::server_response(500);
         r.headers_sent = true;
-        let _ = r.send(
-            py,
-            Reply::Done {
-                tail: bytes,
-                status: 500,
-                body_bytes: body_len,
-            },
-        );
+        if r.write(py, &[&bytes]).is_ok() {
+            r.complete(500, body_len);
+        }
     }
 }
 
@@ -313,11 +308,12 @@ struct ResponseState {
     body_bytes: u64,
     is_head: bool,
     warned_overlong: bool,
-    tx: mpsc::Sender<Reply>,
+    /// The connection, until the response is completed or aborted.
+    conn: Option<Responder>,
 }
 
 impl ResponseState {
-    fn new(tx: mpsc::Sender<Reply>, is_head: bool) -> ResponseState {
+    fn new(conn: Responder, is_head: bool) -> ResponseState {
         ResponseState {
             status: None,
             headers: Vec::new(),
@@ -326,7 +322,7 @@ impl ResponseState {
             body_bytes: 0,
             is_head,
             warned_overlong: false,
-            tx,
+            conn: Some(conn),
         }
     }
 
@@ -340,16 +336,22 @@ impl ResponseState {
         })
     }
 
-    /// Hands a message to the connection, waiting (without the GIL) only when its queue is full.
-    fn send(&self, py: Python<'_>, msg: Reply) -> Result<(), Failure> {
-        match self.tx.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(msg)) => {
-                let tx = self.tx.clone();
-                py.detach(move || tx.blocking_send(msg))
-                    .map_err(|_| Failure::ClientGone)
-            }
-            Err(TrySendError::Closed(_)) => Err(Failure::ClientGone),
+    /// Writes `bufs` to the connection before returning, straight from the app's bytes objects (no copy); waits
+    /// without the GIL only when the socket is full.
+    fn write(&mut self, py: Python<'_>, bufs: &[&[u8]]) -> Result<(), Failure> {
+        let conn = self.conn.as_mut().ok_or(Failure::ClientGone)?;
+        conn.send(bufs, &detached(py)).map_err(|_| Failure::ClientGone)
+    }
+
+    fn complete(&mut self, status: u16, body_bytes: u64) {
+        if let Some(conn) = self.conn.take() {
+            conn.complete(status, body_bytes);
+        }
+    }
+
+    fn abort(&mut self, status: u16) {
+        if let Some(conn) = self.conn.take() {
+            conn.abort(status, self.body_bytes);
         }
     }
 
@@ -357,10 +359,10 @@ impl ResponseState {
         self.declared_length.is_none() && !self.is_head && response::status_has_body(self.status_code())
     }
 
-    fn head(&self, content_length: Option<u64>, extra: usize) -> Result<BytesMut, Failure> {
+    fn head(&self, content_length: Option<u64>) -> Result<BytesMut, Failure> {
         let (status, _) = self.started()?;
         let headers = self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
-        Ok(response::encode_head(status, headers, content_length, extra))
+        Ok(response::encode_head(status, headers, content_length, 0))
     }
 
     /// PEP 3333: never send more than the app's own Content-Length.
@@ -387,6 +389,7 @@ impl ResponseState {
         &data[..room as usize]
     }
 
+    /// A body known in full (a list or tuple): head and chunks in one writev, with a Content-Length.
     fn send_whole(&mut self, py: Python<'_>, chunks: &[&[u8]]) -> Result<(), Failure> {
         if self.headers_sent {
             // The app already streamed part of the body through write(): the rest follows as plain chunks.
@@ -396,15 +399,16 @@ impl ResponseState {
             return self.finish(py);
         }
         let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        let length = self.may_add_length().then_some(total);
-        let mut buf = self.head(length, usize::try_from(total).unwrap_or(0))?;
+        let head = self.head(self.may_add_length().then_some(total))?;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(chunks.len() + 1);
+        parts.push(&head);
         for chunk in chunks {
             let chunk = self.clip(chunk);
-            buf.extend_from_slice(chunk);
             self.body_bytes += chunk.len() as u64;
+            parts.push(chunk);
         }
         self.headers_sent = true;
-        self.finish_with(py, buf.freeze())
+        self.finish_with(py, &parts)
     }
 
     fn send_chunk(&mut self, py: Python<'_>, data: &[u8]) -> Result<(), Failure> {
@@ -414,18 +418,14 @@ impl ResponseState {
         }
         let data = self.clip(data);
         if self.headers_sent {
-            if data.is_empty() {
-                return Ok(());
-            }
             self.body_bytes += data.len() as u64;
-            return self.send(py, Reply::Send(Bytes::copy_from_slice(data)));
+            return self.write(py, &[data]);
         }
-        // The head and the first chunk go out in one write.
-        let mut buf = self.head(None, data.len())?;
-        buf.extend_from_slice(data);
+        // The head and the first chunk go out in one writev.
+        let head = self.head(None)?;
         self.headers_sent = true;
         self.body_bytes += data.len() as u64;
-        self.send(py, Reply::Send(buf.freeze()))
+        self.write(py, &[&head, data])
     }
 
     fn send_file(&mut self, py: Python<'_>, file: SendableFile) -> Result<(), Failure> {
@@ -433,67 +433,48 @@ impl ResponseState {
             Some(limit) => file.len.min(limit),
             None => file.len,
         };
-        let head = self.head(self.may_add_length().then_some(len), 0)?;
+        let head = self.head(self.may_add_length().then_some(len))?;
         self.headers_sent = true;
-        self.send(py, Reply::Send(head.freeze()))?;
+        self.write(py, &[&head])?;
         if len > 0 && !self.is_head {
-            self.send(
-                py,
-                Reply::SendFile {
-                    file: file.file,
-                    offset: file.offset,
-                    len,
-                },
-            )?;
+            let conn = self.conn.as_mut().ok_or(Failure::ClientGone)?;
+            conn.send_file(&file.file, file.offset, len, &detached(py))
+                .map_err(|_| Failure::ClientGone)?;
             self.body_bytes = len;
         }
         self.finish(py)
     }
 
-    /// The body is complete: send the head if no chunk carried it, then tell the connection.
+    /// The body is complete: send the head if no chunk carried it, then end the response.
     fn finish(&mut self, py: Python<'_>) -> Result<(), Failure> {
-        let tail = if self.headers_sent {
-            Bytes::new()
-        } else {
-            // Everything the app produced was empty, so the length is known to be zero.
-            let head = self.head(self.may_add_length().then_some(0), 0)?;
-            self.headers_sent = true;
-            head.freeze()
-        };
-        self.finish_with(py, tail)
+        if self.headers_sent {
+            return self.finish_with(py, &[]);
+        }
+        // Everything the app produced was empty, so the length is known to be zero.
+        let head = self.head(self.may_add_length().then_some(0))?;
+        self.headers_sent = true;
+        self.finish_with(py, &[&head])
     }
 
-    /// Completes the response with `tail` as its last bytes.
-    fn finish_with(&mut self, py: Python<'_>, tail: Bytes) -> Result<(), Failure> {
+    /// Writes `last`, the response's final bytes, and ends the response: complete, or reset if the app sent
+    /// less than its Content-Length.
+    fn finish_with(&mut self, py: Python<'_>, last: &[&[u8]]) -> Result<(), Failure> {
         let (_, status) = *self.started()?;
         let short = self
             .declared_length
             .is_some_and(|l| self.body_bytes < l && !self.is_head && response::status_has_body(status));
+        self.write(py, last)?;
         if short {
             tracing::error!(
                 content_length = self.declared_length,
                 sent = self.body_bytes,
                 "the app sent less body than its Content-Length"
             );
-            if !tail.is_empty() {
-                self.send(py, Reply::Send(tail))?;
-            }
-            return self.send(
-                py,
-                Reply::Abort {
-                    status,
-                    body_bytes: self.body_bytes,
-                },
-            );
+            self.abort(status);
+        } else {
+            self.complete(status, self.body_bytes);
         }
-        self.send(
-            py,
-            Reply::Done {
-                tail,
-                status,
-                body_bytes: self.body_bytes,
-            },
-        )
+        Ok(())
     }
 }
 

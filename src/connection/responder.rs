@@ -1,0 +1,233 @@
+//! The response side of a connection, driven by the app thread that runs the request: what the app produces
+//! goes straight to the socket, and the thread waits (with the GIL released, through [`Unblock`]) only while
+//! the socket is full. The connection ends with an ordinary close when the response is complete, else with
+//! a reset (see the module doc of `connection`).
+
+use std::fs::File;
+use std::io::{self, IoSlice, Read};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nix::poll::PollFlags;
+use socket2::Socket;
+
+use super::access::{RequestInfo, record};
+use super::watchdog::Watch;
+use super::{ConnShared, is_disconnect};
+use crate::listener;
+
+/// Runs a blocking wait so that others can go on meanwhile: the app threads pass a closure that releases the
+/// GIL around it.
+pub type Unblock<'a> = &'a dyn Fn(&mut (dyn FnMut() + Send));
+
+/// The connection is gone: the peer went away or stopped reading, or the request timed out. Already logged.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the connection is gone")]
+pub struct Gone;
+
+/// Most buffers per writev: Linux refuses more than IOV_MAX (1024) in one call.
+const MAX_IOV: usize = 512;
+/// Most bytes per sendfile(2) call: big enough to keep the socket buffer full.
+const SENDFILE_CHUNK: u64 = 1 << 20;
+
+/// Writes one response and ends its connection.
+pub struct Responder {
+    socket: Socket,
+    tcp: bool,
+    shared: Arc<ConnShared>,
+    request: RequestInfo,
+    started: Instant,
+    /// Registered with the watchdog when there is a `--timeout`.
+    watch: Option<Arc<Watch>>,
+    /// A write failed and the peer is gone (already logged).
+    gone: bool,
+    /// The response was completed or aborted.
+    ended: bool,
+}
+
+impl Responder {
+    pub(super) fn new(
+        socket: Socket,
+        tcp: bool,
+        shared: Arc<ConnShared>,
+        request: RequestInfo,
+        started: Instant,
+        span: &tracing::Span,
+    ) -> Responder {
+        shared.metrics.request_started();
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        let watch = shared
+            .watchdog
+            .as_ref()
+            .map(|w| w.watch(socket.as_raw_fd(), tcp, started, request.clone(), span.clone()));
+        Responder {
+            socket,
+            tcp,
+            shared,
+            request,
+            started,
+            watch,
+            gone: false,
+            ended: false,
+        }
+    }
+
+    /// Names the Python thread that runs the request, for the stack dump of a request that times out.
+    pub fn running_on(&self, thread: u64) {
+        if let Some(watch) = &self.watch {
+            watch.running_on(thread);
+        }
+    }
+
+    /// Writes every buffer, in order, with as few writev calls as the socket allows.
+    pub fn send(&mut self, bufs: &[&[u8]], unblock: Unblock<'_>) -> Result<(), Gone> {
+        if self.gone {
+            return Err(Gone);
+        }
+        let mut slices: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)).collect();
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let batch = rest.len().min(MAX_IOV);
+            let socket = &self.socket;
+            let Some(result) = attempt(&self.watch, || socket.send_vectored(&rest[..batch])) else {
+                return Err(self.timed_out());
+            };
+            match result {
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable(unblock)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.lost(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `len` bytes of `file` from `offset` with sendfile(2): from the page cache to the socket without
+    /// passing through this process.
+    pub fn send_file(&mut self, file: &File, mut offset: u64, len: u64, unblock: Unblock<'_>) -> Result<(), Gone> {
+        if self.gone {
+            return Err(Gone);
+        }
+        let end = offset.saturating_add(len);
+        while offset < end {
+            let count = (end - offset).min(SENDFILE_CHUNK) as usize;
+            let fd = self.socket.as_raw_fd();
+            let Some(result) = attempt(&self.watch, || listener::sendfile(fd, file, &mut offset, count)) else {
+                return Err(self.timed_out());
+            };
+            match result {
+                Ok(0) => {
+                    let short = io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced");
+                    return Err(self.lost(short));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable(unblock)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.lost(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The response is complete: consume the held-back byte so the close is an ordinary end of the response,
+    /// then count and log the request.
+    pub fn complete(mut self, status: u16, body_bytes: u64) {
+        if !self.end() {
+            return;
+        }
+        // Peeked earlier, so it is queued and this read returns at once.
+        let mut last = [0u8; 1];
+        if let Err(error) = (&self.socket).read(&mut last) {
+            tracing::debug!(%error, "cannot read the request's last byte");
+        }
+        record(&self.shared, &self.request, status, body_bytes, self.started);
+        self.shared.lifecycle.request_finished();
+    }
+
+    /// The response failed after its head was sent: reset the connection so nginx sees the truncation.
+    pub fn abort(mut self, status: u16, body_bytes: u64) {
+        if !self.end() {
+            return;
+        }
+        record(&self.shared, &self.request, status, body_bytes, self.started);
+        self.shared.lifecycle.request_finished();
+        self.reset();
+    }
+
+    /// The watchdog answered the request (and logged it) while the app was still producing the response.
+    fn timed_out(&mut self) -> Gone {
+        self.gone = true;
+        Gone
+    }
+
+    fn wait_writable(&mut self, unblock: Unblock<'_>) -> Result<(), Gone> {
+        let stall = self.shared.config.write_timeout;
+        let socket = &self.socket;
+        let mut ready = Ok(true);
+        unblock(&mut || ready = listener::wait_ready(socket.as_fd(), PollFlags::POLLOUT, stall));
+        match ready {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.stalled(stall)),
+            Err(e) => Err(self.lost(e)),
+        }
+    }
+
+    fn stalled(&mut self, stall: Duration) -> Gone {
+        self.gone = true;
+        tracing::warn!(timeout = ?stall, "the peer stopped reading the response; dropping it");
+        Gone
+    }
+
+    fn lost(&mut self, error: io::Error) -> Gone {
+        self.gone = true;
+        if is_disconnect(&error) {
+            tracing::debug!(%error, "peer went away");
+        } else {
+            tracing::warn!(%error, "closing connection");
+        }
+        Gone
+    }
+
+    /// Marks the response ended; false if the watchdog already answered it, leaving nothing to do.
+    fn end(&mut self) -> bool {
+        if self.ended {
+            return false;
+        }
+        self.ended = true;
+        let on_time = self.watch.as_ref().is_none_or(|w| w.end());
+        if on_time {
+            self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        }
+        on_time
+    }
+
+    /// Makes the close that follows (dropping the socket) an error for the peer: an RST on TCP, ECONNRESET on a
+    /// Unix socket, since the request's last byte is still unread.
+    fn reset(&self) {
+        if self.tcp {
+            let _ = self.socket.set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+/// Runs one non-blocking write, unless the request has timed out and the watchdog has answered it (`None`).
+fn attempt(watch: &Option<Arc<Watch>>, op: impl FnOnce() -> io::Result<usize>) -> Option<io::Result<usize>> {
+    match watch {
+        None => Some(op()),
+        Some(watch) => watch.write_on_time(op),
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.shared.metrics.request_ended();
+        if self.end() {
+            if !self.gone {
+                tracing::error!("the app thread ended the response without completing it; resetting");
+            }
+            self.reset();
+        }
+    }
+}
