@@ -249,12 +249,29 @@ pub fn accept_now(listener: &OwnedFd) -> io::Result<Option<(Socket, Option<Socke
     }
 }
 
-/// Peeks at the bytes queued in a non-blocking socket without consuming them (`WouldBlock`: none yet).
-pub fn peek_now(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: viewing initialised bytes as MaybeUninit is sound as long as nothing writes uninitialised bytes
-    // through the view; recv(2) only ever writes received bytes.
-    let view: &mut [MaybeUninit<u8>] = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-    socket.peek(view)
+/// Peeks at the bytes queued in a non-blocking socket without consuming them (`WouldBlock`: none yet), into
+/// the spare capacity of `buf`, whose length becomes what was peeked. No zeroing of the buffer first.
+pub fn peek_now(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.clear();
+    let n = socket.peek(buf.spare_capacity_mut())?;
+    // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity, and `n` is at most its length.
+    unsafe { buf.set_len(n) };
+    Ok(n)
+}
+
+/// Reads and drops `len` queued bytes (fewer if the peer closed), without zeroing a buffer for them.
+pub fn discard(socket: &Socket, mut len: usize) -> io::Result<()> {
+    let mut scratch = [MaybeUninit::<u8>::uninit(); 8 * 1024];
+    while len > 0 {
+        let want = len.min(scratch.len());
+        match socket.recv(&mut scratch[..want]) {
+            Ok(0) => return Ok(()),
+            Ok(n) => len -= n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Waits until `fd` is ready for `events` (readable, writable, or closed), at most `timeout`. Returns false when

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::app::{AppPool, Job, JobSource};
-use crate::connection::{self, ConnShared, Queued, Unblock};
+use crate::connection::{self, ConnShared, Queued};
 use crate::listener::{self, BoundSocket};
 use crate::worker::{Control, RetireReason};
 
@@ -232,7 +232,15 @@ struct Intake {
     /// Wakes this thread for a new connection (one thread per connection: EPOLLEXCLUSIVE), a queued request,
     /// or the stop. Dropped once the worker stops, so wake-ups go to threads that still accept.
     epoll: Option<Epoll>,
+    /// The last wait reported a listener ready, so accepting is worth a try. After a request the thread waits
+    /// first: epoll answers at once when a connection is queued, and most of the time none is, which an
+    /// accept would only find out with a failed syscall.
+    listener_ready: bool,
 }
+
+/// Epoll tags: which of the registered descriptors is ready.
+const LISTENER_EVENT: u64 = 0;
+const OTHER_EVENT: u64 = 1;
 
 /// What one round of accepting gave.
 // Made once per connection and taken apart at once: boxing the request would only add an allocation.
@@ -249,18 +257,19 @@ impl Intake {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let one = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
         for (fd, _) in &hub.listeners {
-            epoll.add(fd, EpollEvent::new(one, 0))?;
+            epoll.add(fd, EpollEvent::new(one, LISTENER_EVENT))?;
         }
-        epoll.add(&hub.ready_signal, EpollEvent::new(one, 0))?;
-        epoll.add(&hub.stop_signal, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+        epoll.add(&hub.ready_signal, EpollEvent::new(one, OTHER_EVENT))?;
+        epoll.add(&hub.stop_signal, EpollEvent::new(EpollFlags::EPOLLIN, OTHER_EVENT))?;
         Ok(Intake {
             hub: Arc::clone(hub),
             epoll: Some(epoll),
+            listener_ready: true,
         })
     }
 
     /// Accepts on each listener until one gives a connection.
-    fn accept(&self, unblock: Unblock<'_>) -> Accepted {
+    fn accept(&self) -> Accepted {
         let hub = &self.hub;
         for (fd, name) in &hub.listeners {
             let (socket, peer) = match listener::accept_now(fd) {
@@ -268,7 +277,7 @@ impl Intake {
                 Ok(None) => continue,
                 Err(error) => {
                     tracing::error!(%error, listener = %name, "accept failed");
-                    unblock(&mut || std::thread::sleep(ACCEPT_BACKOFF));
+                    std::thread::sleep(ACCEPT_BACKOFF);
                     return Accepted::Handled;
                 }
             };
@@ -277,7 +286,7 @@ impl Intake {
             }
             let span = connection::conn_span(peer, name);
             let tcp = peer.is_some();
-            return match connection::read_queued(socket, tcp, span.clone(), &hub.shared, unblock) {
+            return match connection::read_queued(socket, tcp, span.clone(), &hub.shared) {
                 Queued::Job(job) => Accepted::Job(job),
                 Queued::PassOn(socket) => {
                     hub.pass_on(socket, tcp, span);
@@ -290,10 +299,9 @@ impl Intake {
     }
 
     /// Waits for a queued request only (the worker is stopping, or the async side is full).
-    fn wait_queued(&self, unblock: Unblock<'_>, timeout: Duration) -> Option<Job> {
+    fn wait_queued(&self, timeout: Duration) -> Option<Job> {
         let hub = &self.hub;
-        let mut job = None;
-        unblock(&mut || job = hub.ready_rx.recv_timeout(timeout).ok());
+        let job = hub.ready_rx.recv_timeout(timeout).ok();
         if job.is_some() {
             let _ = hub.ready_signal.read();
         }
@@ -302,7 +310,7 @@ impl Intake {
 }
 
 impl JobSource for Intake {
-    fn next(&mut self, unblock: Unblock<'_>) -> Option<Job> {
+    fn next(&mut self) -> Option<Job> {
         loop {
             let hub = &self.hub;
             if let Some(job) = hub.take_queued() {
@@ -314,31 +322,40 @@ impl JobSource for Intake {
             if hub.stopping.load(Ordering::SeqCst) {
                 hub.accepting.fetch_sub(1, Ordering::SeqCst);
                 self.epoll = None;
-                if let Some(job) = self.wait_queued(unblock, IDLE_WAIT) {
+                if let Some(job) = self.wait_queued(IDLE_WAIT) {
                     return Some(job);
                 }
                 continue;
             }
             if hub.full() {
                 hub.accepting.fetch_sub(1, Ordering::SeqCst);
-                if let Some(job) = self.wait_queued(unblock, DRAIN_POLL) {
+                if let Some(job) = self.wait_queued(DRAIN_POLL) {
                     return Some(job);
                 }
                 continue;
             }
-            let accepted = self.accept(unblock);
+            let accepted = if self.listener_ready {
+                self.accept()
+            } else {
+                Accepted::Nothing
+            };
             hub.accepting.fetch_sub(1, Ordering::SeqCst);
             match accepted {
-                Accepted::Job(job) => return Some(job),
+                Accepted::Job(job) => {
+                    self.listener_ready = false;
+                    return Some(job);
+                }
                 Accepted::Handled => continue,
                 Accepted::Nothing => {}
             }
             if let Some(epoll) = &self.epoll {
                 let mut events = [EpollEvent::empty(); 4];
                 let timeout = EpollTimeout::try_from(IDLE_WAIT).unwrap_or(EpollTimeout::MAX);
-                unblock(&mut || {
-                    let _ = epoll.wait(&mut events, timeout);
-                });
+                self.listener_ready = match epoll.wait(&mut events, timeout) {
+                    Ok(n) if n > 0 => events[..n].iter().any(|e| e.data() == LISTENER_EVENT),
+                    // A timeout, or interrupted: look at everything again.
+                    _ => true,
+                };
             }
         }
     }

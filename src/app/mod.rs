@@ -18,7 +18,7 @@ use pyo3::prelude::*;
 
 use crate::body::Body;
 use crate::config::Config;
-use crate::connection::{Responder, Unblock};
+use crate::connection::Responder;
 use crate::environ::Environ;
 
 pub use loader::AppSpec;
@@ -35,8 +35,8 @@ pub struct Job {
 
 /// Where an app thread gets its requests.
 pub trait JobSource: Send {
-    /// The next request to run. Called with the GIL held: it waits only through `unblock`, which releases it.
-    fn next(&mut self, unblock: Unblock<'_>) -> Option<Job>;
+    /// The next request to run, waiting for one as long as it takes. Called without the GIL.
+    fn next(&mut self) -> Option<Job>;
 }
 
 /// Why the app could not be started.

@@ -7,16 +7,16 @@
 //! timeouts and without holding an app thread, then queues it for the next free app thread. Either way the app
 //! thread writes the response itself, through a [`Responder`].
 //!
-//! The request's last byte is peeked, not read, until the response is complete. Closing a socket with unread
-//! data makes the kernel report an error to the peer (an RST on TCP, ECONNRESET on a Unix socket), so an
-//! aborted response reaches nginx as an upstream error instead of a clean end of a truncated body; a complete
-//! response consumes the byte first and ends with an ordinary close.
+//! Part of the request (at least its last byte) is peeked, not read, until the response is complete. Closing a
+//! socket with unread data makes the kernel report an error to the peer (an RST on TCP, ECONNRESET on a Unix
+//! socket), so an aborted response reaches nginx as an upstream error instead of a clean end of a truncated
+//! body; a complete response consumes the rest first and ends with an ordinary close.
 
 mod access;
 mod responder;
 mod watchdog;
 
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -41,7 +41,7 @@ use crate::worker::Lifecycle;
 
 pub use access::RequestInfo;
 use access::record;
-pub use responder::{Responder, Unblock};
+pub use responder::{Gone, Responder};
 pub use watchdog::{Watchdog, run as watch_timeouts};
 
 /// First peek size: a typical nginx packet (about 1 KiB of vars) fits with room to spare.
@@ -129,50 +129,34 @@ pub enum Queued {
 }
 
 /// The fast path, on the app thread that accepted the connection: if the whole request is queued in the
-/// socket (after a wait of at most [`FIRST_BYTES_WAIT`] for it to start), decode it and read it, all but its
-/// last byte; otherwise pass the connection on untouched. `unblock` runs the wait with the GIL released.
-pub fn read_queued(
-    socket: Socket,
-    tcp: bool,
-    span: tracing::Span,
-    shared: &Arc<ConnShared>,
-    unblock: Unblock<'_>,
-) -> Queued {
+/// socket, decode it from a peek and run it; otherwise pass the connection on untouched. Nothing is consumed
+/// until the response is complete (then the whole request is, in one read): a request seen whole takes one
+/// peek and one read, and an aborted response still closes with the request unread, so nginx sees a reset.
+pub fn read_queued(socket: Socket, tcp: bool, span: tracing::Span, shared: &Arc<ConnShared>) -> Queued {
     let started = Instant::now();
-    let mut buf = vec![0u8; INITIAL_PEEK];
+    let mut buf = Vec::with_capacity(INITIAL_PEEK);
     let mut n = peek(&socket, &mut buf);
     if n.is_none() {
-        let mut ready = Ok(false);
-        unblock(&mut || ready = listener::wait_ready(socket.as_fd(), PollFlags::POLLIN, FIRST_BYTES_WAIT));
-        if matches!(ready, Ok(true)) {
-            n = peek(&socket, &mut buf);
-        }
+        // nginx writes the request right after connect() returns, so it is usually microseconds away: let
+        // nginx run if it shares this core, and only then sleep in poll (which costs two context switches).
+        std::thread::yield_now();
+        n = peek(&socket, &mut buf);
     }
-    let Some(n) = n else {
+    if n.is_none()
+        && matches!(
+            listener::wait_ready(socket.as_fd(), PollFlags::POLLIN, FIRST_BYTES_WAIT),
+            Ok(true)
+        )
+    {
+        n = peek(&socket, &mut buf);
+    }
+    if n.is_none() {
         return Queued::PassOn(socket);
-    };
-    buf.truncate(n);
+    }
     let seen = Bytes::from(buf);
     let Some((environ, packet_len, total)) = whole_request(&seen, &shared.config) else {
         return Queued::PassOn(socket);
     };
-    // The request is queued in full, so these reads return at once; they only copy into a scratch buffer,
-    // since `seen` already holds the same bytes.
-    let mut scratch = [0u8; INITIAL_PEEK];
-    let mut left = total - 1;
-    while left > 0 {
-        match (&socket).read(&mut scratch[..left]) {
-            Ok(0) => return Queued::PassOn(socket),
-            Ok(got) => left -= got,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // Queued bytes that cannot be read: the connection is broken; nothing to answer.
-            Err(error) => {
-                let _entered = span.enter();
-                tracing::debug!(%error, "peer went away");
-                return Queued::Done;
-            }
-        }
-    }
     shared.metrics.received(total as u64);
     let body = Body::Memory(seen.slice(packet_len..total));
     let request = RequestInfo::of(&environ, shared.config.access_log);
@@ -180,7 +164,7 @@ pub fn read_queued(
         let _conn = span.enter();
         request_span(&environ)
     };
-    let responder = Responder::new(socket, tcp, Arc::clone(shared), request, started, &span);
+    let responder = Responder::new(socket, tcp, total, Arc::clone(shared), request, started, &span);
     Queued::Job(Job {
         environ,
         body,
@@ -189,8 +173,9 @@ pub fn read_queued(
     })
 }
 
-/// Peeks at what is queued without waiting; `None` when nothing is (or the peer already closed).
-fn peek(socket: &Socket, buf: &mut [u8]) -> Option<usize> {
+/// Peeks at what is queued, without waiting, into `buf`'s spare capacity (which it then holds); `None` when
+/// nothing is queued (or the peer already closed).
+fn peek(socket: &Socket, buf: &mut Vec<u8>) -> Option<usize> {
     match listener::peek_now(socket, buf) {
         Ok(0) | Err(_) => None,
         Ok(n) => Some(n),
@@ -325,7 +310,16 @@ async fn handle(
         shared.metrics.received(total);
         let request = RequestInfo::of(&environ, shared.config.access_log);
         let span = tracing::Span::current();
-        let responder = Responder::new(stream.into_socket()?, tcp, Arc::clone(shared), request, started, &span);
+        // The async side read all but the request's last byte.
+        let responder = Responder::new(
+            stream.into_socket()?,
+            tcp,
+            1,
+            Arc::clone(shared),
+            request,
+            started,
+            &span,
+        );
         Ok(Some(Job {
             environ,
             body,

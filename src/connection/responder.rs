@@ -1,10 +1,10 @@
-//! The response side of a connection, driven by the app thread that runs the request: what the app produces
-//! goes straight to the socket, and the thread waits (with the GIL released, through [`Unblock`]) only while
-//! the socket is full. The connection ends with an ordinary close when the response is complete, else with
-//! a reset (see the module doc of `connection`).
+//! The response side of a connection, driven by the app thread that runs the request (without the GIL): what
+//! the app produces goes straight to the socket, waiting only while the socket is full, for at most
+//! `--write-timeout` at a time. The connection ends with an ordinary close when the response is complete, else
+//! with a reset (see the module doc of `connection`).
 
 use std::fs::File;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,10 +17,6 @@ use super::access::{RequestInfo, record};
 use super::watchdog::Watch;
 use super::{ConnShared, is_disconnect};
 use crate::listener;
-
-/// Runs a blocking wait so that others can go on meanwhile: the app threads pass a closure that releases the
-/// GIL around it.
-pub type Unblock<'a> = &'a dyn Fn(&mut (dyn FnMut() + Send));
 
 /// The connection is gone: the peer went away or stopped reading, or the request timed out. Already logged.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -36,6 +32,9 @@ const SENDFILE_CHUNK: u64 = 1 << 20;
 pub struct Responder {
     socket: Socket,
     tcp: bool,
+    /// Request bytes still queued unread (see the module doc of `connection`), consumed when the response is
+    /// complete.
+    unread: usize,
     shared: Arc<ConnShared>,
     request: RequestInfo,
     started: Instant,
@@ -51,6 +50,7 @@ impl Responder {
     pub(super) fn new(
         socket: Socket,
         tcp: bool,
+        unread: usize,
         shared: Arc<ConnShared>,
         request: RequestInfo,
         started: Instant,
@@ -61,10 +61,11 @@ impl Responder {
         let watch = shared
             .watchdog
             .as_ref()
-            .map(|w| w.watch(socket.as_raw_fd(), tcp, started, request.clone(), span.clone()));
+            .map(|w| w.watch(socket.as_raw_fd(), tcp, unread, started, request.clone(), span.clone()));
         Responder {
             socket,
             tcp,
+            unread,
             shared,
             request,
             started,
@@ -82,7 +83,7 @@ impl Responder {
     }
 
     /// Writes every buffer, in order, with as few writev calls as the socket allows.
-    pub fn send(&mut self, bufs: &[&[u8]], unblock: Unblock<'_>) -> Result<(), Gone> {
+    pub fn send(&mut self, bufs: &[&[u8]]) -> Result<(), Gone> {
         if self.gone {
             return Err(Gone);
         }
@@ -96,7 +97,7 @@ impl Responder {
             };
             match result {
                 Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable(unblock)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable()?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.lost(e)),
             }
@@ -106,7 +107,7 @@ impl Responder {
 
     /// Sends `len` bytes of `file` from `offset` with sendfile(2): from the page cache to the socket without
     /// passing through this process.
-    pub fn send_file(&mut self, file: &File, mut offset: u64, len: u64, unblock: Unblock<'_>) -> Result<(), Gone> {
+    pub fn send_file(&mut self, file: &File, mut offset: u64, len: u64) -> Result<(), Gone> {
         if self.gone {
             return Err(Gone);
         }
@@ -123,7 +124,7 @@ impl Responder {
                     return Err(self.lost(short));
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable(unblock)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable()?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(self.lost(e)),
             }
@@ -131,16 +132,15 @@ impl Responder {
         Ok(())
     }
 
-    /// The response is complete: consume the held-back byte so the close is an ordinary end of the response,
-    /// then count and log the request.
+    /// The response is complete: consume the rest of the request so the close is an ordinary end of the
+    /// response, then count and log the request.
     pub fn complete(mut self, status: u16, body_bytes: u64) {
         if !self.end() {
             return;
         }
-        // Peeked earlier, so it is queued and this read returns at once.
-        let mut last = [0u8; 1];
-        if let Err(error) = (&self.socket).read(&mut last) {
-            tracing::debug!(%error, "cannot read the request's last byte");
+        // Peeked earlier, so it is queued and this returns at once.
+        if let Err(error) = listener::discard(&self.socket, self.unread) {
+            tracing::debug!(%error, "cannot read the rest of the request");
         }
         record(&self.shared, &self.request, status, body_bytes, self.started);
         self.shared.lifecycle.request_finished();
@@ -162,12 +162,9 @@ impl Responder {
         Gone
     }
 
-    fn wait_writable(&mut self, unblock: Unblock<'_>) -> Result<(), Gone> {
+    fn wait_writable(&mut self) -> Result<(), Gone> {
         let stall = self.shared.config.write_timeout;
-        let socket = &self.socket;
-        let mut ready = Ok(true);
-        unblock(&mut || ready = listener::wait_ready(socket.as_fd(), PollFlags::POLLOUT, stall));
-        match ready {
+        match listener::wait_ready(self.socket.as_fd(), PollFlags::POLLOUT, stall) {
             Ok(true) => Ok(()),
             Ok(false) => Err(self.stalled(stall)),
             Err(e) => Err(self.lost(e)),

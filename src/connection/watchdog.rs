@@ -6,7 +6,6 @@
 //! made under it, and the watchdog steps in only between writes of a response that has not ended.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -16,6 +15,7 @@ use socket2::SockRef;
 
 use super::ConnShared;
 use super::access::{RequestInfo, record};
+use crate::listener;
 use crate::response;
 use crate::worker::RetireReason;
 
@@ -37,6 +37,8 @@ struct WatchState {
     /// The connection's descriptor, owned by the request's `Responder`; open until `ended`.
     fd: RawFd,
     tcp: bool,
+    /// Request bytes still unread in the socket.
+    unread: usize,
     started: Instant,
     request: RequestInfo,
     span: tracing::Span,
@@ -92,6 +94,7 @@ impl Watchdog {
         &self,
         fd: RawFd,
         tcp: bool,
+        unread: usize,
         started: Instant,
         request: RequestInfo,
         span: tracing::Span,
@@ -100,6 +103,7 @@ impl Watchdog {
             state: Mutex::new(WatchState {
                 fd,
                 tcp,
+                unread,
                 started,
                 request,
                 span,
@@ -162,8 +166,8 @@ async fn time_out(shared: &ConnShared, limit: Duration, watch: &Watch) {
             let (bytes, body_len) = response::server_response(504);
             // Nothing was written yet, so the empty socket buffer takes the short answer whole.
             let _ = socket.send(&bytes);
-            // The request's last byte, so the close that follows is an ordinary end of the 504.
-            let _ = socket.recv(&mut [MaybeUninit::uninit(); 1]);
+            // The rest of the request, so the close that follows is an ordinary end of the 504.
+            let _ = listener::discard(&socket, state.unread);
             record(shared, &state.request, 504, body_len, state.started);
         }
         if let Err(error) = close_under(state.fd) {
