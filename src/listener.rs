@@ -388,6 +388,11 @@ impl Stream {
         each!(self, s => s.read(buf).await)
     }
 
+    /// Reads (consumes) into the spare room of `buf`, which need not be initialised.
+    pub async fn read_buf(&mut self, buf: &mut impl bytes::BufMut) -> io::Result<usize> {
+        each!(self, s => s.read_buf(buf).await)
+    }
+
     pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         each!(self, s => s.write_all(buf).await)
     }

@@ -20,7 +20,8 @@ use common::http::{self, ReqBody};
 use common::nginx::Nginx;
 use common::uwsgi::{self, MODIFIER_PING, encode_header, nginx_vars, parse_response, read_to_close};
 use ops_support::{
-    Json, Output, Scrape, live_children, parse_json, parse_openmetrics, poll_until, raw_http, run_ferrule,
+    Json, Output, Scrape, all_threads_stopped, live_children, parse_json, parse_openmetrics, poll_until, raw_http,
+    run_ferrule,
 };
 
 /// `--check-config` and a refused start never load Python; this only bounds a hang.
@@ -957,6 +958,11 @@ fn metrics_through_nginx_count_what_was_served() {
         for &pid in &stopped.0 {
             ops_support::signal(pid, libc::SIGSTOP);
         }
+        // Every app thread accepts, so one still running could take a connection meant for the queue.
+        assert!(
+            poll_until(METRICS_WAIT, || stopped.0.iter().all(|&pid| all_threads_stopped(pid))),
+            "the workers did not stop"
+        );
         let waiting: Vec<TcpStream> = (0..3)
             .map(|_| TcpStream::connect(tcp).expect("connect to the TCP listener"))
             .collect();

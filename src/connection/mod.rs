@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use nix::poll::PollFlags;
 use socket2::Socket;
 use tokio::io::AsyncWriteExt;
@@ -398,13 +398,21 @@ async fn read_body(stream: &mut Stream, peeked: &Peeked, total: u64, config: &Co
     if body_len <= config.body_buffer_size {
         // One buffer for packet and body: a small POST is one read, and the body is a slice of it.
         let total = usize::try_from(total).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        let mut all = vec![0u8; total];
-        read_exact(stream, &mut all[..total - 1]).await?;
+        // Filled by the reads without being zeroed first (a 1 MiB body would otherwise be written twice).
+        let mut all = Vec::with_capacity(total);
+        while all.len() < total - 1 {
+            let want = total - 1 - all.len();
+            if stream.read_buf(&mut (&mut all).limit(want)).await? == 0 {
+                return Err(ConnError::Truncated(all.len()));
+            }
+        }
+        let mut last = [0u8; 1];
         match peeked.seen.get(total - 1) {
             // The first peek already saw the last byte: one syscall fewer for most requests.
-            Some(&last) => all[total - 1] = last,
-            None => peek_last(stream, &mut all[total - 1..]).await?,
+            Some(&byte) => last[0] = byte,
+            None => peek_last(stream, &mut last).await?,
         }
+        all.push(last[0]);
         return Ok(Body::Memory(Bytes::from(all).slice(packet_len..)));
     }
     let mut scratch = vec![0u8; packet_len.max(SPOOL_CHUNK)];

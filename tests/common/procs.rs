@@ -33,6 +33,22 @@ pub fn state_and_ppid(pid: u32) -> Option<(char, u32)> {
     Some((state, ppid))
 }
 
+/// Whether every thread of `pid` is stopped (state `T`). kill(SIGSTOP) returns before the stop has reached
+/// all threads of a process: the kernel wakes one thread, which then stops the others.
+pub fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .all(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+                .ok()
+                .and_then(|stat| Some(stat[stat.rfind(')')? + 1..].split_whitespace().next()?.starts_with('T')))
+                .unwrap_or(false)
+        })
+}
+
 /// Live (not zombie) children of `parent`, from the whole process table.
 pub fn live_children(parent: u32) -> BTreeSet<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {

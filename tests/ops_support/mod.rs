@@ -88,7 +88,7 @@ pub use crate::common::procs::poll_until;
 
 // --- processes ------------------------------------------------------------------------------------------
 
-pub use crate::common::procs::live_children;
+pub use crate::common::procs::{all_threads_stopped, live_children};
 
 /// Sends `sig` to a process the test found among its own server's workers.
 pub fn signal(pid: u32, sig: i32) {
