@@ -7,7 +7,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -38,10 +38,6 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How long an app thread backs off after accept failed (out of descriptors or memory).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// A request running for less than this is taken to be using the GIL: while one is, the worker's other
-/// threads leave new connections queued (see [`Gate`]). A request running longer is probably waiting on I/O
-/// (a database, a sleep), so it no longer holds the others back.
-const YOUNG: Duration = Duration::from_millis(2);
 
 /// Serves until told to stop, then drains.
 pub async fn run(
@@ -57,9 +53,9 @@ pub async fn run(
     let master_gone = control.master_gone()?;
     tokio::pin!(master_gone);
 
-    let hub = Arc::new(Hub::new(sockets, Arc::clone(&shared), pool.threads())?);
+    let hub = Arc::new(Hub::new(sockets, Arc::clone(&shared))?);
     let intakes = (0..pool.threads())
-        .map(|slot| Intake::new(&hub, slot).map(|i| Box::new(i) as Box<dyn JobSource>))
+        .map(|_| Intake::new(&hub).map(|i| Box::new(i) as Box<dyn JobSource>))
         .collect::<std::io::Result<Vec<_>>>()?;
     pool.run(intakes)?;
     tokio::spawn(connection::watch_timeouts(Arc::clone(&shared)));
@@ -131,11 +127,10 @@ struct Hub {
     runtime: tokio::runtime::Handle,
     /// When the app threads last warned that --max-connections was reached.
     full_warned: std::sync::Mutex<Option<Instant>>,
-    gate: Gate,
 }
 
 impl Hub {
-    fn new(sockets: Vec<BoundSocket>, shared: Arc<ConnShared>, threads: usize) -> std::io::Result<Hub> {
+    fn new(sockets: Vec<BoundSocket>, shared: Arc<ConnShared>) -> std::io::Result<Hub> {
         let listeners = sockets
             .into_iter()
             .map(|b| {
@@ -157,7 +152,6 @@ impl Hub {
             reading: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
             full_warned: std::sync::Mutex::new(None),
-            gate: Gate::new(threads),
         })
     }
 
@@ -232,85 +226,9 @@ impl Hub {
     }
 }
 
-/// Keeps the requests of one worker from sharing the GIL when they need not. Python runs one thread at a
-/// time, so a second CPU-bound request taken by the same worker only waits for the GIL, and both finish later
-/// than they would one after the other (processor sharing instead of first come, first served). So a thread
-/// accepts only while no other thread of its worker runs a request younger than [`YOUNG`]; until then new
-/// connections stay in the listen queue, where the other workers take them in order. Requests that wait on
-/// I/O still overlap once they are older. Measured on the Flask JSON view with 4 threads per worker, the
-/// time from accept to close went from p90 1.5 ms / p99 8.1 ms to p90 0.34 ms / p99 1.4 ms, at the same
-/// throughput; hello, whose requests are too short to overlap, was unchanged.
-struct Gate {
-    epoch: Instant,
-    /// Per app thread: when its current request started (nanoseconds after `epoch`, plus one); 0 when idle.
-    running: Vec<AtomicU64>,
-    /// Threads waiting to be let in, so a finishing request knows whether to wake anyone.
-    waiting: AtomicUsize,
-    lock: std::sync::Mutex<()>,
-    changed: std::sync::Condvar,
-}
-
-impl Gate {
-    fn new(threads: usize) -> Gate {
-        Gate {
-            epoch: Instant::now(),
-            running: (0..threads).map(|_| AtomicU64::new(0)).collect(),
-            waiting: AtomicUsize::new(0),
-            lock: std::sync::Mutex::new(()),
-            changed: std::sync::Condvar::new(),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
-    }
-
-    fn start(&self, slot: usize) {
-        self.running[slot].store(self.now() + 1, Ordering::SeqCst);
-    }
-
-    fn finish(&self, slot: usize) {
-        if self.running[slot].swap(0, Ordering::SeqCst) != 0 && self.waiting.load(Ordering::SeqCst) > 0 {
-            let _locked = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.changed.notify_all();
-        }
-    }
-
-    /// `None` if thread `slot` may accept now, else how long until the youngest other request ages.
-    fn held_back(&self, slot: usize) -> Option<Duration> {
-        let now = self.now();
-        let young = YOUNG.as_nanos() as u64;
-        self.running
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != slot)
-            .filter_map(|(_, r)| match r.load(Ordering::SeqCst) {
-                0 => None,
-                started => Some(now.saturating_sub(started - 1)),
-            })
-            .filter(|&age| age < young)
-            .map(|age| Duration::from_nanos(young - age))
-            .min()
-    }
-
-    /// Waits until thread `slot` may accept, at most `limit`.
-    fn wait(&self, slot: usize, limit: Duration) {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let locked = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        // Checked again under the lock: a request that finished in between has either been seen here or
-        // will notify after this thread waits.
-        if self.held_back(slot).is_some() {
-            let _ = self.changed.wait_timeout(locked, limit);
-        }
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// One app thread's way to its next request.
 struct Intake {
     hub: Arc<Hub>,
-    /// This thread's place in the gate.
-    slot: usize,
     /// Wakes this thread for a new connection (one thread per connection: EPOLLEXCLUSIVE), a queued request,
     /// or the stop. Dropped once the worker stops, so wake-ups go to threads that still accept.
     epoll: Option<Epoll>,
@@ -335,7 +253,7 @@ enum Accepted {
 }
 
 impl Intake {
-    fn new(hub: &Arc<Hub>, slot: usize) -> std::io::Result<Intake> {
+    fn new(hub: &Arc<Hub>) -> std::io::Result<Intake> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let one = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
         for (fd, _) in &hub.listeners {
@@ -345,7 +263,6 @@ impl Intake {
         epoll.add(&hub.stop_signal, EpollEvent::new(EpollFlags::EPOLLIN, OTHER_EVENT))?;
         Ok(Intake {
             hub: Arc::clone(hub),
-            slot,
             epoll: Some(epoll),
             listener_ready: true,
         })
@@ -394,27 +311,10 @@ impl Intake {
 
 impl JobSource for Intake {
     fn next(&mut self) -> Option<Job> {
-        let job = self.take();
-        if job.is_some() {
-            self.hub.gate.start(self.slot);
-        }
-        job
-    }
-}
-
-impl Intake {
-    fn take(&mut self) -> Option<Job> {
-        self.hub.gate.finish(self.slot);
         loop {
             let hub = &self.hub;
             if let Some(job) = hub.take_queued() {
                 return Some(job);
-            }
-            if let Some(wait) = hub.gate.held_back(self.slot) {
-                if !hub.stopping.load(Ordering::SeqCst) {
-                    hub.gate.wait(self.slot, wait);
-                    continue;
-                }
             }
             // Counted before the stop flag is read: a stop that begins now waits for this thread to hand on
             // whatever it accepts.
@@ -458,27 +358,5 @@ impl Intake {
                 };
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_gate_holds_back_others_only_while_a_request_is_young() {
-        let gate = Gate::new(3);
-        assert_eq!(gate.held_back(1), None, "an idle worker admits");
-        gate.start(0);
-        let wait = gate.held_back(1).expect("a young request holds the others back");
-        assert!(wait <= YOUNG, "{wait:?}");
-        assert_eq!(gate.held_back(0), None, "a thread is not held back by its own request");
-        // Aged past YOUNG (started long ago): probably waiting on I/O, so it no longer holds anyone back.
-        gate.running[0].store(1, Ordering::SeqCst);
-        std::thread::sleep(YOUNG);
-        assert_eq!(gate.held_back(1), None);
-        gate.start(2);
-        gate.finish(2);
-        assert_eq!(gate.held_back(1), None, "a finished request holds nobody back");
     }
 }
