@@ -25,8 +25,9 @@ const KEY_CACHE_LIMIT: usize = 512;
 
 /// The body of a request thread: take requests from `source` and run them. The GIL is held only while Python
 /// runs: accepting, reading and decoding the next request and writing the response happen without it, so with
-/// several threads one thread's I/O overlaps another's Python instead of queueing behind it for the GIL
-/// (measured with 4 threads: hello went from 26.5k to 31k req/s once intake left the GIL).
+/// several threads one thread's I/O can overlap another's Python, as in uWSGI. (Measured alone, this was
+/// neutral on hello with 4 threads; holding the GIL across a stream's non-blocking writes was neutral too,
+/// so the simpler rule stays.)
 pub(super) fn run_thread(shared: &Shared, mut source: Box<dyn JobSource>) {
     Python::attach(|py| {
         let ctx = match ThreadContext::new(py, shared) {
