@@ -388,6 +388,11 @@ impl Stream {
         each!(self, s => s.read(buf).await)
     }
 
+    /// Reads exactly `buf.len()` bytes; `UnexpectedEof` if the peer closes first.
+    pub async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        each!(self, s => s.read_exact(buf).await).map(|_| ())
+    }
+
     /// Reads (consumes) into the spare room of `buf`, which need not be initialised.
     pub async fn read_buf(&mut self, buf: &mut impl bytes::BufMut) -> io::Result<usize> {
         each!(self, s => s.read_buf(buf).await)

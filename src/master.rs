@@ -682,12 +682,12 @@ async fn answer_scrape(
     queues: &[(String, OwnedFd)],
 ) -> std::io::Result<()> {
     let mut header = [0u8; crate::packet::HEADER_LEN];
-    read_exact(&mut stream, &mut header).await?;
+    stream.read_exact(&mut header).await?;
     let Ok((_, header)) = crate::packet::parse_uwsgi_header(&header) else {
         return Ok(());
     };
     let mut vars = vec![0u8; usize::from(header.datasize)];
-    read_exact(&mut stream, &mut vars).await?;
+    stream.read_exact(&mut vars).await?;
     if header.modifier1 == crate::packet::MODIFIER_PING {
         stream.write_all(&crate::packet::PONG).await?;
         return stream.shutdown().await;
@@ -705,14 +705,4 @@ async fn answer_scrape(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
-}
-
-async fn read_exact(stream: &mut Stream, mut buf: &mut [u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        match stream.read(buf).await? {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            n => buf = &mut buf[n..],
-        }
-    }
-    Ok(())
 }

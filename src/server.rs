@@ -247,7 +247,7 @@ const OTHER_EVENT: u64 = 1;
 #[allow(clippy::large_enum_variant)]
 enum Accepted {
     Job(Job),
-    /// A connection was dealt with (passed on, refused or broken): look again before waiting.
+    /// A connection was dealt with (passed on or refused): look again before waiting.
     Handled,
     Nothing,
 }
@@ -292,7 +292,6 @@ impl Intake {
                     hub.pass_on(socket, tcp, span);
                     Accepted::Handled
                 }
-                Queued::Done => Accepted::Handled,
             };
         }
         Accepted::Nothing

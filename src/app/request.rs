@@ -361,7 +361,7 @@ impl ResponseState {
     }
 
     fn may_add_length(&self) -> bool {
-        self.declared_length.is_none() && !self.is_head && response::status_has_body(self.status_code())
+        self.declared_length.is_none() && response::may_add_content_length(self.is_head, self.status_code())
     }
 
     fn head(&self, content_length: Option<u64>) -> Result<BytesMut, Failure> {

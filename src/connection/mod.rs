@@ -124,8 +124,6 @@ pub enum Queued {
     Job(Job),
     /// Not (yet) a request this thread can run: nothing was consumed, the async side takes it from here.
     PassOn(Socket),
-    /// The connection broke while its request was read; nothing is left to do.
-    Done,
 }
 
 /// The fast path, on the app thread that accepted the connection: if the whole request is queued in the

@@ -91,15 +91,8 @@ impl Responder {
         let mut rest: &mut [IoSlice<'_>] = &mut slices;
         while !rest.is_empty() {
             let batch = rest.len().min(MAX_IOV);
-            let socket = &self.socket;
-            let Some(result) = attempt(&self.watch, || socket.send_vectored(&rest[..batch])) else {
-                return Err(self.timed_out());
-            };
-            match result {
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable()?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.lost(e)),
+            if let Some(n) = self.write_step(|socket| socket.send_vectored(&rest[..batch]))? {
+                IoSlice::advance_slices(&mut rest, n);
             }
         }
         Ok(())
@@ -114,19 +107,10 @@ impl Responder {
         let end = offset.saturating_add(len);
         while offset < end {
             let count = (end - offset).min(SENDFILE_CHUNK) as usize;
-            let fd = self.socket.as_raw_fd();
-            let Some(result) = attempt(&self.watch, || listener::sendfile(fd, file, &mut offset, count)) else {
-                return Err(self.timed_out());
-            };
-            match result {
-                Ok(0) => {
-                    let short = io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced");
-                    return Err(self.lost(short));
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable()?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.lost(e)),
+            let step = self.write_step(|socket| listener::sendfile(socket.as_raw_fd(), file, &mut offset, count))?;
+            if step == Some(0) {
+                let short = io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced");
+                return Err(self.lost(short));
             }
         }
         Ok(())
@@ -135,31 +119,51 @@ impl Responder {
     /// The response is complete: consume the rest of the request so the close is an ordinary end of the
     /// response, then count and log the request.
     pub fn complete(mut self, status: u16, body_bytes: u64) {
-        if !self.end() {
-            return;
-        }
-        // Peeked earlier, so it is queued and this returns at once.
-        if let Err(error) = listener::discard(&self.socket, self.unread) {
-            tracing::debug!(%error, "cannot read the rest of the request");
-        }
-        record(&self.shared, &self.request, status, body_bytes, self.started);
-        self.shared.lifecycle.request_finished();
+        self.conclude(status, body_bytes, true);
     }
 
     /// The response failed after its head was sent: reset the connection so nginx sees the truncation.
     pub fn abort(mut self, status: u16, body_bytes: u64) {
+        self.conclude(status, body_bytes, false);
+    }
+
+    fn conclude(&mut self, status: u16, body_bytes: u64, complete: bool) {
         if !self.end() {
             return;
         }
+        if complete {
+            // Peeked earlier, so it is queued and this returns at once.
+            if let Err(error) = listener::discard(&self.socket, self.unread) {
+                tracing::debug!(%error, "cannot read the rest of the request");
+            }
+        } else {
+            self.reset();
+        }
         record(&self.shared, &self.request, status, body_bytes, self.started);
         self.shared.lifecycle.request_finished();
-        self.reset();
     }
 
-    /// The watchdog answered the request (and logged it) while the app was still producing the response.
-    fn timed_out(&mut self) -> Gone {
-        self.gone = true;
-        Gone
+    /// One non-blocking write: `Some(bytes written)`, or `None` after waiting for room (or an interrupted
+    /// call), so the caller tries again. Fails when the connection is gone, which it logs.
+    fn write_step(&mut self, op: impl FnOnce(&Socket) -> io::Result<usize>) -> Result<Option<usize>, Gone> {
+        let socket = &self.socket;
+        let result = match &self.watch {
+            None => op(socket),
+            // The watchdog answered the request (and logged it) while the app was still producing it.
+            Some(watch) => match watch.write_on_time(|| op(socket)) {
+                Some(result) => result,
+                None => {
+                    self.gone = true;
+                    return Err(Gone);
+                }
+            },
+        };
+        match result {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_writable().map(|()| None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e) => Err(self.lost(e)),
+        }
     }
 
     fn wait_writable(&mut self) -> Result<(), Gone> {
@@ -206,14 +210,6 @@ impl Responder {
         if self.tcp {
             let _ = self.socket.set_linger(Some(Duration::ZERO));
         }
-    }
-}
-
-/// Runs one non-blocking write, unless the request has timed out and the watchdog has answered it (`None`).
-fn attempt(watch: &Option<Arc<Watch>>, op: impl FnOnce() -> io::Result<usize>) -> Option<io::Result<usize>> {
-    match watch {
-        None => Some(op()),
-        Some(watch) => watch.write_on_time(op),
     }
 }
 
