@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use std::ffi::OsString;
 
+use clap::builder::BoolishValueParser;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 
 /// Serve a Python WSGI app to nginx over the uwsgi protocol.
@@ -23,23 +24,31 @@ pub struct Options {
     pub app: Option<String>,
 
     /// TOML file with options (see above)
-    #[arg(long, value_name = "FILE", env = "FERRULE_CONFIG")]
+    #[arg(short = 'c', long, value_name = "FILE", env = "FERRULE_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
-    /// Validate the configuration, print the effective settings and exit
+    /// Validate the configuration and import the app, print the effective settings and exit
     #[arg(long)]
     #[serde(skip)]
     pub check_config: bool,
 
     /// Where to listen (repeatable): `unix:/path`, `/abs/path`, `HOST:PORT`, `[v6]:PORT` or an inherited
     /// `fd://N` [default: 127.0.0.1:3031, or the sockets systemd passes in LISTEN_FDS]
-    #[arg(long = "socket", value_name = "ADDR", env = "FERRULE_SOCKET", value_delimiter = ',')]
+    #[arg(
+        short = 'b',
+        long = "socket",
+        visible_alias = "bind",
+        value_name = "ADDR",
+        env = "FERRULE_SOCKET",
+        value_delimiter = ','
+    )]
     #[serde(rename = "socket")]
     pub sockets: Vec<String>,
 
     /// File mode of Unix sockets, in octal (nginx usually runs as another user: 660 with a shared group)
-    #[arg(long, value_name = "OCTAL", env = "FERRULE_SOCKET_MODE", value_parser = parse_octal_mode)]
+    #[arg(long, visible_alias = "chmod-socket", value_name = "OCTAL", env = "FERRULE_SOCKET_MODE",
+          value_parser = parse_octal_mode)]
     #[serde(serialize_with = "octal")]
     pub socket_mode: Option<u32>,
 
@@ -49,7 +58,8 @@ pub struct Options {
     pub threads: u32,
 
     /// Worker processes, supervised by a master process that holds the sockets
-    #[arg(long, value_name = "N", env = "FERRULE_WORKERS", default_value_t = 1,
+    #[arg(short = 'w', long, visible_alias = "processes", value_name = "N", env = "FERRULE_WORKERS",
+          default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
 
@@ -61,8 +71,8 @@ pub struct Options {
     #[arg(long, value_name = "DIR", env = "FERRULE_PYTHONPATH", value_delimiter = ',')]
     pub pythonpath: Vec<PathBuf>,
 
-    /// Virtualenv whose packages the app imports
-    #[arg(long, value_name = "DIR", env = "VIRTUAL_ENV")]
+    /// Virtualenv whose packages the app imports [default: $VIRTUAL_ENV]
+    #[arg(long, value_name = "DIR", env = "FERRULE_VIRTUALENV")]
     pub virtualenv: Option<PathBuf>,
 
     /// Largest uwsgi vars block accepted, in bytes (the protocol's maximum is 65535)
@@ -108,7 +118,7 @@ pub struct Options {
     pub graceful_timeout: u64,
 
     /// Seconds a request may run before it is answered with 504 and its worker replaced (0: no limit)
-    #[arg(long, value_name = "SECS", env = "FERRULE_TIMEOUT", default_value_t = 0)]
+    #[arg(short = 't', long, value_name = "SECS", env = "FERRULE_TIMEOUT", default_value_t = 0)]
     pub timeout: u64,
 
     /// Replace a worker after it served this many requests (0: never)
@@ -132,7 +142,7 @@ pub struct Options {
     pub metrics: Option<String>,
 
     /// Log one line per request
-    #[arg(long, env = "FERRULE_ACCESS_LOG")]
+    #[arg(long, env = "FERRULE_ACCESS_LOG", value_parser = BoolishValueParser::new())]
     pub access_log: bool,
 
     /// Text access-log line, with {method} {path} {status} {bytes} {duration_us} {pid} {request_id} {remote_addr}
@@ -149,7 +159,7 @@ pub struct Options {
 }
 
 /// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -171,8 +181,11 @@ fn parse_octal_mode(s: &str) -> Result<u32, String> {
     }
 }
 
+/// Where ferrule listens when no socket is given anywhere (uWSGI's customary port).
+pub const DEFAULT_SOCKET: &str = "127.0.0.1:3031";
+
 /// Where to listen.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SocketSpec {
     Unix(PathBuf),
     Tcp(SocketAddr),
@@ -203,6 +216,8 @@ pub enum ConfigError {
     BadVirtualenv(PathBuf),
     #[error("--allow-from {0:?}: expected a network like 10.0.0.0/8, 127.0.0.1 or ::1/128")]
     BadCidr(String),
+    #[error("--access-log-format: unknown field {{{field}}}; the known ones are {known}")]
+    UnknownLogField { field: String, known: String },
     #[error("no APP given: name it on the command line, in FERRULE_APP, or as `app` in the config file")]
     NoApp,
     #[error("--metrics: {0}")]
@@ -221,10 +236,12 @@ pub fn load_options(args: Vec<OsString>) -> Result<Options, ConfigError> {
     let matches = Options::command().get_matches_from(&args);
     let Some(file) = matches.get_one::<PathBuf>("config").cloned() else {
         // Cannot fail: these matches were just produced from the same definition.
-        return Options::from_arg_matches(&matches).map_err(|e| ConfigError::File {
-            file: PathBuf::new(),
-            error: e.to_string(),
-        });
+        return Options::from_arg_matches(&matches)
+            .map_err(|e| ConfigError::File {
+                file: PathBuf::new(),
+                error: e.to_string(),
+            })
+            .map(Options::with_ambient_virtualenv);
     };
     let text = std::fs::read_to_string(&file).map_err(|e| ConfigError::File {
         file: file.clone(),
@@ -262,6 +279,16 @@ pub fn load_options(args: Vec<OsString>) -> Result<Options, ConfigError> {
         };
         let values: Vec<String> = match value {
             toml::Value::Array(items) => items.iter().map(scalar).collect::<Result<_, _>>().map_err(bad)?,
+            // TOML reads both 660 and 0o660 as integers; only the literal tells which one was meant.
+            toml::Value::Integer(mode) if arg_id == "socket_mode" => match integer_literal(&text, key) {
+                Some(literal) if literal.starts_with("0o") => vec![format!("{mode:o}")],
+                _ => {
+                    return Err(bad(format!(
+                        "{mode} is ambiguous for a file mode: write it as an octal number, socket_mode = 0o660, \
+                         or as a string, socket_mode = \"660\""
+                    )));
+                }
+            },
             other => vec![scalar(other).map_err(bad)?],
         };
         let Some(long) = arg.get_long() else {
@@ -295,11 +322,79 @@ pub fn load_options(args: Vec<OsString>) -> Result<Options, ConfigError> {
     if matches.get_one::<String>("app").is_none() {
         merged.extend(app_from_file.map(OsString::from));
     }
-    let matches = Options::command().get_matches_from(merged);
-    Options::from_arg_matches(&matches).map_err(|e| ConfigError::File {
-        file,
-        error: e.to_string(),
+    let matches = Options::command()
+        .try_get_matches_from(merged)
+        .map_err(|e| ConfigError::File {
+            file: file.clone(),
+            error: first_line(&e.to_string()),
+        })?;
+    Options::from_arg_matches(&matches)
+        .map_err(|e| ConfigError::File {
+            file,
+            error: e.to_string(),
+        })
+        .map(Options::with_ambient_virtualenv)
+}
+
+/// The text after `key =` on the line that sets `key` at the top of a TOML file.
+fn integer_literal<'t>(text: &'t str, key: &str) -> Option<&'t str> {
+    text.lines().find_map(|line| {
+        let rest = line.trim_start().strip_prefix(key)?.trim_start().strip_prefix('=')?;
+        rest.split('#').next().map(str::trim)
     })
+}
+
+/// The `{field}`s a text access-log line may use.
+pub const ACCESS_LOG_FIELDS: [&str; 8] = [
+    "method",
+    "path",
+    "status",
+    "bytes",
+    "duration_us",
+    "pid",
+    "request_id",
+    "remote_addr",
+];
+
+/// Refuses a `--access-log-format` naming a field that does not exist (a typo would otherwise be logged
+/// verbatim on every request). A brace that does not enclose a name is literal text.
+fn check_access_log_format(format: &str) -> Result<(), ConfigError> {
+    let mut rest = format;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        rest = after;
+        let Some(close) = after.find('}') else { break };
+        let name = &after[..close];
+        let is_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if is_name && !ACCESS_LOG_FIELDS.contains(&name) {
+            return Err(ConfigError::UnknownLogField {
+                field: name.to_owned(),
+                known: ACCESS_LOG_FIELDS.map(|f| format!("{{{f}}}")).join(" "),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Options {
+    /// The sockets to bind: those given, else systemd's, else the default `127.0.0.1:3031`.
+    pub fn effective_sockets(&self) -> Vec<String> {
+        if self.sockets.is_empty() && systemd_fds().is_empty() {
+            return vec![DEFAULT_SOCKET.to_owned()];
+        }
+        self.sockets.clone()
+    }
+
+    /// Without --virtualenv from the command line, FERRULE_VIRTUALENV or the file, an activated venv
+    /// (`$VIRTUAL_ENV`) is the one the app uses, as with uWSGI.
+    fn with_ambient_virtualenv(mut self) -> Options {
+        if self.virtualenv.is_none() {
+            self.virtualenv = std::env::var_os("VIRTUAL_ENV")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from);
+        }
+        self
+    }
 }
 
 fn scalar(v: &toml::Value) -> Result<String, String> {
@@ -321,7 +416,7 @@ fn first_line(s: &str) -> String {
 }
 
 /// A network in CIDR notation, for `--allow-from`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cidr {
     addr: IpAddr,
     prefix: u8,
@@ -391,8 +486,9 @@ pub fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
     }
 }
 
-/// The validated configuration.
-#[derive(Debug, Clone)]
+/// The validated configuration. The master validates it once and hands it to each worker as it is (see
+/// [`Config::encode`]), so a worker never reads the command line, the environment or the file itself.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     pub app: String,
     pub sockets: Vec<SocketSpec>,
@@ -421,6 +517,7 @@ pub struct Config {
     pub metrics: Option<SocketSpec>,
     pub access_log_format: Option<String>,
     pub log_format: LogFormat,
+    pub log_level: String,
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
     /// Resident memory limit in bytes.
@@ -430,10 +527,13 @@ pub struct Config {
 impl Config {
     pub fn from_options(o: Options) -> Result<Config, ConfigError> {
         let sockets = o
-            .sockets
+            .effective_sockets()
             .iter()
             .map(|s| parse_socket(s))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(format) = &o.access_log_format {
+            check_access_log_format(format)?;
+        }
         let chdir = match o.chdir {
             Some(dir) => Some(dir.canonicalize().map_err(|e| ConfigError::BadChdir(dir, e))?),
             None => None,
@@ -455,6 +555,7 @@ impl Config {
                 .map_err(|e| ConfigError::BadMetrics(Box::new(e)))?,
             access_log_format: o.access_log_format,
             log_format: o.log_format,
+            log_level: o.log_level,
             sockets,
             socket_mode: o.socket_mode,
             threads: o.threads as usize,
@@ -484,6 +585,18 @@ impl Config {
             max_requests_jitter: o.max_requests_jitter,
             reload_on_rss: (o.reload_on_rss > 0).then(|| o.reload_on_rss.saturating_mul(1 << 20)),
         })
+    }
+}
+
+impl Config {
+    /// The form in which the master hands the validated settings to a worker: one line of JSON.
+    pub fn encode(&self) -> String {
+        // Cannot fail: every field is a plain value, string, path or list of them.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(line: &str) -> Result<Config, serde_json::Error> {
+        serde_json::from_str(line)
     }
 }
 

@@ -33,6 +33,9 @@ pub struct Environ {
     /// Length of the body that follows the vars (`CONTENT_LENGTH`, empty or missing = 0).
     pub content_length: u64,
     pub method: Bytes,
+    /// The packet had vars but no `REQUEST_METHOD` (a `location` without `include uwsgi_params;`), so the
+    /// method was taken to be GET.
+    pub method_defaulted: bool,
     /// What the access log shows: `REQUEST_URI`, else `PATH_INFO?QUERY_STRING`.
     pub log_path: Bytes,
 }
@@ -44,6 +47,8 @@ pub enum EnvironError {
     InvalidContentLength(String),
     #[error("missing REQUEST_METHOD")]
     MissingMethod,
+    #[error("conflicting CONTENT_LENGTH values {0:?} and {1:?}")]
+    ConflictingContentLength(String, String),
 }
 
 /// Above this many vars, repeated keys are found through a hash map instead of a scan, so a hostile block of
@@ -79,6 +84,16 @@ impl Environ {
                 None => out.iter().position(|(k, _)| k == var.key),
             };
             match existing {
+                // A client cannot send Host twice (nginx refuses it), so a repeated HTTP_HOST comes from the
+                // configuration: `uwsgi_param HTTP_HOST ...;` after `include uwsgi_params;` overrides it.
+                Some(at) if var.key == b"HTTP_HOST" => out[at].1 = buf.slice_ref(var.value),
+                // The length decides where the body ends: two different ones cannot both be honoured.
+                Some(at) if var.key == b"CONTENT_LENGTH" && out[at].1 != var.value => {
+                    return Err(EnvironError::ConflictingContentLength(
+                        String::from_utf8_lossy(&out[at].1).into_owned(),
+                        String::from_utf8_lossy(var.value).into_owned(),
+                    ));
+                }
                 // Older nginx sends a repeated request header as repeated vars; uWSGI keeps only one of them.
                 Some(at) if var.key.starts_with(b"HTTP_") => {
                     let sep: &[u8] = if var.key == b"HTTP_COOKIE" { b"; " } else { b", " };
@@ -106,10 +121,19 @@ impl Environ {
             url_scheme: UrlScheme::Http,
             content_length: 0,
             method: Bytes::new(),
+            method_defaulted: false,
             log_path: Bytes::new(),
         };
         env.method = match env.get(b"REQUEST_METHOD") {
             Some(m) if !m.is_empty() => m.clone(),
+            // nginx's own tests of uwsgi backends set a few params and no method; uWSGI calls the app and
+            // gunicorn takes GET. An empty method, or no vars at all, is no request.
+            None if !vars.is_empty() => {
+                let get = Bytes::from_static(b"GET");
+                env.vars.push((Bytes::from_static(b"REQUEST_METHOD"), get.clone()));
+                env.method_defaulted = true;
+                get
+            }
             _ => return Err(EnvironError::MissingMethod),
         };
         env.content_length = parse_content_length(env.get(b"CONTENT_LENGTH").map(|v| &v[..]))?;
@@ -362,8 +386,43 @@ mod tests {
     }
 
     #[test]
-    fn method_is_required() {
-        assert_eq!(env_of(&[("PATH_INFO", "/")]).unwrap_err(), EnvironError::MissingMethod);
+    fn a_missing_method_is_get_but_an_empty_one_is_refused() {
+        let env = env_of(&[("PATH_INFO", "/"), ("CONTENT_LENGTH", "2")]).unwrap();
+        assert_eq!(env.method, "GET");
+        assert!(env.method_defaulted);
+        assert_eq!(get(&env, "REQUEST_METHOD"), Some("GET"));
+        assert_eq!(env_of(&[]).unwrap_err(), EnvironError::MissingMethod);
+        let empty = env_of(&[("REQUEST_METHOD", ""), ("PATH_INFO", "/")]);
+        assert_eq!(empty.unwrap_err(), EnvironError::MissingMethod);
+        assert!(!env_of(&[("REQUEST_METHOD", "GET")]).unwrap().method_defaulted);
+    }
+
+    #[test]
+    fn a_repeated_host_keeps_the_last_value() {
+        let env = env_of(&[
+            ("REQUEST_METHOD", "GET"),
+            ("HTTP_HOST", "127.0.0.1"),
+            ("HTTP_HOST", "127.0.0.1:18081"),
+        ])
+        .unwrap();
+        assert_eq!(get(&env, "HTTP_HOST"), Some("127.0.0.1:18081"));
+        assert_eq!(get(&env, "SERVER_PORT"), Some("18081"));
+    }
+
+    #[test]
+    fn repeated_content_lengths_must_agree() {
+        let same = env_of(&[
+            ("REQUEST_METHOD", "POST"),
+            ("CONTENT_LENGTH", "3"),
+            ("CONTENT_LENGTH", "3"),
+        ]);
+        assert_eq!(same.unwrap().content_length, 3);
+        let conflict = env_of(&[
+            ("REQUEST_METHOD", "POST"),
+            ("CONTENT_LENGTH", "3"),
+            ("CONTENT_LENGTH", "4"),
+        ]);
+        assert!(matches!(conflict, Err(EnvironError::ConflictingContentLength(..))));
     }
 
     #[test]

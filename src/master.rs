@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -262,12 +263,13 @@ impl<'s> Master<'s> {
         tracing::info!(workers = self.desired, pid = std::process::id(), "ready");
 
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let stop_signal = loop {
+        // The signal received, and the one the workers get: SIGINT (Ctrl-C) stops them fast, like SIGQUIT.
+        let (received, stop_signal) = loop {
             tokio::select! {
                 _ = hup.recv() => self.reload(),
-                _ = term.recv() => break Signal::SIGTERM,
-                _ = int.recv() => break Signal::SIGQUIT,
-                _ = quit.recv() => break Signal::SIGQUIT,
+                _ = term.recv() => break (Signal::SIGTERM, Signal::SIGTERM),
+                _ = int.recv() => break (Signal::SIGINT, Signal::SIGQUIT),
+                _ = quit.recv() => break (Signal::SIGQUIT, Signal::SIGQUIT),
                 _ = ttin.recv() => {
                     self.desired += 1;
                     tracing::info!(workers = self.desired, "SIGTTIN: one worker more");
@@ -278,6 +280,7 @@ impl<'s> Master<'s> {
                 Some(event) = self.events_rx.recv() => self.on_event(event),
             }
         };
+        tracing::info!(signal = %received, "stopping");
         self.stop_all(stop_signal).await;
         Ok(())
     }
@@ -296,6 +299,12 @@ impl<'s> Master<'s> {
                 Event::Ready(id) => self.on_event(Event::Ready(id)),
                 Event::Exited(id, status) => {
                     let pid = self.workers.remove(&id).map_or(0, |w| w.pid);
+                    if !self.workers.is_empty() {
+                        tracing::info!(
+                            workers = self.workers.len(),
+                            "start-up failed; stopping the other workers"
+                        );
+                    }
                     self.stop_all(Signal::SIGQUIT).await;
                     return Err(if status.code() == Some(EXIT_APP_LOAD) {
                         MasterError::AppLoad
@@ -316,6 +325,11 @@ impl<'s> Master<'s> {
         let id = self.next_id;
         self.next_id += 1;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        // The worker's settings go first on its control socket (a few KiB, which the socket buffer takes whole).
+        // It counts as one of `desired` workers, so one added by SIGTTIN knows it is not alone.
+        let mut config = (*self.config).clone();
+        config.workers = config.workers.max(self.desired);
+        writeln!(&ours, "config {}", config.encode())?;
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.args(std::env::args_os().skip(1).collect::<Vec<OsString>>())
             .env(ENV_WORKER_ID, id.to_string())
@@ -488,9 +502,22 @@ impl<'s> Master<'s> {
         });
     }
 
-    /// SIGHUP: start a new generation; each old worker stops as soon as a new one is ready, so the app is
-    /// re-imported with no gap in service.
+    /// SIGHUP: read the configuration again, then start a new generation; each old worker stops as soon as a
+    /// new one is ready, so the app is re-imported with no gap in service. An invalid configuration is refused
+    /// and the current workers keep serving.
     fn reload(&mut self) {
+        match self.reread_config() {
+            Ok(config) => {
+                if config.workers != self.config.workers {
+                    self.desired = config.workers;
+                }
+                self.config = Arc::new(config);
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload refused: the configuration is invalid; the current workers keep serving");
+                return;
+            }
+        }
         self.generation += 1;
         let mut old: Vec<(u32, u32)> = self
             .workers
@@ -509,6 +536,38 @@ impl<'s> Master<'s> {
         for _ in 0..self.desired {
             self.spawn_or_log();
         }
+    }
+
+    /// The configuration as the command line, environment and file now give it. What was bound or set up
+    /// before the workers started (sockets, their mode and backlog, metrics address, user and group) keeps its
+    /// current value; a change to it is logged as needing a restart.
+    fn reread_config(&self) -> Result<Config, crate::config::ConfigError> {
+        let options = crate::config::load_options(std::env::args_os().collect())?;
+        let mut new = Config::from_options(options)?;
+        let old = &self.config;
+        let fixed = [
+            ("socket", new.sockets != old.sockets),
+            ("socket_mode", new.socket_mode != old.socket_mode),
+            ("listen_backlog", new.listen_backlog != old.listen_backlog),
+            ("metrics", new.metrics != old.metrics),
+            ("uid", new.uid != old.uid),
+            ("gid", new.gid != old.gid),
+        ];
+        for (option, changed) in fixed {
+            if changed {
+                tracing::warn!(
+                    option,
+                    "this option changed, but it takes a restart to apply; keeping its current value"
+                );
+            }
+        }
+        new.sockets.clone_from(&old.sockets);
+        new.socket_mode = old.socket_mode;
+        new.listen_backlog = old.listen_backlog;
+        new.metrics.clone_from(&old.metrics);
+        new.uid.clone_from(&old.uid);
+        new.gid.clone_from(&old.gid);
+        Ok(new)
     }
 
     fn abort_reload(&mut self, generation: u32) {
@@ -587,7 +646,7 @@ impl<'s> Master<'s> {
     /// Stops every worker and waits for all of them (killing the overdue).
     async fn stop_all(&mut self, sig: Signal) {
         let ids: Vec<u32> = self.workers.keys().copied().collect();
-        tracing::info!(workers = ids.len(), signal = %sig, "stopping");
+        tracing::debug!(workers = ids.len(), signal = %sig, "signalling the workers");
         for id in ids {
             // A worker still importing the app has no handlers yet (SIGQUIT's default would dump core) and
             // nothing in flight: it is killed outright.

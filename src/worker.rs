@@ -182,28 +182,86 @@ fn keep_large_allocations() {
 pub enum WorkerError {
     #[error("{ENV_WORKER_FDS} is missing or invalid: this process was not started by a ferrule master")]
     NoSockets,
+    #[error("cannot read the settings from the master: {0}")]
+    Handoff(String),
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error("cannot start the worker runtime: {0}")]
     Runtime(#[from] std::io::Error),
 }
 
+/// This process's worker number, when a master started it as a worker.
+pub fn worker_id() -> Option<u32> {
+    std::env::var(ENV_WORKER_ID).ok()?.parse().ok()
+}
+
+/// What a worker gets from its master: the validated settings, the listening sockets and the control channel.
+pub struct Handoff {
+    pub config: Config,
+    sockets: Vec<BoundSocket>,
+    control: Control,
+}
+
+/// How long a new worker waits for its settings; the master writes them right after starting it.
+const HANDOFF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Handoff {
+    /// Takes the inherited descriptors (sockets at 3.., the control socket after them) and reads the settings
+    /// line the master wrote first on the control socket.
+    pub fn receive() -> Result<Handoff, WorkerError> {
+        let count: i32 = std::env::var(ENV_WORKER_FDS)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .filter(|n| (1..=64).contains(n))
+            .ok_or(WorkerError::NoSockets)?;
+        let sockets = (3..3 + count)
+            .map(BoundSocket::inherit)
+            .collect::<Result<Vec<_>, _>>()?;
+        // SAFETY: the master places the control socket right after the listening sockets and nothing else in
+        // this process uses that descriptor; `inherit` above has already checked the ones before it.
+        let control = unsafe { OwnedFd::from_raw_fd(3 + count) };
+        let mut stream = std::os::unix::net::UnixStream::from(control);
+        let line = read_line(&mut stream).map_err(|e| WorkerError::Handoff(e.to_string()))?;
+        let config = line
+            .strip_prefix("config ")
+            .ok_or_else(|| WorkerError::Handoff("the first message is not the settings".into()))
+            .and_then(|json| Config::decode(json).map_err(|e| WorkerError::Handoff(e.to_string())))?;
+        Ok(Handoff {
+            config,
+            sockets,
+            control: Control { stream },
+        })
+    }
+}
+
+/// Reads one line, byte by byte so nothing after it is consumed (the master sends nothing else first anyway).
+fn read_line(stream: &mut std::os::unix::net::UnixStream) -> std::io::Result<String> {
+    use std::io::Read;
+    stream.set_read_timeout(Some(HANDOFF_TIMEOUT))?;
+    let mut line = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        line.extend_from_slice(&chunk[..n]);
+        if line.last() == Some(&b'\n') {
+            break;
+        }
+    }
+    stream.set_read_timeout(None)?;
+    line.pop();
+    String::from_utf8(line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 /// Runs a worker to its end. Does not return on success: the process exits without finalising Python.
-pub fn run(config: Config, id: u32) -> Result<(), WorkerError> {
-    let count: i32 = std::env::var(ENV_WORKER_FDS)
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .filter(|n| (1..=64).contains(n))
-        .ok_or(WorkerError::NoSockets)?;
-    let sockets = (3..3 + count)
-        .map(BoundSocket::inherit)
-        .collect::<Result<Vec<_>, _>>()?;
-    // SAFETY: the master places the control socket right after the listening sockets and nothing else in this
-    // process uses that descriptor; `inherit` above has already checked the ones before it.
-    let control = unsafe { OwnedFd::from_raw_fd(3 + count) };
-    let control = Control {
-        stream: std::os::unix::net::UnixStream::from(control),
-    };
+pub fn run(handoff: Handoff, id: u32) -> Result<(), WorkerError> {
+    let Handoff {
+        config,
+        sockets,
+        control,
+    } = handoff;
     let _span = tracing::info_span!("worker", id, pid = std::process::id()).entered();
     keep_large_allocations();
     let pool = match AppPool::start(&config) {

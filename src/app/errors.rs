@@ -17,7 +17,8 @@ pub fn format_exception(py: Python<'_>, err: &PyErr) -> String {
     }
 }
 
-/// `wsgi.errors`: a text stream whose complete lines go to the log.
+/// `wsgi.errors`: a text stream whose writes go to the log, one record per write (a traceback logged in one
+/// call stays one record); a write that does not end its line waits for the rest, or for the request's end.
 #[pyclass(module = "ferrule")]
 pub struct ErrorStream {
     /// A line written in several pieces, until its newline arrives.
@@ -42,7 +43,7 @@ impl ErrorStream {
         // A poisoned lock only means another writer panicked mid-line; the text is still usable.
         let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
         partial.push_str(s);
-        while let Some(nl) = partial.find('\n') {
+        if let Some(nl) = partial.rfind('\n') {
             Self::emit(&partial[..nl]);
             partial.drain(..=nl);
         }
@@ -56,7 +57,7 @@ impl ErrorStream {
         Ok(())
     }
 
-    fn flush(&self) {
+    pub(super) fn flush(&self) {
         let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
         if !partial.is_empty() {
             Self::emit(&partial);

@@ -94,10 +94,12 @@ impl AppPool {
 
     /// Starts one app thread per source; each runs requests from its source until the process ends.
     pub fn run(&self, sources: Vec<Box<dyn JobSource>>) -> std::io::Result<()> {
+        let stack_size = app_thread_stack_size();
         for (n, source) in sources.into_iter().enumerate() {
             let shared = Arc::clone(&self.shared);
             thread::Builder::new()
                 .name(format!("ferrule-app-{n}"))
+                .stack_size(stack_size)
                 .spawn(move || request::run_thread(&shared, source))?;
         }
         Ok(())
@@ -106,6 +108,29 @@ impl AppPool {
     pub fn threads(&self) -> usize {
         self.threads
     }
+}
+
+/// `--check-config`: starts the interpreter and imports the app exactly as a worker would, without serving.
+pub fn check_app_loads(config: &Config) -> Result<(), AppError> {
+    AppPool::start(config).map(drop)
+}
+
+/// The stack an app thread gets: what a process's main thread gets (`RLIMIT_STACK`, 8 MiB by default), since
+/// Python code that recurses through C (`map`, `sorted` with a key, C extensions) uses the C stack, and an
+/// overflow kills the whole worker; uWSGI runs apps on a main thread and serves such recursion 10000 deep.
+/// Untouched stack pages cost no memory. Unlimited falls back to 8 MiB; below 2 MiB (the Rust default) or above 1 GiB it is clamped.
+fn app_thread_stack_size() -> usize {
+    const DEFAULT: usize = 8 << 20;
+    const MAX: usize = 1 << 30;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return DEFAULT;
+    }
+    usize::try_from(limit.rlim_cur).map_or(DEFAULT, |n| n.clamp(2 << 20, MAX))
 }
 
 /// The current Python stack of the thread with this `threading.get_ident()`, formatted like a traceback.

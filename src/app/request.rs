@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::errors::{ErrorStream, format_exception};
 use super::file_wrapper::{FileWrapper, SendableFile};
@@ -79,13 +79,16 @@ struct ThreadContext<'py> {
     /// The constant part of every environ; each request starts from a copy.
     base: Bound<'py, PyDict>,
     keys: RefCell<HashMap<Bytes, Py<PyString>>>,
+    /// This thread's `wsgi.errors`, flushed after each request so a last line without a newline is logged.
+    errors: Bound<'py, ErrorStream>,
 }
 
 impl<'py> ThreadContext<'py> {
     fn new(py: Python<'py>, shared: &Shared) -> PyResult<ThreadContext<'py>> {
         let base = PyDict::new(py);
+        let errors = Bound::new(py, ErrorStream::new())?;
         base.set_item("wsgi.version", (1, 0))?;
-        base.set_item("wsgi.errors", Bound::new(py, ErrorStream::new())?)?;
+        base.set_item("wsgi.errors", &errors)?;
         base.set_item("wsgi.multithread", shared.multithread)?;
         base.set_item("wsgi.multiprocess", shared.multiprocess)?;
         base.set_item("wsgi.run_once", false)?;
@@ -95,6 +98,7 @@ impl<'py> ThreadContext<'py> {
             app: shared.app.bind(py).clone(),
             base,
             keys: RefCell::new(HashMap::new()),
+            errors,
         })
     }
 
@@ -116,6 +120,7 @@ impl<'py> ThreadContext<'py> {
         if let Err(failure) = self.run(py, &environ, body, &start_response) {
             fail(py, &start_response, failure);
         }
+        self.errors.borrow().flush();
     }
 
     fn run(
@@ -182,6 +187,18 @@ fn respond<'py>(py: Python<'py>, sr: &Bound<'py, StartResponse>, result: &Bound<
             return sr.borrow_mut().state.send_file(py, file);
         }
     }
+    // PEP 3333 wants an iterable of bytes, but uWSGI sends a bare bytes object as the body and apps written
+    // for it rely on that: it is served as `[body]`. A bytearray is copied first, since another thread could
+    // resize it while it is written without the GIL.
+    if let Ok(bytes) = result.cast::<PyBytes>() {
+        warn_bare_body("bytes");
+        return sr.borrow_mut().state.send_whole(py, &[bytes.as_bytes()]);
+    }
+    if let Ok(array) = result.cast::<PyByteArray>() {
+        warn_bare_body("bytearray");
+        let copy = array.to_vec();
+        return sr.borrow_mut().state.send_whole(py, &[&copy[..]]);
+    }
     // A list or tuple is the whole body at once: one write, with a Content-Length.
     if let Ok(list) = result.cast::<PyList>() {
         return send_whole(py, sr, list.iter());
@@ -195,6 +212,18 @@ fn respond<'py>(py: Python<'py>, sr: &Bound<'py, StartResponse>, result: &Bound<
         sr.borrow_mut().state.send_chunk(py, chunk.as_bytes())?;
     }
     sr.borrow_mut().state.finish(py)
+}
+
+/// Says once per worker that the app returns a bare bytes object, which other servers may reject.
+fn warn_bare_body(kind: &str) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            kind,
+            "the app returned a bare {kind} object, served as its whole body; PEP 3333 requires an iterable of \
+             bytes (return [body]; wsgiref.validate rejects this) (said once per worker)"
+        );
+    }
 }
 
 fn as_bytes<'a, 'py>(item: &'a Bound<'py, PyAny>) -> Result<&'a Bound<'py, PyBytes>, Failure> {

@@ -116,6 +116,19 @@ fn request_span(environ: &Environ) -> tracing::Span {
     )
 }
 
+/// Says once per worker that requests arrive without `REQUEST_METHOD`, which almost always means a `location`
+/// that forwards with `uwsgi_pass` but lacks `include uwsgi_params;`.
+fn warn_about_defaults(environ: &Environ) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if environ.method_defaulted && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            path = %String::from_utf8_lossy(&environ.log_path),
+            "a request came without REQUEST_METHOD, so the app sees GET (PEP 3333 needs a method): is \
+             `include uwsgi_params;` missing from the nginx location? (said once per worker)"
+        );
+    }
+}
+
 /// What `read_queued` made of a freshly accepted connection.
 // Made once per connection and taken apart at once: boxing the request would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -156,6 +169,7 @@ pub fn read_queued(socket: Socket, tcp: bool, span: tracing::Span, shared: &Arc<
         return Queued::PassOn(socket);
     };
     shared.metrics.received(total as u64);
+    warn_about_defaults(&environ);
     let body = Body::Memory(seen.slice(packet_len..total));
     let request = RequestInfo::of(&environ, shared.config.access_log);
     let span = {
@@ -281,7 +295,9 @@ async fn handle(
         Err(error) => {
             tracing::warn!(%error, "refusing request");
             let status = match error {
-                EnvironError::InvalidContentLength(_) | EnvironError::MissingMethod => 400,
+                EnvironError::InvalidContentLength(_)
+                | EnvironError::MissingMethod
+                | EnvironError::ConflictingContentLength(..) => 400,
             };
             let request = RequestInfo::of_vars(&peeked.packet, &vars);
             return refuse(&mut stream, shared, status, &request, started)
@@ -290,6 +306,7 @@ async fn handle(
         }
     };
     drop(vars);
+    warn_about_defaults(&environ);
     if let Some(limit) = config.max_body_size.filter(|&limit| environ.content_length > limit) {
         tracing::warn!(
             content_length = environ.content_length,

@@ -150,8 +150,9 @@ async fn time_out(shared: &ConnShared, limit: Duration, watch: &Watch) {
         if state.ended || state.timed_out {
             return;
         }
+        // `active` keeps counting this request until its stack is logged below: the retirement makes the worker
+        // drain and exit, and with nothing else in flight it would exit before the dump ran.
         state.timed_out = true;
-        shared.active.fetch_sub(1, Ordering::SeqCst);
         let _entered = state.span.enter();
         tracing::error!(timeout = ?limit, "request timed out");
         // SAFETY: the response has not ended, so its Responder still owns the descriptor, and it cannot close
@@ -187,8 +188,9 @@ async fn time_out(shared: &ConnShared, limit: Duration, watch: &Watch) {
         }
     });
     if tokio::time::timeout(STACK_DUMP_LIMIT, dump).await.is_err() {
-        tracing::error!("could not take the stuck request's Python stack: the GIL stayed busy");
+        tracing::error!("could not take the stuck request's Python stack: the app held the GIL");
     }
+    shared.active.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Closes a connection whose descriptor number the stuck app thread still holds: the number is pointed at
