@@ -30,6 +30,10 @@ pub enum ListenError {
     Stale(SocketSpec, io::Error),
     #[error("{0}: cannot set the socket mode: {1}")]
     Mode(SocketSpec, io::Error),
+    #[error("{0}: cannot give the socket file to the --uid/--gid user and group: {1}")]
+    Owner(SocketSpec, io::Error),
+    #[error("{0}: the directory {1} does not exist (create it first; with systemd, RuntimeDirectory= does)")]
+    NoDirectory(SocketSpec, PathBuf),
     #[error("{0}: not a listening socket")]
     NotListening(SocketSpec),
 }
@@ -107,8 +111,14 @@ impl BoundSocket {
     pub fn remove_file(&self) {
         if let Some((path, ino)) = &self.unix_file {
             if fs::symlink_metadata(path).is_ok_and(|m| m.ino() == *ino) {
-                if let Err(error) = fs::remove_file(path) {
-                    tracing::warn!(path = %path.display(), %error, "cannot remove socket file");
+                match fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == io::ErrorKind::PermissionDenied => tracing::warn!(
+                        path = %path.display(),
+                        directory = %path.parent().unwrap_or(Path::new("/")).display(),
+                        "cannot remove the socket file: this user cannot write its directory"
+                    ),
+                    Err(error) => tracing::warn!(path = %path.display(), %error, "cannot remove the socket file"),
                 }
             }
         }
@@ -139,8 +149,13 @@ pub fn listen_queue_depth(fd: &impl AsFd) -> Option<u64> {
     Some(u64::from(info.tcpi_unacked))
 }
 
-/// Binds and listens on one socket.
-pub fn bind(spec: &SocketSpec, mode: Option<u32>, backlog: i32) -> Result<BoundSocket, ListenError> {
+/// Binds and listens on one socket. A Unix socket file gets `mode` and, when given, `owner` (user, group).
+pub fn bind(
+    spec: &SocketSpec,
+    mode: Option<u32>,
+    owner: Option<(Option<u32>, Option<u32>)>,
+    backlog: i32,
+) -> Result<BoundSocket, ListenError> {
     let err = |e| ListenError::Bind(spec.clone(), e);
     match spec {
         SocketSpec::Fd(fd) => BoundSocket::inherit(*fd),
@@ -158,6 +173,9 @@ pub fn bind(spec: &SocketSpec, mode: Option<u32>, backlog: i32) -> Result<BoundS
             })
         }
         SocketSpec::Unix(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                return Err(ListenError::NoDirectory(spec.clone(), dir.to_path_buf()));
+            }
             remove_stale_socket(spec, path)?;
             let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(err)?;
             socket.bind(&SockAddr::unix(path).map_err(err)?).map_err(err)?;
@@ -172,6 +190,9 @@ pub fn bind(spec: &SocketSpec, mode: Option<u32>, backlog: i32) -> Result<BoundS
                 if let Some(mode) = mode {
                     fs::set_permissions(path, fs::Permissions::from_mode(mode))
                         .map_err(|e| ListenError::Mode(spec.clone(), e))?;
+                }
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(path, uid, gid).map_err(|e| ListenError::Owner(spec.clone(), e))?;
                 }
                 let socket = SockRef::from(&bound.fd);
                 socket.listen(backlog).map_err(err)?;

@@ -34,6 +34,12 @@ pub enum MasterError {
     Listen(#[from] ListenError),
     #[error("cannot start a worker: {0}")]
     Spawn(std::io::Error),
+    #[error(
+        "the open-file limit is {limit} (soft and hard), too low to run: ferrule needs at least {needed} \
+         descriptors for these sockets and threads (raise it with ulimit -n, LimitNOFILE= in systemd, or the \
+         container's nofile ulimit)"
+    )]
+    DescriptorLimit { limit: u64, needed: u64 },
     #[error("the app could not be loaded (see the error above); not starting")]
     AppLoad,
     #[error("worker {pid} exited during start-up ({status})")]
@@ -44,13 +50,22 @@ pub enum MasterError {
     Io(#[from] std::io::Error),
 }
 
-/// Started as root, switch to `--uid`/`--gid` now that the sockets are bound; workers inherit the identity.
-fn drop_privileges(config: &Config) -> Result<(), MasterError> {
-    use nix::unistd::{Gid, Group, Uid, User, getuid, setgid, setgroups, setuid};
-    let fail = |what: &str, reason: String| MasterError::Privileges {
+/// Who the workers run as: `--uid`/`--gid` resolved once, before binding, so the socket files ferrule creates
+/// can be given to that user and group (nginx then reaches them through `--socket-mode`).
+struct Identity {
+    user: Option<nix::unistd::User>,
+    gid: Option<nix::unistd::Gid>,
+}
+
+fn privileges_error(what: &str, reason: String) -> MasterError {
+    MasterError::Privileges {
         what: what.to_owned(),
         reason,
-    };
+    }
+}
+
+fn resolve_identity(config: &Config) -> Result<Identity, MasterError> {
+    use nix::unistd::{Gid, Group, Uid, User};
     let user = match &config.uid {
         Some(u) => {
             let found = match u.parse::<u32>() {
@@ -59,13 +74,13 @@ fn drop_privileges(config: &Config) -> Result<(), MasterError> {
             };
             Some(
                 found
-                    .map_err(|e| fail(&format!("user {u}"), e.to_string()))?
-                    .ok_or_else(|| fail(&format!("user {u}"), "no such user".into()))?,
+                    .map_err(|e| privileges_error(&format!("user {u}"), e.to_string()))?
+                    .ok_or_else(|| privileges_error(&format!("user {u}"), "no such user".into()))?,
             )
         }
         None => None,
     };
-    let group = match &config.gid {
+    let gid = match &config.gid {
         Some(g) => {
             let found = match g.parse::<u32>() {
                 Ok(n) => Group::from_gid(Gid::from_raw(n)),
@@ -73,30 +88,112 @@ fn drop_privileges(config: &Config) -> Result<(), MasterError> {
             };
             Some(
                 found
-                    .map_err(|e| fail(&format!("group {g}"), e.to_string()))?
-                    .ok_or_else(|| fail(&format!("group {g}"), "no such group".into()))?
+                    .map_err(|e| privileges_error(&format!("group {g}"), e.to_string()))?
+                    .ok_or_else(|| privileges_error(&format!("group {g}"), "no such group".into()))?
                     .gid,
             )
         }
         None => user.as_ref().map(|u| u.gid),
     };
-    if !getuid().is_root() {
-        if user.as_ref().is_some_and(|u| u.uid != getuid()) {
-            return Err(fail("another user", "only root can change user".into()));
-        }
-        return Ok(());
+    Ok(Identity { user, gid })
+}
+
+impl Identity {
+    /// The owner for socket files: only root can give a file away, and only when a user or group is set.
+    fn socket_owner(&self) -> Option<(Option<u32>, Option<u32>)> {
+        let uid = self.user.as_ref().map(|u| u.uid.as_raw());
+        let gid = self.gid.map(|g| g.as_raw());
+        (nix::unistd::geteuid().is_root() && (uid.is_some() || gid.is_some())).then_some((uid, gid))
     }
-    let Some(gid) = group else {
-        tracing::warn!("running as root: pass --uid and --gid so the app does not run with root's privileges");
+
+    /// Started as root, switch to `--uid`/`--gid` now that the sockets are bound; workers inherit the identity.
+    fn switch_to(&self) -> Result<(), MasterError> {
+        use nix::unistd::{getuid, setgid, setgroups, setuid};
+        let fail = privileges_error;
+        if !getuid().is_root() {
+            if self.user.as_ref().is_some_and(|u| u.uid != getuid()) {
+                return Err(fail("another user", "only root can change user".into()));
+            }
+            return Ok(());
+        }
+        let Some(gid) = self.gid else {
+            tracing::warn!("running as root: pass --uid and --gid so the app does not run with root's privileges");
+            return Ok(());
+        };
+        // Group first: once the user changes, changing groups is no longer allowed.
+        setgroups(&[gid]).map_err(|e| fail("supplementary groups", e.to_string()))?;
+        setgid(gid).map_err(|e| fail(&format!("gid {gid}"), e.to_string()))?;
+        if let Some(user) = &self.user {
+            setuid(user.uid).map_err(|e| fail(&format!("user {}", user.name), e.to_string()))?;
+        }
+        tracing::info!(uid = %getuid(), gid = %gid, "dropped privileges");
+        Ok(())
+    }
+}
+
+/// Warns at start-up when this user cannot remove a socket file on exit (its directory is not writable), so
+/// the leftover file is no surprise; the next start replaces a stale file anyway.
+fn check_socket_dirs_writable(sockets: &[BoundSocket]) {
+    for socket in sockets {
+        let Some((path, _)) = &socket.unix_file else { continue };
+        let Some(dir) = path.parent() else { continue };
+        if nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() {
+            tracing::warn!(
+                directory = %dir.display(),
+                uid = %nix::unistd::getuid(),
+                "this user cannot write the socket's directory, so the socket file will not be removed on exit; \
+                 give the directory to this user (systemd: RuntimeDirectory=) to have it cleaned up"
+            );
+        }
+    }
+}
+
+/// Descriptors a worker needs besides its connections: stdio, the sockets and the control channel, one epoll per
+/// app thread, the runtime's own, the log pipe and what importing Python and the app opens.
+fn descriptors_needed(config: &Config, sockets: usize) -> u64 {
+    const BASE: u64 = 32;
+    BASE + sockets as u64 + 1 + config.threads as u64 * 2
+}
+
+/// Raises the soft open-file limit to the hard limit, as servers commonly do (container and shell defaults can
+/// be as low as 64 or 1024 while the hard limit allows far more); workers inherit it. Refuses to start when
+/// even that leaves no room to work, and warns when --max-connections cannot be reached.
+fn check_descriptor_limit(config: &Config) -> Result<(), MasterError> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return Ok(());
     };
-    // Group first: once the user changes, changing groups is no longer allowed.
-    setgroups(&[gid]).map_err(|e| fail("supplementary groups", e.to_string()))?;
-    setgid(gid).map_err(|e| fail(&format!("gid {gid}"), e.to_string()))?;
-    if let Some(user) = &user {
-        setuid(user.uid).map_err(|e| fail(&format!("user {}", user.name), e.to_string()))?;
+    let soft = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                tracing::debug!(from = soft, to = hard, "raised the open-file limit");
+                hard
+            }
+            Err(_) => soft,
+        }
+    } else {
+        soft
+    };
+    let sockets = config.sockets.len().max(1) + usize::from(config.metrics.is_some());
+    let needed = descriptors_needed(config, sockets);
+    if soft < needed + 8 {
+        return Err(MasterError::DescriptorLimit {
+            limit: soft,
+            needed: needed + 8,
+        });
     }
-    tracing::info!(uid = %getuid(), gid = %gid, "dropped privileges");
+    let per_worker = needed + config.max_connections as u64 * 2;
+    if per_worker > soft {
+        tracing::warn!(
+            limit = soft,
+            max_connections = config.max_connections,
+            workers = config.workers,
+            "the open-file limit is too low for --max-connections: each of the workers needs up to {per_worker} \
+             descriptors (a connection can take two, with a spooled body) but may open {soft}; raise the limit \
+             (LimitNOFILE=, ulimit -n) or lower --max-connections to {}",
+            soft.saturating_sub(needed) / 2
+        );
+    }
     Ok(())
 }
 
@@ -110,11 +207,14 @@ const FAST_STOP: Duration = Duration::from_secs(3);
 
 /// Binds every socket, runs the workers until a stop signal, and removes the socket files.
 pub fn run(config: Config) -> Result<(), MasterError> {
+    check_descriptor_limit(&config)?;
+    let identity = resolve_identity(&config)?;
+    let owner = identity.socket_owner();
     let mut specs = config.sockets.clone();
     specs.extend(systemd_fds());
     let mut sockets: Vec<BoundSocket> = Vec::with_capacity(specs.len());
     for spec in &specs {
-        match listener::bind(spec, config.socket_mode, config.listen_backlog) {
+        match listener::bind(spec, config.socket_mode, owner, config.listen_backlog) {
             Ok(bound) => {
                 tracing::info!(address = %bound.display_addr(), "listening");
                 sockets.push(bound);
@@ -137,7 +237,7 @@ pub fn run(config: Config) -> Result<(), MasterError> {
         );
     }
     let metrics_socket = match &config.metrics {
-        Some(spec) => match listener::bind(spec, config.socket_mode, config.listen_backlog) {
+        Some(spec) => match listener::bind(spec, config.socket_mode, owner, config.listen_backlog) {
             Ok(bound) => {
                 tracing::info!(address = %bound.display_addr(), "serving metrics");
                 Some(bound)
@@ -155,10 +255,11 @@ pub fn run(config: Config) -> Result<(), MasterError> {
             .chain(metrics_socket.as_ref())
             .for_each(BoundSocket::remove_file);
     };
-    if let Err(e) = drop_privileges(&config) {
+    if let Err(e) = identity.switch_to() {
         remove_all(&sockets);
         return Err(e);
     }
+    check_socket_dirs_writable(&sockets);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(async {
         let master = Master::new(Arc::new(config), &sockets);
@@ -674,13 +775,14 @@ impl<'s> Master<'s> {
 
 /// Puts the inherited descriptors at 3, 4, ... in the child, without CLOEXEC. Runs between fork and exec.
 fn place_fds(fds: &[RawFd]) -> std::io::Result<()> {
-    // First move every descriptor above the target range, so no dup2 overwrites a source not yet moved.
+    // First move every descriptor above the target range, so no dup2 overwrites a source not yet moved. The
+    // copies go to the lowest free numbers past that range, so a low open-file limit still has room.
     const MAX: usize = 80;
     let mut high = [0 as RawFd; MAX];
     if fds.len() > MAX {
-        return Err(std::io::Error::other("too many sockets"));
+        return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
     }
-    let floor = 3 + fds.len() as RawFd + MAX as RawFd;
+    let floor = 3 + fds.len() as RawFd;
     for (i, &fd) in fds.iter().enumerate() {
         // SAFETY: fcntl(F_DUPFD) on a descriptor the parent keeps open.
         let h = unsafe { libc::fcntl(fd, libc::F_DUPFD, floor) };
@@ -742,6 +844,14 @@ async fn answer_scrape(
 ) -> std::io::Result<()> {
     let mut header = [0u8; crate::packet::HEADER_LEN];
     stream.read_exact(&mut header).await?;
+    if let Some(proto) = crate::packet::sniff_foreign_protocol(&header) {
+        tracing::warn!(
+            protocol = proto,
+            "metrics: {}",
+            crate::packet::foreign_protocol_hint(proto)
+        );
+        return stream.shutdown().await;
+    }
     let Ok((_, header)) = crate::packet::parse_uwsgi_header(&header) else {
         return Ok(());
     };

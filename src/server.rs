@@ -127,6 +127,9 @@ struct Hub {
     runtime: tokio::runtime::Handle,
     /// When the app threads last warned that --max-connections was reached.
     full_warned: std::sync::Mutex<Option<Instant>>,
+    /// Failed accepts since the last one that worked: the first is logged, the rest counted, so running out
+    /// of descriptors is one line (and one when it clears), not one per thread every backoff.
+    accept_failures: std::sync::atomic::AtomicU64,
 }
 
 impl Hub {
@@ -152,6 +155,7 @@ impl Hub {
             reading: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
             full_warned: std::sync::Mutex::new(None),
+            accept_failures: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -195,6 +199,32 @@ impl Hub {
             }
         };
         self.reading.spawn_on(read.instrument(span), &self.runtime);
+    }
+
+    fn accept_failed(&self, error: &std::io::Error, listener: &str) {
+        if self.accept_failures.fetch_add(1, Ordering::SeqCst) > 0 {
+            return;
+        }
+        if error.raw_os_error() == Some(libc::EMFILE) || error.raw_os_error() == Some(libc::ENFILE) {
+            tracing::error!(
+                %error,
+                listener,
+                "accept failed: out of file descriptors; new connections wait in the listen queue until some \
+                 close (raise the open-file limit, LimitNOFILE= or ulimit -n, or lower --max-connections)"
+            );
+        } else {
+            tracing::error!(%error, listener, "accept failed; retrying");
+        }
+    }
+
+    fn accept_worked(&self) {
+        if self.accept_failures.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let failed = self.accept_failures.swap(0, Ordering::SeqCst);
+        if failed > 0 {
+            tracing::warn!(failed_attempts = failed, "accepting connections again");
+        }
     }
 
     fn allowed(&self, peer: Option<std::net::SocketAddr>, listener: &str) -> bool {
@@ -276,11 +306,12 @@ impl Intake {
                 Ok(Some(accepted)) => accepted,
                 Ok(None) => continue,
                 Err(error) => {
-                    tracing::error!(%error, listener = %name, "accept failed");
+                    hub.accept_failed(&error, name);
                     std::thread::sleep(ACCEPT_BACKOFF);
                     return Accepted::Handled;
                 }
             };
+            hub.accept_worked();
             if !hub.allowed(peer, name) {
                 return Accepted::Handled;
             }
@@ -318,7 +349,9 @@ impl JobSource for Intake {
             // Counted before the stop flag is read: a stop that begins now waits for this thread to hand on
             // whatever it accepts.
             hub.accepting.fetch_add(1, Ordering::SeqCst);
-            if hub.stopping.load(Ordering::SeqCst) {
+            // A worker over --reload-on-rss takes no new connections either: they go to the other workers and
+            // its replacement, while its requests in flight and queued finish.
+            if hub.stopping.load(Ordering::SeqCst) || hub.shared.lifecycle.over_memory() {
                 hub.accepting.fetch_sub(1, Ordering::SeqCst);
                 self.epoll = None;
                 if let Some(job) = self.wait_queued(IDLE_WAIT) {

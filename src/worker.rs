@@ -50,6 +50,8 @@ pub struct Lifecycle {
     served: AtomicU64,
     max_requests: Option<u64>,
     rss_limit: Option<u64>,
+    /// Past `rss_limit`: the worker accepts nothing more and waits for its replacement.
+    over_memory: AtomicBool,
     retiring: AtomicBool,
     retire_tx: mpsc::UnboundedSender<RetireReason>,
 }
@@ -65,6 +67,7 @@ impl Lifecycle {
             served: AtomicU64::new(0),
             max_requests: config.max_requests.map(|m| m.saturating_add(jitter)),
             rss_limit: config.reload_on_rss,
+            over_memory: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
             retire_tx,
         };
@@ -78,7 +81,14 @@ impl Lifecycle {
             self.retire(RetireReason::MaxRequests);
         }
         if let Some(limit) = self.rss_limit {
-            if crate::metrics::process_rss(std::process::id()).is_some_and(|rss| rss > limit) {
+            if let Some(rss) = crate::metrics::process_rss(std::process::id()).filter(|&rss| rss > limit) {
+                if !self.over_memory.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        rss_mib = rss >> 20,
+                        limit_mib = limit >> 20,
+                        "past --reload-on-rss: taking no new connections; finishing the requests in flight"
+                    );
+                }
                 self.retire(RetireReason::Memory);
             }
         }
@@ -90,6 +100,11 @@ impl Lifecycle {
         if reason == RetireReason::Timeout || !self.retiring.swap(true, Ordering::Relaxed) {
             let _ = self.retire_tx.send(reason);
         }
+    }
+
+    /// Whether the worker went past `--reload-on-rss` and so takes no new connections.
+    pub fn over_memory(&self) -> bool {
+        self.over_memory.load(Ordering::Relaxed)
     }
 
     pub fn served(&self) -> u64 {

@@ -89,6 +89,9 @@ pub enum ConnError {
     Malformed(PacketError),
     #[error("the peer did not send its request within {0:?}")]
     ReadTimeout(Duration),
+    /// The body could not be written to its temporary file (a full disk, most likely).
+    #[error("cannot spool the request body: {0}")]
+    Spool(io::Error),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -319,9 +322,27 @@ async fn handle(
     let span = request_span(&environ);
     async move {
         let total = peeked.packet.len() as u64 + environ.content_length;
-        let body = tokio::time::timeout_at(deadline, read_body(&mut stream, &peeked, total, config))
+        let body = match tokio::time::timeout_at(deadline, read_body(&mut stream, &peeked, total, config))
             .await
-            .map_err(timeout)??;
+            .map_err(timeout)?
+        {
+            Ok(body) => body,
+            // The server's own failure, not the peer's: answer it, before the app runs, instead of a reset that
+            // nginx would turn into a 502 that says nothing.
+            Err(ConnError::Spool(error)) => {
+                tracing::error!(
+                    %error,
+                    method = %String::from_utf8_lossy(&environ.method),
+                    path = %String::from_utf8_lossy(&environ.log_path),
+                    spool_dir = %std::env::temp_dir().display(),
+                    content_length = environ.content_length,
+                    "cannot spool the request body to the spool directory (TMPDIR); answering 503"
+                );
+                let request = RequestInfo::of(&environ, shared.config.access_log);
+                return refuse(&mut stream, shared, 503, &request, started).await.map(|()| None);
+            }
+            Err(other) => return Err(other),
+        };
         shared.metrics.received(total);
         let request = RequestInfo::of(&environ, shared.config.access_log);
         let span = tracing::Span::current();
@@ -369,10 +390,7 @@ async fn peek_packet(stream: &mut Stream, config: &Config) -> Result<Start, Conn
             MODIFIER_PING => return answer_ping(stream, header).await.map(|()| Start::Handled),
             other => {
                 match packet::sniff_foreign_protocol(&buf[..n]) {
-                    Some(proto) => tracing::warn!(
-                        protocol = proto,
-                        "this looks like {proto} sent to a uwsgi socket: point nginx at it with uwsgi_pass, not proxy_pass"
-                    ),
+                    Some(proto) => tracing::warn!(protocol = proto, "{}", packet::foreign_protocol_hint(proto)),
                     None => {
                         tracing::warn!(modifier1 = other, "unsupported uwsgi modifier1; closing")
                     }
@@ -432,8 +450,9 @@ async fn read_body(stream: &mut Stream, peeked: &Peeked, total: u64, config: &Co
     }
     let mut scratch = vec![0u8; packet_len.max(SPOOL_CHUNK)];
     read_exact(stream, &mut scratch[..packet_len]).await?;
-    // Made with the current thread's blocking call: creating an unlinked file is one quick syscall.
-    let mut file = tokio::fs::File::from_std(tempfile::tempfile()?);
+    // Made with the current thread's blocking call: creating an unlinked file is one quick syscall. Unlinked,
+    // it leaves nothing behind whatever happens to this request.
+    let mut file = tokio::fs::File::from_std(tempfile::tempfile().map_err(ConnError::Spool)?);
     let mut left = body_len - 1;
     while left > 0 {
         let want = usize::try_from(left).unwrap_or(usize::MAX).min(SPOOL_CHUNK);
@@ -441,13 +460,13 @@ async fn read_body(stream: &mut Stream, peeked: &Peeked, total: u64, config: &Co
         if n == 0 {
             return Err(ConnError::Truncated((total - left) as usize));
         }
-        file.write_all(&scratch[..n]).await?;
+        file.write_all(&scratch[..n]).await.map_err(ConnError::Spool)?;
         left -= n as u64;
     }
     let mut last = [0u8; 1];
     peek_last(stream, &mut last).await?;
-    file.write_all(&last).await?;
-    file.flush().await?;
+    file.write_all(&last).await.map_err(ConnError::Spool)?;
+    file.flush().await.map_err(ConnError::Spool)?;
     Ok(Body::Spooled {
         file: file.into_std().await,
         len: body_len,
