@@ -160,14 +160,14 @@ pub fn sniff_foreign_protocol(first: &[u8]) -> Option<&'static str> {
 }
 
 /// What to tell the operator when [`sniff_foreign_protocol`] recognised something that is not uwsgi.
-pub fn foreign_protocol_hint(protocol: &str) -> &'static str {
-    match protocol {
+pub fn foreign_protocol_hint(protocol: &str) -> String {
+    let advice = match protocol {
         "TLS" => {
-            "this looks like TLS sent to a uwsgi socket: this socket speaks plain uwsgi, so point nginx at it with \
-             uwsgi_pass host:port (an suwsgi:// upstream sends TLS)"
+            "this socket speaks plain uwsgi: point nginx at it with uwsgi_pass host:port (an suwsgi:// upstream sends TLS)"
         }
-        _ => "this looks like HTTP sent to a uwsgi socket: point nginx at it with uwsgi_pass, not proxy_pass",
-    }
+        _ => "point nginx at it with uwsgi_pass, not proxy_pass",
+    };
+    format!("this looks like {protocol} sent to a uwsgi socket: {advice}")
 }
 
 #[cfg(test)]

@@ -229,6 +229,14 @@ impl Handoff {
             .and_then(|n| n.parse().ok())
             .filter(|n| (1..=64).contains(n))
             .ok_or(WorkerError::NoSockets)?;
+        // The app and whatever it starts must not think they are ferrule workers (a `ferrule --check-config`
+        // run from the app would otherwise wait for a master).
+        // SAFETY: this runs first thing in main, before any other thread exists, so no thread reads the
+        // environment concurrently.
+        unsafe {
+            std::env::remove_var(ENV_WORKER_ID);
+            std::env::remove_var(ENV_WORKER_FDS);
+        }
         let sockets = (3..3 + count)
             .map(BoundSocket::inherit)
             .collect::<Result<Vec<_>, _>>()?;

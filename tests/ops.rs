@@ -118,6 +118,16 @@ log-format = "json"
         ),
     );
     let file = file.to_str().expect("UTF-8 temp path");
+    // --check-config imports the app, so each source names one that exists (the working directory is on
+    // sys.path).
+    for module in ["file_mod", "env_mod", "cli_mod"] {
+        write_file(
+            &dir.path().join(format!("{module}.py")),
+            "def app(environ, start_response):
+    pass
+",
+        );
+    }
 
     // The file alone.
     let c = effective_config(dir.path(), &["--config", file], &[]);

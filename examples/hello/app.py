@@ -4,7 +4,9 @@ Run it behind nginx with `deploy/up`, or directly:
     target/release/ferrule --socket unix:/tmp/hello.sock examples/hello/app.py
 
 Routes:
-    /        a small HTML page showing a few values from the WSGI environ
+    /        a small HTML page showing a few values from the WSGI environ (HTTP_HOST keeps a
+             non-default port: see nginx/ferrule.conf); its stylesheet /static/hello.css comes from
+             static/, served by nginx itself
     /echo    POST a body and get it back unchanged
     /stream  a response produced piece by piece by a generator (no Content-Length)
 """
@@ -12,7 +14,7 @@ Routes:
 import html
 import time
 
-SHOWN_KEYS = ("REMOTE_ADDR", "SERVER_PROTOCOL", "wsgi.url_scheme")
+SHOWN_KEYS = ("HTTP_HOST", "REMOTE_ADDR", "SERVER_PROTOCOL", "wsgi.url_scheme")
 
 
 def index(environ, start_response):
@@ -22,7 +24,7 @@ def index(environ, start_response):
     )
     page = f"""<!doctype html>
 <html>
-<head><meta charset="utf-8"><title>ferrule</title></head>
+<head><meta charset="utf-8"><title>ferrule</title><link rel="stylesheet" href="/static/hello.css"></head>
 <body>
 <h1>Hello from ferrule</h1>
 <p>This page is served by a Python WSGI app running in ferrule, behind nginx over the uwsgi protocol.</p>
