@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -61,6 +61,8 @@ pub struct FerruleBuilder {
     current_dir: Option<PathBuf>,
     socket: SocketChoice,
     tempdir: TempDir,
+    /// RLIMIT_NOFILE (soft, hard) for the process, set between fork and exec.
+    nofile: Option<(u64, u64)>,
 }
 
 impl FerruleBuilder {
@@ -78,6 +80,7 @@ impl FerruleBuilder {
             current_dir: None,
             socket: SocketChoice::UnixInTempdir,
             tempdir,
+            nofile: None,
         }
     }
 
@@ -123,6 +126,13 @@ impl FerruleBuilder {
     /// Add no `--socket` of ours: the test passes its own through `arg`.
     pub fn no_default_socket(mut self) -> Self {
         self.socket = SocketChoice::FromArgs;
+        self
+    }
+
+    /// Starts the process with this descriptor limit (soft, hard), as `prlimit --nofile=SOFT:HARD` would;
+    /// raising the hard limit needs root.
+    pub fn nofile_limit(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
         self
     }
 
@@ -247,6 +257,21 @@ impl FerruleBuilder {
         }
         if let Some(dir) = &self.current_dir {
             cmd.current_dir(dir);
+        }
+        if let Some((soft, hard)) = self.nofile {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: runs between fork and exec and only calls setrlimit, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", bin().display()));

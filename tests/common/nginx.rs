@@ -46,14 +46,14 @@ fn probe_free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-fn config(dir: &Path, port: u16, upstream: &str, extra_location_conf: &str) -> String {
+fn config(dir: &Path, port: u16, upstream: &str, extra_location_conf: &str, worker_user: Option<&str>) -> String {
     let d = dir.display();
     // Workers drop to `nobody` by default and then cannot reach a root-owned temp dir or socket;
     // the `user` directive is only allowed (and only needed) when the master runs as root.
-    let user = if unsafe { libc::geteuid() } == 0 {
-        "user root;"
-    } else {
-        ""
+    let user = match worker_user {
+        Some(user) => format!("user {user};"),
+        None if unsafe { libc::geteuid() } == 0 => "user root;".to_owned(),
+        None => String::new(),
     };
     let params = uwsgi_params();
     let params = params.display();
@@ -101,6 +101,17 @@ impl Nginx {
     /// Starts nginx forwarding every request to `upstream` (`unix:/path` or `127.0.0.1:port`),
     /// with `extra_location_conf` added inside `location /`. Returns once the port accepts.
     pub fn start(upstream: &str, extra_location_conf: &str) -> Nginx {
+        Nginx::start_with_user(upstream, extra_location_conf, None)
+    }
+
+    /// Like [`Nginx::start`], with nginx's workers running as `worker_user` (e.g. `nobody nogroup`, as a
+    /// packaged nginx's `www-data` would) instead of root. Needs root; the temp dir is made world-readable so
+    /// those workers can reach it.
+    pub fn start_as(upstream: &str, extra_location_conf: &str, worker_user: &str) -> Nginx {
+        Nginx::start_with_user(upstream, extra_location_conf, Some(worker_user))
+    }
+
+    fn start_with_user(upstream: &str, extra_location_conf: &str, worker_user: Option<&str>) -> Nginx {
         let bin = nginx_binary();
         let mut last_log = String::new();
         for _ in 0..BIND_ATTEMPTS {
@@ -110,7 +121,13 @@ impl Nginx {
                 .expect("create nginx temp dir");
             let port = probe_free_port();
             let conf = dir.path().join("nginx.conf");
-            std::fs::write(&conf, config(dir.path(), port, upstream, extra_location_conf)).expect("write nginx.conf");
+            if worker_user.is_some() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                    .expect("make the nginx temp dir reachable for its workers");
+            }
+            let text = config(dir.path(), port, upstream, extra_location_conf, worker_user);
+            std::fs::write(&conf, text).expect("write nginx.conf");
             let out = std::fs::File::create(dir.path().join("stdout.log")).expect("create stdout.log");
             let err = std::fs::File::create(dir.path().join("stderr.log")).expect("create stderr.log");
 
