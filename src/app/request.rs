@@ -402,8 +402,13 @@ impl ResponseState {
     /// PEP 3333: never send more than the app's own Content-Length.
     fn clip<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
         // nginx answers HEAD from the head alone and closes the upstream connection right after it, so a body
-        // would only be written into a closing socket.
-        if self.is_head {
+        // would only be written into a closing socket. A 1xx, 204 or 304 has no body at all (RFC 9110 6.4.1):
+        // bytes after its head would reach nginx as garbage.
+        let bodiless = self
+            .status
+            .as_ref()
+            .is_some_and(|(_, s)| !response::status_has_body(*s));
+        if self.is_head || bodiless {
             return &[];
         }
         let Some(limit) = self.declared_length else {
