@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::ferrule::{Ferrule, FerruleBuilder, apps_dir};
@@ -329,4 +331,94 @@ fn django_streaming_http_response() {
     let stack = django();
     let expected: String = (0..4).map(|i| format!("django line {i}\n")).collect();
     assert_streams(&stack, "/stream/?n=4&delay=0.3", 4, 0.3, &expected);
+}
+
+/// The `location /static/ { ... }` block of the shipped nginx/ferrule.conf, with its `alias` pointed at
+/// `static_root`, so the test serves static files exactly as the shipped config does.
+fn shipped_static_location(static_root: &Path) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx/ferrule.conf");
+    let conf = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let start = conf
+        .find("location /static/ {")
+        .unwrap_or_else(|| panic!("{} has no `location /static/ {{` block", path.display()));
+    let end = start + conf[start..].find('}').expect("the static location block is closed");
+    let block = &conf[start..=end];
+    assert!(
+        block.contains("alias "),
+        "the shipped static location has no alias:\n{block}"
+    );
+    block
+        .lines()
+        .map(|line| match line.trim_start().starts_with("alias ") {
+            true => format!("        alias {}/;", static_root.display()),
+            false => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Django's admin comes up styled behind nginx: `manage.py collectstatic` fills STATIC_ROOT, the
+/// `location /static/` block shipped in nginx/ferrule.conf serves it, and the app's pages still reach ferrule.
+#[test]
+fn django_admin_css_is_served_by_the_shipped_static_location() {
+    let venv = test_venv();
+    let site = apps_dir().join("django_site");
+    let static_root = tempfile::Builder::new()
+        .prefix("ferrule-static-")
+        .tempdir_in("/tmp")
+        .expect("create STATIC_ROOT");
+    let out = Command::new(venv.join("bin/python"))
+        .args(["manage.py", "collectstatic", "--noinput"])
+        .current_dir(&site)
+        .env("DJANGO_SETTINGS_MODULE", "mysite.settings_static")
+        .env("STATIC_ROOT", static_root.path())
+        .output()
+        .expect("run manage.py collectstatic");
+    assert!(
+        out.status.success(),
+        "collectstatic failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let css = std::fs::read(static_root.path().join("admin/css/base.css")).expect("collectstatic wrote the admin CSS");
+
+    let ferrule = FerruleBuilder::new("mysite.wsgi:application")
+        .arg("--virtualenv")
+        .arg(venv.to_str().expect("utf-8 venv path"))
+        .arg("--chdir")
+        .arg(site.to_str().expect("utf-8 site path"))
+        .env("DJANGO_SETTINGS_MODULE", "mysite.settings")
+        .arg("--access-log")
+        .unix()
+        .spawn();
+    let location = shipped_static_location(static_root.path());
+    let nginx = Nginx::start_with_server_conf(&ferrule.addr.nginx_upstream(), "", &location);
+    let stack = Stack { nginx, ferrule };
+
+    let r = stack.client().get("/static/admin/css/base.css");
+    assert_ok(&stack, &r, "GET /static/admin/css/base.css");
+    assert_eq!(r.body, css, "nginx served other bytes than the collected file");
+    assert!(
+        r.header("content-type").is_some_and(|t| t.starts_with("text/css")),
+        "the admin CSS must come as text/css or browsers ignore it: {}",
+        r.summary()
+    );
+    assert!(
+        r.header("cache-control").is_some_and(|c| c.contains("max-age")),
+        "the shipped block sets a cache lifetime: {}",
+        r.summary()
+    );
+    assert_eq!(stack.client().get("/static/admin/css/no-such.css").status, 404);
+    // The static files never reach ferrule; the app's own pages still do.
+    assert_ok(&stack, &stack.client().get("/form/"), "GET /form/ through ferrule");
+    assert!(
+        stack.ferrule.wait_for_log("/form/", LOG_WAIT),
+        "the access log shows no /form/:\n{}",
+        stack.ferrule.log()
+    );
+    assert!(
+        !stack.ferrule.log().contains("/static/"),
+        "a static file request reached ferrule:\n{}",
+        stack.ferrule.log()
+    );
 }

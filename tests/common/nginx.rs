@@ -46,7 +46,14 @@ fn probe_free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-fn config(dir: &Path, port: u16, upstream: &str, extra_location_conf: &str, worker_user: Option<&str>) -> String {
+fn config(
+    dir: &Path,
+    port: u16,
+    upstream: &str,
+    extra_location_conf: &str,
+    server_conf: &str,
+    worker_user: Option<&str>,
+) -> String {
     let d = dir.display();
     // Workers drop to `nobody` by default and then cannot reach a root-owned temp dir or socket;
     // the `user` directive is only allowed (and only needed) when the master runs as root.
@@ -82,9 +89,13 @@ http {{
     large_client_header_buffers 4 64k;
     client_max_body_size 200m;
 
+    # Content types for what nginx serves itself (static files), as Debian's nginx.conf has them.
+    include /etc/nginx/mime.types;
+
     server {{
         listen 127.0.0.1:{port};
         server_name localhost;
+{server_conf}
 
         location / {{
             include {params};
@@ -101,17 +112,27 @@ impl Nginx {
     /// Starts nginx forwarding every request to `upstream` (`unix:/path` or `127.0.0.1:port`),
     /// with `extra_location_conf` added inside `location /`. Returns once the port accepts.
     pub fn start(upstream: &str, extra_location_conf: &str) -> Nginx {
-        Nginx::start_with_user(upstream, extra_location_conf, None)
+        Nginx::start_with_user(upstream, extra_location_conf, "", None)
+    }
+
+    /// Like [`Nginx::start`], with `server_conf` (more `location` blocks, say) added inside `server`.
+    pub fn start_with_server_conf(upstream: &str, extra_location_conf: &str, server_conf: &str) -> Nginx {
+        Nginx::start_with_user(upstream, extra_location_conf, server_conf, None)
     }
 
     /// Like [`Nginx::start`], with nginx's workers running as `worker_user` (e.g. `nobody nogroup`, as a
     /// packaged nginx's `www-data` would) instead of root. Needs root; the temp dir is made world-readable so
     /// those workers can reach it.
     pub fn start_as(upstream: &str, extra_location_conf: &str, worker_user: &str) -> Nginx {
-        Nginx::start_with_user(upstream, extra_location_conf, Some(worker_user))
+        Nginx::start_with_user(upstream, extra_location_conf, "", Some(worker_user))
     }
 
-    fn start_with_user(upstream: &str, extra_location_conf: &str, worker_user: Option<&str>) -> Nginx {
+    fn start_with_user(
+        upstream: &str,
+        extra_location_conf: &str,
+        server_conf: &str,
+        worker_user: Option<&str>,
+    ) -> Nginx {
         let bin = nginx_binary();
         let mut last_log = String::new();
         for _ in 0..BIND_ATTEMPTS {
@@ -126,7 +147,14 @@ impl Nginx {
                 std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
                     .expect("make the nginx temp dir reachable for its workers");
             }
-            let text = config(dir.path(), port, upstream, extra_location_conf, worker_user);
+            let text = config(
+                dir.path(),
+                port,
+                upstream,
+                extra_location_conf,
+                server_conf,
+                worker_user,
+            );
             std::fs::write(&conf, text).expect("write nginx.conf");
             let out = std::fs::File::create(dir.path().join("stdout.log")).expect("create stdout.log");
             let err = std::fs::File::create(dir.path().join("stderr.log")).expect("create stderr.log");
