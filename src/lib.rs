@@ -1,5 +1,8 @@
 //! ferrule: a WSGI server for Python web apps behind nginx, speaking only the uwsgi protocol.
 //!
+//! ferrule ships as a Python package: `entry` is the extension module's `main`, which the `ferrule` command
+//! and `python -m ferrule` call inside the Python that runs the app.
+//!
 //! nginx terminates HTTP and forwards each request with `uwsgi_pass`. A master process ([`master`]) binds the
 //! sockets and supervises worker processes ([`worker`]); in each worker a request flows through these stages,
 //! one module each, in this order:
@@ -14,6 +17,7 @@
 //!
 //! [`config`] validates the options once; [`body`] is the request body type passed from connection to app.
 
+mod entry;
 pub mod config;
 pub mod metrics;
 pub mod master;

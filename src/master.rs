@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -205,8 +206,17 @@ const KILL_MARGIN: Duration = Duration::from_secs(5);
 /// How long a fast stop waits before killing.
 const FAST_STOP: Duration = Duration::from_secs(3);
 
+/// How this ferrule was started, so the master can read its configuration again and start workers.
+pub struct Launch {
+    /// The command line, for re-reading the configuration on SIGHUP.
+    pub argv: Vec<OsString>,
+    /// The interpreter that runs ferrule, and the arguments that make it a ferrule worker.
+    pub worker_program: PathBuf,
+    pub worker_args: Vec<OsString>,
+}
+
 /// Binds every socket, runs the workers until a stop signal, and removes the socket files.
-pub fn run(config: Config) -> Result<(), MasterError> {
+pub fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
     check_descriptor_limit(&config)?;
     let identity = resolve_identity(&config)?;
     let owner = identity.socket_owner();
@@ -262,7 +272,7 @@ pub fn run(config: Config) -> Result<(), MasterError> {
     check_socket_dirs_writable(&sockets);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(async {
-        let master = Master::new(Arc::new(config), &sockets);
+        let master = Master::new(Arc::new(config), launch, &sockets);
         if let Some(bound) = &metrics_socket {
             let queues = sockets
                 .iter()
@@ -317,6 +327,7 @@ enum Event {
 
 struct Master<'s> {
     config: Arc<Config>,
+    launch: Launch,
     fds: Vec<RawFd>,
     _sockets: &'s [BoundSocket],
     workers: HashMap<u32, Worker>,
@@ -333,11 +344,12 @@ struct Master<'s> {
 }
 
 impl<'s> Master<'s> {
-    fn new(config: Arc<Config>, sockets: &'s [BoundSocket]) -> Master<'s> {
+    fn new(config: Arc<Config>, launch: Launch, sockets: &'s [BoundSocket]) -> Master<'s> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Master {
             desired: config.workers,
             config,
+            launch,
             fds: sockets.iter().map(|s| s.fd.as_raw_fd()).collect(),
             _sockets: sockets,
             workers: HashMap::new(),
@@ -431,8 +443,8 @@ impl<'s> Master<'s> {
         let mut config = (*self.config).clone();
         config.workers = config.workers.max(self.desired);
         writeln!(&ours, "config {}", config.encode())?;
-        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-        cmd.args(std::env::args_os().skip(1).collect::<Vec<OsString>>())
+        let mut cmd = tokio::process::Command::new(&self.launch.worker_program);
+        cmd.args(&self.launch.worker_args)
             .env(ENV_WORKER_ID, id.to_string())
             .env(ENV_WORKER_FDS, self.fds.len().to_string())
             .env_remove("LISTEN_FDS")
@@ -643,7 +655,7 @@ impl<'s> Master<'s> {
     /// before the workers started (sockets, their mode and backlog, metrics address, user and group) keeps its
     /// current value; a change to it is logged as needing a restart.
     fn reread_config(&self) -> Result<Config, crate::config::ConfigError> {
-        let options = crate::config::load_options(std::env::args_os().collect())?;
+        let options = crate::config::load_options(self.launch.argv.clone())?;
         let mut new = Config::from_options(options)?;
         let old = &self.config;
         let fixed = [

@@ -1,100 +1,89 @@
-//! Starting the embedded CPython: the virtualenv, `--chdir` and `--pythonpath`.
+//! Preparing the running interpreter for the app: `--chdir`, `--virtualenv` and `--pythonpath`. ferrule runs
+//! inside the Python that started it (`venv/bin/ferrule`, `python -m ferrule`), so that interpreter, its venv
+//! and its version are the app's.
 
-use std::ffi::{CStr, CString};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use super::AppError;
 use crate::config::Config;
 
-/// The interpreter ferrule was built against (set by build.rs).
-const BUILD_PYTHON: &str = env!("FERRULE_PYTHON");
-const BUILD_PYTHON_VERSION: &str = env!("FERRULE_PYTHON_VERSION");
-
-/// Starts the interpreter once, then releases the GIL so any thread can attach.
+/// Changes directory and sets up `sys.path`; the interpreter is already running.
 pub fn initialize(config: &Config) -> Result<(), AppError> {
     if let Some(dir) = &config.chdir {
         std::env::set_current_dir(dir)
             .map_err(|e| AppError::Interpreter(format!("cannot change to {}: {e}", dir.display())))?;
     }
-    // The program name decides where Python looks for its prefix: with a virtualenv it is the venv's python,
-    // so CPython finds pyvenv.cfg and sets up sys.prefix and site-packages exactly as `venv/bin/python` does.
-    let program = match &config.virtualenv {
-        Some(venv) => {
-            check_venv_version(venv)?;
-            venv.join("bin").join("python")
+    Python::attach(|py| {
+        if let Some(venv) = &config.virtualenv {
+            check_venv_version(py, venv)?;
+            activate_venv(py, venv)
+                .map_err(|e| AppError::Interpreter(format!("cannot use the virtualenv {}: {e}", venv.display())))?;
         }
-        None => PathBuf::from(BUILD_PYTHON),
-    };
-    init_from_config(&program)?;
-    Python::attach(|py| set_up_sys_path(py, config))
-        .map_err(|e| AppError::Interpreter(format!("cannot set sys.path: {e}")))
+        set_up_sys_path(py, config).map_err(|e| AppError::Interpreter(format!("cannot set sys.path: {e}")))
+    })
 }
 
-fn init_from_config(program: &Path) -> Result<(), AppError> {
-    let program = CString::new(program.as_os_str().as_bytes())
-        .map_err(|_| AppError::Interpreter("program path contains a NUL byte".into()))?;
-    // SAFETY: the PyConfig API is used as CPython documents it: the struct is initialised by
-    // PyConfig_InitPythonConfig before any field is read or written, strings are copied in by
-    // PyConfig_SetBytesString, and PyConfig_Clear frees them after initialisation. This runs once, on the main
-    // thread, before any other Python call.
-    unsafe {
-        let mut config = std::mem::MaybeUninit::<ffi::PyConfig>::uninit();
-        ffi::PyConfig_InitPythonConfig(config.as_mut_ptr());
-        let mut config = config.assume_init();
-        // Signals belong to the server: Python must not turn SIGINT into KeyboardInterrupt in a request thread.
-        config.install_signal_handlers = 0;
-        config.parse_argv = 0;
-        // print() from the app should reach the log at once, not when a buffer fills.
-        config.buffered_stdio = 0;
-        let name_ptr = std::ptr::addr_of_mut!(config.program_name);
-        let status = ffi::PyConfig_SetBytesString(&mut config, name_ptr, program.as_ptr());
-        if ffi::PyStatus_Exception(status) != 0 {
-            ffi::PyConfig_Clear(&mut config);
-            return Err(status_error(status));
-        }
-        let status = ffi::Py_InitializeFromConfig(&config);
-        ffi::PyConfig_Clear(&mut config);
-        if ffi::PyStatus_Exception(status) != 0 {
-            return Err(status_error(status));
-        }
-        // Initialisation leaves this thread holding the GIL; release it so request threads can take it.
-        ffi::PyEval_SaveThread();
-    }
-    Ok(())
+/// `major.minor` of the running interpreter, and its path for messages.
+fn running_python(py: Python<'_>) -> (String, String) {
+    let sys = py.import("sys").ok();
+    let version = sys
+        .as_ref()
+        .and_then(|s| s.getattr("version_info").ok())
+        .and_then(|v| v.extract::<(u8, u8, u8, String, u8)>().ok())
+        .map(|(major, minor, ..)| format!("{major}.{minor}"))
+        .unwrap_or_default();
+    let executable = sys
+        .and_then(|s| s.getattr("executable").ok())
+        .and_then(|e| e.extract::<String>().ok())
+        .unwrap_or_default();
+    (version, executable)
 }
 
-fn status_error(status: ffi::PyStatus) -> AppError {
-    let msg = if status.err_msg.is_null() {
-        "unknown error".to_owned()
-    } else {
-        // SAFETY: a non-null err_msg of a PyStatus is a static NUL-terminated C string.
-        unsafe { CStr::from_ptr(status.err_msg) }.to_string_lossy().into_owned()
-    };
-    AppError::Interpreter(msg)
-}
-
-/// A venv made by another Python version would load extension modules built for the wrong ABI.
-fn check_venv_version(venv: &Path) -> Result<(), AppError> {
+/// A venv made by another Python version holds extension modules built for another ABI: refused at start-up.
+fn check_venv_version(py: Python<'_>, venv: &Path) -> Result<(), AppError> {
     let cfg = std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap_or_default();
     let version = cfg.lines().find_map(|line| {
         let (key, value) = line.split_once('=')?;
         matches!(key.trim(), "version" | "version_info").then(|| value.trim().to_owned())
     });
+    let (running, executable) = running_python(py);
     if let Some(found) = version {
         let major_minor: Vec<&str> = found.split('.').take(2).collect();
-        if major_minor.join(".") != BUILD_PYTHON_VERSION {
+        if major_minor.join(".") != running {
             return Err(AppError::VirtualenvVersion {
                 venv: venv.display().to_string(),
                 found,
-                embedded: BUILD_PYTHON_VERSION.to_owned(),
+                running,
+                executable,
             });
         }
     }
+    Ok(())
+}
+
+/// Puts the venv's site-packages (and what its `.pth` files add) first on `sys.path` and sets `VIRTUAL_ENV`,
+/// so the app imports what `venv/bin/python -c 'import app'` would, ahead of ferrule's own environment.
+fn activate_venv(py: Python<'_>, venv: &Path) -> PyResult<()> {
+    let (running, _) = running_python(py);
+    let site_packages = venv.join("lib").join(format!("python{running}")).join("site-packages");
+    let sys_path = py.import("sys")?.getattr("path")?.cast_into::<PyList>()?;
+    let before: Vec<String> = sys_path.extract()?;
+    py.import("site")?
+        .call_method1("addsitedir", (site_packages.display().to_string(),))?;
+    let after: Vec<String> = sys_path.extract()?;
+    let added: Vec<&String> = after.iter().filter(|p| !before.contains(p)).collect();
+    let mut ordered: Vec<String> = added.iter().map(|p| (*p).clone()).collect();
+    ordered.extend(before);
+    sys_path.call_method1("clear", ())?;
+    for entry in ordered {
+        sys_path.append(entry)?;
+    }
+    py.import("os")?
+        .getattr("environ")?
+        .set_item("VIRTUAL_ENV", venv.display().to_string())?;
     Ok(())
 }
 

@@ -42,13 +42,18 @@ pub trait JobSource: Send {
 /// Why the app could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot start the Python interpreter: {0}")]
+    #[error("cannot prepare Python for the app: {0}")]
     Interpreter(String),
-    #[error("virtualenv {venv}: it was made with Python {found}, but ferrule embeds Python {embedded}")]
+    #[error(
+        "virtualenv {venv} was made with Python {found}, but ferrule runs on Python {running} ({executable}): \
+         install ferrule into that venv (pip install ferrule) and run its bin/ferrule, or make the venv with \
+         Python {running}"
+    )]
     VirtualenvVersion {
         venv: String,
         found: String,
-        embedded: String,
+        running: String,
+        executable: String,
     },
     #[error("invalid APP {0:?}: expected module:callable, module, path/to/file.py[:callable] or module:factory()")]
     BadSpec(String),

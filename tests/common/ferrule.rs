@@ -504,9 +504,9 @@ pub fn apps_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("apps")
 }
 
-/// The `ferrule` binary cargo built for this test run.
+/// The `ferrule` command of the test venv, where the package built from this checkout is installed.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ferrule"))
+    super::venv::installed_ferrule()
 }
 
 /// Every address named by a `listening address=...` line, in log order.

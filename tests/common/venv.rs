@@ -1,5 +1,6 @@
 //! A virtualenv with real frameworks from PyPI (Flask, Django), made once per target dir and shared
-//! by every test binary, for the tests that run ferrule with `--virtualenv`.
+//! by every test binary, and ferrule itself built from this checkout and installed into it as a user
+//! installs it: the tests run that venv's `ferrule` command.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -11,21 +12,113 @@ use std::time::{Duration, Instant};
 
 /// Pinned to major versions so a new major release cannot change what the tests exercise.
 /// Changing this list rebuilds the venv (the marker file holds it).
-const REQUIREMENTS: &[&str] = &["flask>=3,<4", "django>=5,<6"];
+const REQUIREMENTS: &[&str] = &["flask>=3,<4", "django>=5,<6", "maturin>=1.9,<2"];
 
 /// The Python ferrule links against (pyenv 3.11); the venv must be made by the same minor version
 /// or its site-packages would hold wheels built for another ABI.
 const PYTHON: &str = "python3.11";
 
-/// Bounds for `python -m venv` and `pip install` (pip downloads two wheels, a few MB).
+/// Bounds for `python -m venv` and `pip install` (pip downloads a few wheels, a few MB).
 const VENV_TIMEOUT: Duration = Duration::from_secs(120);
 const PIP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bound for building ferrule's wheel: a release build of the whole crate graph on a loaded 2-core machine.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// What the package is built from: a change to any of these rebuilds and reinstalls it.
+const SOURCES: &[&str] = &["Cargo.toml", "Cargo.lock", "pyproject.toml", "build.rs", "src", "python"];
 
 /// `<target>/test-venv`, made on first call (under a file lock, so parallel tests and test
 /// binaries wait for one another instead of racing on pip).
 pub fn test_venv() -> PathBuf {
     static VENV: OnceLock<PathBuf> = OnceLock::new();
     VENV.get_or_init(make_venv).clone()
+}
+
+/// The `ferrule` command the tests run: the package built from this checkout with maturin and installed into
+/// the test venv, so the tests meet what users install. Built once per change of the sources (the venv holds
+/// the hash of what it was built from), under a file lock shared by every test binary.
+pub fn installed_ferrule() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(install_ferrule).clone()
+}
+
+fn install_ferrule() -> PathBuf {
+    let venv = test_venv();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = target_dir();
+    let key = source_key(root);
+    let _lock = FileLock::acquire(&target.join("test-ferrule.lock"));
+    let marker = venv.join(".ferrule-installed");
+    let command = venv.join("bin").join("ferrule");
+    if command.is_file() && std::fs::read_to_string(&marker).ok().as_deref() == Some(key.as_str()) {
+        return command;
+    }
+    let wheels = target.join("test-wheels");
+    let _ = std::fs::remove_dir_all(&wheels);
+    // Its own target dir: the cargo running these tests may hold the lock on the usual one, and the extension
+    // module is built with other settings than the test executables.
+    run_bounded(
+        Command::new(venv.join("bin").join("maturin"))
+            .args(["build", "--release", "--out"])
+            .arg(&wheels)
+            .arg("--interpreter")
+            .arg(venv.join("bin").join("python"))
+            .current_dir(root)
+            .env("CARGO_TARGET_DIR", target.join("wheel-build")),
+        BUILD_TIMEOUT,
+        &target.join("test-ferrule-build.log"),
+        "maturin build --release (building ferrule's wheel for the tests)",
+    );
+    let wheel = std::fs::read_dir(&wheels)
+        .expect("maturin wrote the wheel directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .unwrap_or_else(|| panic!("maturin built no wheel in {}", wheels.display()));
+    run_bounded(
+        Command::new(venv.join("bin").join("python"))
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "--force-reinstall"])
+            .arg(&wheel),
+        PIP_TIMEOUT,
+        &target.join("test-ferrule-install.log"),
+        &format!("pip install {}", wheel.display()),
+    );
+    std::fs::write(&marker, &key).expect("write the install marker");
+    command
+}
+
+/// A hash of every source file the package is built from, paths included.
+fn source_key(root: &Path) -> String {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "__pycache__") {
+                    walk(&path, files);
+                }
+            } else if path.extension().is_none_or(|x| x != "pyc") {
+                files.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for source in SOURCES {
+        let path = root.join(source);
+        if path.is_dir() {
+            walk(&path, &mut files);
+        } else {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut all = Vec::new();
+    for file in files {
+        all.extend_from_slice(file.strip_prefix(root).unwrap_or(&file).to_string_lossy().as_bytes());
+        all.push(0);
+        all.extend_from_slice(&std::fs::read(&file).unwrap_or_default());
+        all.push(0);
+    }
+    super::http::sha256_hex(&all)
 }
 
 /// The cargo target dir: the parent of the per-target temp dir cargo gives integration tests.

@@ -1,63 +1,100 @@
-//! The `ferrule` command: read options, set up logging, then run as the master or (when the master started
-//! this process) as a worker; exit codes.
+//! The entry point Python calls: `ferrule._ferrule.main(sys.argv)`, behind the `ferrule` command and
+//! `python -m ferrule`. Reads the options, sets up logging, then runs the master or (when a master started this
+//! process) a worker, and ends the process with its exit status: it never returns into Python, which would
+//! finalise the interpreter under the app threads. Besides `app`, the one module that touches pyo3.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::process::ExitCode;
+use std::path::PathBuf;
 
+use pyo3::prelude::*;
 use tracing_subscriber::EnvFilter;
 
-use ferrule::config::{self, Config, LogFormat, Options};
-use ferrule::{master, worker};
+use crate::config::{self, Config, LogFormat, Options};
+use crate::master::{self, Launch};
+use crate::worker;
 
-fn main() -> ExitCode {
+/// Exit status for a bad command line or configuration, as clap uses.
+const EXIT_USAGE: i32 = 2;
+
+#[pymodule]
+#[pyo3(name = "_ferrule")]
+fn extension_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(main, m)?)?;
+    Ok(())
+}
+
+/// Runs ferrule with this command line (`sys.argv`) and exits the process.
+#[pyfunction]
+fn main(py: Python<'_>, argv: Vec<OsString>) -> PyResult<()> {
+    // The venv's interpreter as it was started (`sys.executable` keeps the venv's bin/python; resolving the
+    // symlink would lose the venv): workers are started with it.
+    let python: PathBuf = py.import("sys")?.getattr("executable")?.extract()?;
+    // Everything below runs without the GIL: app threads take it when they run Python.
+    let code = py.detach(move || run(argv, python));
+    std::process::exit(code)
+}
+
+fn run(mut argv: Vec<OsString>, python: PathBuf) -> i32 {
     // A worker takes its settings from the master, already validated, never from argv, environment or file.
     if let Some(id) = worker::worker_id() {
         return run_worker(id);
     }
-    let options = match config::load_options(std::env::args_os().collect()) {
+    // argv[0] is the script or __main__.py: usage and errors say `ferrule`.
+    match argv.first_mut() {
+        Some(first) => *first = OsString::from("ferrule"),
+        None => argv.push(OsString::from("ferrule")),
+    }
+    let options = match config::load_options(argv.clone()) {
         Ok(o) => o,
         Err(e) => {
             // Logging is not set up yet: the options that configure it are what failed.
             eprintln!("ferrule: {e}");
-            return ExitCode::from(2);
+            return EXIT_USAGE;
         }
     };
     if let Err(msg) = init_logging(&options.log_level, options.log_format, false) {
         eprintln!("ferrule: {msg}");
-        return ExitCode::from(2);
+        return EXIT_USAGE;
     }
     if options.check_config {
         return check_config(options);
     }
+    let launch = Launch {
+        argv,
+        worker_program: python,
+        worker_args: ["-u", "-m", "ferrule"].map(OsString::from).to_vec(),
+    };
     let result = Config::from_options(options)
         .map_err(anyhow::Error::from)
-        .and_then(|config| master::run(config).map_err(anyhow::Error::from));
+        .and_then(|config| master::run(config, launch).map_err(anyhow::Error::from));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            1
         }
     }
 }
 
-fn run_worker(id: u32) -> ExitCode {
+fn run_worker(id: u32) -> i32 {
     let handoff = match worker::Handoff::receive() {
         Ok(h) => h,
         Err(e) => {
             eprintln!("ferrule: {e}");
-            return ExitCode::from(2);
+            return EXIT_USAGE;
         }
     };
     if let Err(msg) = init_logging(&handoff.config.log_level, handoff.config.log_format, true) {
         eprintln!("ferrule: {msg}");
-        return ExitCode::from(2);
+        return EXIT_USAGE;
     }
     match worker::run(handoff, id) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::FAILURE
+            1
         }
     }
 }
@@ -91,23 +128,28 @@ fn init_logging(level: &str, format: LogFormat, in_worker: bool) -> Result<(), S
 
 /// `--check-config`: validate, import the app as a worker would (so an import error shows now, not at the
 /// first start), then print the effective settings as TOML.
-fn check_config(mut options: Options) -> ExitCode {
+fn check_config(mut options: Options) -> i32 {
     options.sockets = options.effective_sockets();
     let shown = toml::to_string(&options);
     let config = match Config::from_options(options) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("ferrule: {e}");
-            return ExitCode::from(2);
+            return EXIT_USAGE;
         }
     };
-    if let Err(error) = ferrule::app::check_app_loads(&config) {
+    if let Err(error) = crate::app::check_app_loads(&config) {
         tracing::error!("{error}");
-        return ExitCode::from(2);
+        return EXIT_USAGE;
     }
     match shown {
-        Ok(text) => print!("{text}"),
+        Ok(text) => {
+            use std::io::Write;
+            print!("{text}");
+            // The process ends with exit(), which flushes nothing.
+            let _ = std::io::stdout().flush();
+        }
         Err(e) => eprintln!("ferrule: cannot print the configuration: {e}"),
     }
-    ExitCode::SUCCESS
+    0
 }
