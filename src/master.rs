@@ -10,8 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
 use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -33,8 +33,12 @@ use crate::worker::{ENV_WORKER_FDS, ENV_WORKER_ID, EXIT_APP_LOAD, RetireReason};
 pub enum MasterError {
     #[error(transparent)]
     Listen(#[from] ListenError),
-    #[error("cannot start a worker: {0}")]
-    Spawn(std::io::Error),
+    #[error("cannot start a worker with {program}: {error}{hint}")]
+    Spawn {
+        program: String,
+        error: std::io::Error,
+        hint: &'static str,
+    },
     #[error(
         "the open-file limit is {limit} (soft and hard), too low to run: ferrule needs at least {needed} \
          descriptors for these sockets and threads (raise it with ulimit -n, LimitNOFILE= in systemd, or the \
@@ -402,7 +406,7 @@ impl<'s> Master<'s> {
     /// its error instead of being respawned forever.
     async fn start_up(&mut self) -> Result<(), MasterError> {
         for _ in 0..self.desired {
-            self.spawn().map_err(MasterError::Spawn)?;
+            self.spawn().map_err(|error| self.spawn_error(error))?;
         }
         while self.workers.values().any(|w| w.state == State::Starting) {
             let Some(event) = self.events_rx.recv().await else {
@@ -505,6 +509,21 @@ impl<'s> Master<'s> {
         Ok(id)
     }
 
+    fn spawn_error(&self, error: std::io::Error) -> MasterError {
+        let hint = match error.kind() {
+            std::io::ErrorKind::PermissionDenied if self.config.uid.is_some() || self.config.gid.is_some() => {
+                " (the --uid/--gid user cannot run this Python: a venv of a Python under a home directory, such \
+                 as pyenv's, is out of its reach; install ferrule into a venv of a Python that user can read)"
+            }
+            _ => "",
+        };
+        MasterError::Spawn {
+            program: self.launch.worker_program.display().to_string(),
+            error,
+            hint,
+        }
+    }
+
     fn metrics(&self) -> MutexGuard<'_, MasterMetrics> {
         // A poisoned lock only means a scrape panicked mid-render; the counts themselves are intact.
         self.metrics.lock().unwrap_or_else(|e| e.into_inner())
@@ -512,7 +531,7 @@ impl<'s> Master<'s> {
 
     fn spawn_or_log(&mut self) {
         if let Err(error) = self.spawn() {
-            tracing::error!(%error, "cannot start a worker");
+            tracing::error!("{}", self.spawn_error(error));
         }
     }
 

@@ -25,7 +25,7 @@ use common::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir};
 use common::http::{self, Client, ReqBody, form_encode};
 use common::nginx::Nginx;
 use common::uwsgi::{self, Raw, Response, Vars, encode_request, nginx_vars, parse_response, read_to_close};
-use common::venv::test_venv;
+use common::venv::{system_venv_ferrule, test_venv};
 use lifecycle_support::{alive, count, field, live_children, poll_until, rss_mib, wait_for_count_since, worker_lines};
 use ops_support::{Json, parse_json, run_ferrule};
 
@@ -822,7 +822,9 @@ fn a_worker_added_by_sigttin_sees_wsgi_multiprocess() {
 #[test]
 fn uid_and_gid_own_the_socket_so_nginx_can_connect() {
     require_root("--uid/--gid");
-    let builder = app();
+    // A venv `nobody` can run: the system's Python, not pyenv's under root's home.
+    let venv_ferrule = system_venv_ferrule();
+    let builder = app().program(&venv_ferrule);
     let dir = builder.tempdir().to_path_buf();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod the socket dir");
     let socket = dir.join("app.sock");
@@ -854,6 +856,29 @@ fn uid_and_gid_own_the_socket_so_nginx_can_connect() {
         r.summary(),
         nginx.error_log(),
         server.log()
+    );
+    // The app runs in the venv ferrule was started from, whoever it runs as (issue: --uid once made workers
+    // load another libpython).
+    let r = http::get(nginx.port(), "/python");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let venv = venv_ferrule
+        .parent()
+        .and_then(Path::parent)
+        .expect("the venv of bin/ferrule");
+    let python = r.text();
+    assert!(
+        python.contains(&format!("\"prefix\": \"{}\"", venv.display())),
+        "the app's sys.prefix is not {}: {python}",
+        venv.display()
+    );
+    let system_version = Command::new("/usr/bin/python3")
+        .args(["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
+        .output()
+        .expect("run /usr/bin/python3");
+    let system_version = String::from_utf8_lossy(&system_version.stdout).trim().to_owned();
+    assert!(
+        python.contains(&format!("\"version\": \"{system_version}\"")),
+        "the app does not run on the venv's Python {system_version}: {python}"
     );
     drop(nginx);
 

@@ -33,6 +33,13 @@ def pid(environ, start_response):
     return _text(start_response, str(os.getpid()))
 
 
+def python(environ, start_response):
+    """Which Python runs the app: version, prefix and executable."""
+    out = {"version": "%d.%d.%d" % sys.version_info[:3], "prefix": sys.prefix, "executable": sys.executable}
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(out).encode()]
+
+
 def env(environ, start_response):
     """The CGI part of the environ (str values), the wsgi.* flags, the body read in full, and the pid."""
     out = {k: v for k, v in environ.items() if k.isupper() and isinstance(v, str)}
@@ -118,6 +125,7 @@ def grow(environ, start_response):
 
 ROUTES = {
     "/pid": pid,
+    "/python": python,
     "/env": env,
     "/stuck": stuck,
     "/bare": bare,

@@ -55,6 +55,8 @@ enum SocketChoice {
 
 /// Builds the command line for one ferrule process.
 pub struct FerruleBuilder {
+    /// The `ferrule` command to run; `None`: the test venv's ([`bin`]).
+    program: Option<PathBuf>,
     app: OsString,
     args: Vec<OsString>,
     envs: Vec<(String, OsString)>,
@@ -74,6 +76,7 @@ impl FerruleBuilder {
             .tempdir_in("/tmp")
             .expect("create temp dir under /tmp");
         FerruleBuilder {
+            program: None,
             app: app.into(),
             args: Vec::new(),
             envs: Vec::new(),
@@ -82,6 +85,12 @@ impl FerruleBuilder {
             tempdir,
             nofile: None,
         }
+    }
+
+    /// Runs this `ferrule` command (another venv's) instead of the test venv's.
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.program = Some(path.into());
+        self
     }
 
     pub fn arg(mut self, a: impl Into<OsString>) -> Self {
@@ -236,7 +245,7 @@ impl FerruleBuilder {
     }
 
     fn describe(&self) -> String {
-        let mut parts = vec![bin().display().to_string()];
+        let mut parts = vec![self.program.clone().unwrap_or_else(bin).display().to_string()];
         parts.extend(self.socket_args().iter().map(|a| a.to_string_lossy().into_owned()));
         parts.extend(self.args.iter().map(|a| a.to_string_lossy().into_owned()));
         parts.push(self.app.to_string_lossy().into_owned());
@@ -244,7 +253,7 @@ impl FerruleBuilder {
     }
 
     fn start(self) -> (Child, Arc<LogBuf>, TempDir) {
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(self.program.clone().unwrap_or_else(bin));
         cmd.args(self.socket_args()).args(&self.args).arg(&self.app);
         // Hermetic by default: the developer's shell must not change what the tests see.
         cmd.env_remove("RUST_LOG")

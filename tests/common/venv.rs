@@ -25,7 +25,14 @@ const PIP_TIMEOUT: Duration = Duration::from_secs(600);
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// What the package is built from: a change to any of these rebuilds and reinstalls it.
-const SOURCES: &[&str] = &["Cargo.toml", "Cargo.lock", "pyproject.toml", "build.rs", "src", "python"];
+const SOURCES: &[&str] = &[
+    "Cargo.toml",
+    "Cargo.lock",
+    "pyproject.toml",
+    "build.rs",
+    "src",
+    "python",
+];
 
 /// `<target>/test-venv`, made on first call (under a file lock, so parallel tests and test
 /// binaries wait for one another instead of racing on pip).
@@ -76,11 +83,65 @@ fn install_ferrule() -> PathBuf {
         .unwrap_or_else(|| panic!("maturin built no wheel in {}", wheels.display()));
     run_bounded(
         Command::new(venv.join("bin").join("python"))
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "--force-reinstall"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--force-reinstall",
+            ])
             .arg(&wheel),
         PIP_TIMEOUT,
         &target.join("test-ferrule-install.log"),
         &format!("pip install {}", wheel.display()),
+    );
+    std::fs::write(&marker, &key).expect("write the install marker");
+    command
+}
+
+/// The same package installed into a venv of the system's `/usr/bin/python3`, which users other than root can
+/// run (pyenv's Pythons live under root's home, mode 700): for the tests that drop privileges with `--uid`.
+/// The system Python must be the test venv's minor version, since the wheel is built for that one.
+pub fn system_venv_ferrule() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(install_system_venv).clone()
+}
+
+fn install_system_venv() -> PathBuf {
+    let built = installed_ferrule();
+    let target = target_dir();
+    let venv = target.join("system-venv");
+    let wheels = target.join("test-wheels");
+    let key = std::fs::read_to_string(test_venv().join(".ferrule-installed")).expect("the test venv's install marker");
+    let _lock = FileLock::acquire(&target.join("system-venv.lock"));
+    let marker = venv.join(".ferrule-installed");
+    let command = venv.join("bin").join("ferrule");
+    if command.is_file() && std::fs::read_to_string(&marker).ok().as_deref() == Some(key.as_str()) {
+        return command;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    run_bounded(
+        Command::new("/usr/bin/python3").arg("-m").arg("venv").arg(&venv),
+        VENV_TIMEOUT,
+        &target.join("system-venv-create.log"),
+        "/usr/bin/python3 -m venv (apt-get install python3-venv)",
+    );
+    let wheel = std::fs::read_dir(&wheels)
+        .expect("the test wheel directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .unwrap_or_else(|| panic!("no wheel in {} (built for {})", wheels.display(), built.display()));
+    run_bounded(
+        Command::new(venv.join("bin").join("python"))
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-deps"])
+            .arg(&wheel),
+        PIP_TIMEOUT,
+        &target.join("system-venv-install.log"),
+        &format!(
+            "pip install {} into a venv of /usr/bin/python3 (is it the test venv's Python version?)",
+            wheel.display()
+        ),
     );
     std::fs::write(&marker, &key).expect("write the install marker");
     command
