@@ -35,7 +35,19 @@ def pid(environ, start_response):
 
 def python(environ, start_response):
     """Which Python runs the app: version, prefix and executable."""
-    out = {"version": "%d.%d.%d" % sys.version_info[:3], "prefix": sys.prefix, "executable": sys.executable}
+    out = {
+        "version": "%d.%d.%d" % sys.version_info[:3],
+        "prefix": sys.prefix,
+        "executable": sys.executable,
+        "path": sys.path,
+        "virtual_env": os.environ.get("VIRTUAL_ENV"),
+    }
+    try:
+        import venv_marker  # present only in the venv a test names with --virtualenv
+
+        out["marker"] = venv_marker.VALUE
+    except ImportError:
+        out["marker"] = None
     start_response("200 OK", [("Content-Type", "application/json")])
     return [json.dumps(out).encode()]
 
