@@ -2,8 +2,9 @@
 //! the operator's signals: SIGHUP rolling reload, SIGTERM graceful stop, SIGINT/SIGQUIT fast stop,
 //! SIGTTIN/SIGTTOU one worker more/fewer.
 //!
-//! Workers are this same binary started again (fork and exec, never a bare fork of a process that may hold
-//! threads) with the sockets at descriptors 3.. and a control socket after them. A worker says `ready` once
+//! Workers are the same Python started again as `python -u -m ferrule` (fork and exec, never a bare fork of a
+//! process that may hold threads) with the sockets at descriptors 3.. and a control socket after them, whose
+//! first line hands them the validated settings. A worker says `ready` once
 //! its app imported, and `retire REASON` when it wants a replacement; the master answers with signals.
 
 use std::collections::{HashMap, VecDeque};
