@@ -1,6 +1,7 @@
 """ferrule's load benchmark: ferrule, uWSGI, gunicorn and granian behind one nginx, with nginx's own ceiling.
 
-Run it through `benches/run`, which builds ferrule and prepares the venv this script runs from.
+Run it through `benches/run`, which prepares the venv this script runs from: the peers, and ferrule pip-installed
+from this checkout.
 
 One nginx (generated config in a temp dir) has one location per server, all loading the same app
 (benches/apps/bench_app.py) with the same number of worker processes and threads:
@@ -210,7 +211,7 @@ def version_of(backend: Backend, args: argparse.Namespace) -> str:
     try:
         if backend.name == "ferrule":
             out = run_quiet([str(args.ferrule), "--version"])
-            # The binary is built from the work tree: say which commit, and whether it had local changes.
+            # The package is built from the work tree: say which commit, and whether it had local changes.
             commit = git_commit()
             return (out.split()[-1] if out else "?") + (f" (git {commit})" if commit else "")
         if backend.name == "uwsgi":
@@ -1108,7 +1109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 2 s, 1 s warm-up")
     p.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS), help="comma-separated subset")
     p.add_argument("--servers", default="ferrule,uwsgi,gunicorn,granian", help="comma-separated subset")
-    p.add_argument("--ferrule", default=str(REPO / "target" / "release" / "ferrule"), help="ferrule binary")
+    p.add_argument("--ferrule", help="the ferrule command (default: VENV/bin/ferrule, where benches/run installs it)")
     p.add_argument("--venv", default=sys.prefix, help="venv with the peers (default: the one running this)")
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx", help="nginx binary")
     p.add_argument("--wrk", default=shutil.which("wrk") or "wrk", help="wrk binary")
@@ -1119,7 +1120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rounds, args.duration, args.warmup = 1, 2, 1
     args.servers = [s for s in args.servers.split(",") if s]
     # The servers change directory before they read their options' paths.
-    args.venv, args.ferrule = os.path.abspath(args.venv), os.path.abspath(args.ferrule)
+    args.venv = os.path.abspath(args.venv)
+    args.ferrule = os.path.abspath(args.ferrule or os.path.join(args.venv, "bin", "ferrule"))
     wanted = [s for s in args.scenarios.split(",") if s]
     unknown = set(wanted) - {s.name for s in SCENARIOS}
     if unknown:
@@ -1163,7 +1165,11 @@ def main(argv=None) -> int:
             print(f"error: {tool} not found ({path}); install it with apt-get", file=sys.stderr)
             return 2
     if not os.access(args.ferrule, os.X_OK):
-        print(f"error: ferrule binary not found at {args.ferrule}; run cargo build --release", file=sys.stderr)
+        print(
+            f"error: no ferrule command at {args.ferrule}; install ferrule into the venv "
+            f"(benches/run does: deploy/install-checkout {args.venv})",
+            file=sys.stderr,
+        )
         return 2
 
     tmp = Path(tempfile.mkdtemp(prefix="ferrule-bench-"))

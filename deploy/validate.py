@@ -9,8 +9,9 @@ and with --strict (as in CI) it fails the run.
 What is checked:
   ping.py      the probe against fake servers (right answer, wrong answer, silence, nothing listening)
   shell        shellcheck on the shell scripts, and on the shell snippet of the Kubernetes preStop hook
-  Dockerfile   hadolint; its structure (dockerfile-parse): stages, non-root USER, ENTRYPOINT, HEALTHCHECK,
-               COPY sources present in the build context
+  Dockerfile   hadolint; its structure (dockerfile-parse): the wheel and the venv built on the runtime's
+               Python image, nothing of the Rust stages in the runtime, non-root USER, ENTRYPOINT the
+               venv's ferrule, HEALTHCHECK, COPY sources present in the build context
   compose      docker-compose (Debian) `config`; the compose-spec JSON schema (check-jsonschema's
                vendored copy); bind-mounted files exist; stop grace periods; the static volume is
                shared by the collect-static service and nginx
@@ -20,7 +21,8 @@ What is checked:
   systemd      systemd-analyze verify and security (exposure threshold); stop timeout arithmetic
   nginx        `nginx -t` on every nginx/*.conf, rendered into a temp config with temp paths
   live         the command lines of the Dockerfile, the compose files, the Deployment and the systemd
-               unit run against the real ferrule binary (paths moved into a temp dir, listed when run):
+               unit run with the real ferrule, pip-installed from this checkout into
+               target/deploy-ferrule-venv as users install it (paths moved into a temp dir, listed when run):
                the health probes answer, nginx with the shipped configs serves the example app (with
                HTTP_HOST keeping a non-default port) and its static files (after collect-static where
                the setup runs it), the TCP variant keeps serving with one instance stopped, socket
@@ -31,7 +33,7 @@ Run through the launcher deploy/validate (or python3 deploy/validate.py).
 Usage: deploy/validate [--strict] [--no-install] [--only SECTION,...]
        deploy/validate --missing-apt-packages
   --strict      a skipped check fails the run (for CI); STRICT=1 in the environment does the same
-  --no-install  install nothing, use the tools already there
+  --no-install  install nothing (no PyPI tools, no ferrule build), use what is already there
   --only        run the checks of these sections only (e.g. --only nginx,live)
   --missing-apt-packages
                 print the Debian packages this machine lacks for the checks (space-separated, empty
@@ -63,7 +65,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 NGINX_DIR = ROOT / "nginx"
 VENV = ROOT / "target" / "deploy-venv"
-FERRULE = ROOT / "target" / "release" / "ferrule"
+# ferrule as users get it: `pip install` of this checkout into a venv of its own (deploy/install-checkout;
+# rebuilt only when the sources change). It stands in for the image's /opt/venv and the unit's venv.
+FERRULE_VENV = ROOT / "target" / "deploy-ferrule-venv"
+FERRULE = FERRULE_VENV / "bin" / "ferrule"
+INSTALL_CHECKOUT = DEPLOY / "install-checkout"
+# Where the systemd unit's ExecStart finds ferrule: the app's venv.
+UNIT_FERRULE = "/srv/myproject/venv/bin/ferrule"
 HELLO = ROOT / "examples" / "hello"
 PING = DEPLOY / "ping.py"
 # Where the Dockerfile installs deploy/collect-static.
@@ -414,7 +422,11 @@ def check_dockerfile_structure():
             final = {}
         elif kind in ("USER", "ENTRYPOINT", "CMD", "HEALTHCHECK", "STOPSIGNAL", "VOLUME"):
             final[kind] = value
-        elif kind in ("COPY", "ADD") and "--from=" not in value:
+        elif kind == "ENV":
+            final.setdefault("ENV", []).append(value)
+        elif kind in ("COPY", "ADD") and "--from=" in value:
+            final.setdefault("FROM_STAGES", []).append(re.search(r"--from=(\S+)", value).group(1))
+        elif kind in ("COPY", "ADD"):
             sources = [s for s in value.split() if not s.startswith("--")][:-1]
             for src in sources:
                 rel = expand(src).rstrip("/") or "."
@@ -432,14 +444,26 @@ def check_dockerfile_structure():
             base = names[base]
         return base
 
-    # The binary embeds its build Python's paths: the build stage must descend from the runtime's image.
-    if root_base("build") != runtime_base:
-        problems.append(f"build stage is based on {root_base('build')}, runtime on {runtime_base}: Python paths differ")
+    # The wheel is built for its stage's Python version, and the venv names the Python that made it: both
+    # stages must descend from the runtime's image.
+    for stage in ("build", "venv"):
+        if stage not in names:
+            problems.append(f"no stage named {stage}")
+        elif root_base(stage) != runtime_base:
+            problems.append(f"{stage} stage is based on {root_base(stage)}, runtime on {runtime_base}: Pythons differ")
+    # The runtime image holds the venv only: no Rust toolchain, no build tree.
+    taken = set(final.get("FROM_STAGES", []))
+    if taken - {"venv"}:
+        problems.append(f"the runtime stage copies from {sorted(taken)}, want only the venv stage (no Rust)")
     user = final.get("USER", "")
     if not re.fullmatch(r"[1-9]\d*(:\d+)?", user):
         problems.append(f"final USER is {user!r}: want a numeric non-root uid (runAsNonRoot checks it)")
-    if json.loads(final.get("ENTRYPOINT", "null") or "null") != ["ferrule"]:
-        problems.append(f'ENTRYPOINT is {final.get("ENTRYPOINT")!r}, want ["ferrule"]')
+    # ferrule runs from the venv the image activates (VIRTUAL_ENV), where pip installed it.
+    venv = re.search(r"\bVIRTUAL_ENV=(\S+)", " ".join(final.get("ENV", [])))
+    if venv is None:
+        problems.append("the runtime stage sets no VIRTUAL_ENV (the venv ferrule is installed in)")
+    elif json.loads(final.get("ENTRYPOINT", "null") or "null") != [f"{venv.group(1)}/bin/ferrule"]:
+        problems.append(f'ENTRYPOINT is {final.get("ENTRYPOINT")!r}, want ["{venv.group(1)}/bin/ferrule"]')
     if "ping.py" not in final.get("HEALTHCHECK", ""):
         problems.append("HEALTHCHECK does not run ping.py")
     if final.get("STOPSIGNAL", "SIGTERM") != "SIGTERM":
@@ -747,11 +771,11 @@ def unit_settings(path):
 
 
 def rendered_units(tmp):
-    """The units with ExecStart's binary pointed at the local build (verify checks that it exists)."""
+    """The units with ExecStart's ferrule pointed at the local install (verify checks that it exists)."""
     out = []
     for p in sorted(SYSTEMD_DIR.glob("ferrule.*")):
         dst = Path(tmp) / p.name
-        dst.write_text(p.read_text().replace("/usr/local/bin/ferrule", str(FERRULE)))
+        dst.write_text(p.read_text().replace(UNIT_FERRULE, str(FERRULE)))
         out.append(dst)
     return out
 
@@ -769,7 +793,7 @@ def check_systemd_verify():
     analyze = tool("systemd-analyze", "Debian package systemd")
     ensure_ferrule()
     with tempfile.TemporaryDirectory(prefix="ferrule-units-") as tmp:
-        print(f"      ExecStart's /usr/local/bin/ferrule -> {FERRULE}")
+        print(f"      ExecStart's {UNIT_FERRULE} -> {FERRULE.relative_to(ROOT)}")
         units = rendered_units(tmp)
         require_ok(sh([analyze, "verify", *units], cwd=tmp), "systemd-analyze verify")
 
@@ -801,6 +825,8 @@ def check_systemd_settings():
         problems.append(f"TimeoutStopSec {stop}s < --graceful-timeout {graceful}s + {MASTER_KILL_MARGIN}s")
     if svc.get("KillMode") != "mixed":
         problems.append("KillMode is not mixed: systemd would SIGTERM the workers behind the master's back")
+    if args[0] != UNIT_FERRULE:
+        problems.append(f"ExecStart runs {args[0]}, want the app venv's {UNIT_FERRULE}")
     if "--socket" in args:
         problems.append("ExecStart passes --socket, so the socket from ferrule.socket would not be the one used")
     if sock.get("ListenStream") != "/run/ferrule/app.sock":
@@ -905,10 +931,26 @@ def check_nginx_file(path):
 # --- live: the real binary with the shipped command lines ---------------------------------------------
 
 
+# Set by main: with --no-install the live checks use the ferrule already in FERRULE_VENV.
+NO_INSTALL = False
+# Why ferrule cannot run ("" once installed), None before the first check that needs it.
+_ferrule_problem = None
+
+
 def ensure_ferrule():
-    if not FERRULE.exists():
-        print("      target/release/ferrule missing: cargo build --release")
-        require_ok(sh(["cargo", "build", "--release"], cwd=ROOT, timeout=1800), "cargo build --release")
+    """Installs ferrule from this checkout into FERRULE_VENV once per run; deploy/install-checkout rebuilds
+    it only when the sources changed since the last install (the venv keeps their hash)."""
+    global _ferrule_problem
+    if _ferrule_problem is None:
+        if NO_INSTALL:
+            _ferrule_problem = "" if FERRULE.exists() else f"{FERRULE.relative_to(ROOT)} is missing (--no-install)"
+        else:
+            cmd = [str(INSTALL_CHECKOUT), str(FERRULE_VENV), shutil.which("python3.11") or sys.executable]
+            print(f"      $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+            rc = subprocess.run(cmd, cwd=ROOT, timeout=1800).returncode
+            _ferrule_problem = "" if rc == 0 else f"deploy/install-checkout exited {rc}"
+    if _ferrule_problem:
+        raise Skip(_ferrule_problem) if NO_INSTALL else Fail(_ferrule_problem)
 
 
 def rewrite_args(args, run_dir, tcp_port=None):
@@ -1127,15 +1169,18 @@ def run_collect_static(cmd, run_dir):
     return dest
 
 
-def live_unix_stack(args, probe, nginx_conf, static_cmd=None, static_dir=None):
+def live_unix_stack(args, probe, nginx_conf, static_cmd=None, static_dir=None, image=True):
     """ferrule with `args` on the socket dir, `probe` must pass, nginx with `nginx_conf` must serve the app
-    and the static files (from what `static_cmd` collects, or from static_dir)."""
+    and the static files (from what `static_cmd` collects, or from static_dir). With `image`, as in the
+    Dockerfile's image: VIRTUAL_ENV names the venv ferrule is installed in."""
     ensure_ferrule()
     with live_dir() as (tmp, started):
-        print(f"      moved: /run/ferrule -> {tmp}, /srv/app -> {HELLO}, VIRTUAL_ENV unset (the example needs no venv)")
+        env = {"VIRTUAL_ENV": str(FERRULE_VENV)} if image else {}
+        venv = f"/opt/venv -> {FERRULE_VENV.relative_to(ROOT)}" if image else "VIRTUAL_ENV unset"
+        print(f"      moved: /run/ferrule -> {tmp}, /srv/app -> {HELLO}, {venv}")
         if static_cmd is not None:
             static_dir = run_collect_static(static_cmd, tmp)
-        f = Ferrule(rewrite_args(args, tmp), tmp)
+        f = Ferrule(rewrite_args(args, tmp), tmp, env=env)
         started.append(f)
         f.wait_ready()
         run_probe(rewrite_probe(probe, tmp))
@@ -1201,7 +1246,7 @@ def check_live_ferrule_conf():
     args = ["--socket", "unix:/run/ferrule/app.sock", "--chdir", "/srv/app", "app.py"]
     probe = ["python3", "/usr/local/lib/ferrule/ping.py", "unix:/run/ferrule/app.sock"]
     conf = (NGINX_DIR / "ferrule.conf").read_text()
-    return live_unix_stack(args, probe, conf, static_dir=HELLO / "static")
+    return live_unix_stack(args, probe, conf, static_dir=HELLO / "static", image=False)
 
 
 def check_live_compose_tcp():
@@ -1213,10 +1258,12 @@ def check_live_compose_tcp():
         static_dir = run_collect_static(compose_static_cmd(doc), tmp)
         ports = {n: free_port() for n in names}
         print(f"      moved: 0.0.0.0:3031 -> 127.0.0.1:{{{', '.join(f'{n}: {p}' for n, p in ports.items())}}}")
+        print(f"      moved: /opt/venv -> {FERRULE_VENV.relative_to(ROOT)}")
         instances = {}
         for n in names:
             svc = doc["services"][n]
-            instances[n] = Ferrule(rewrite_args(svc["command"], tmp, ports[n]), tmp)
+            env = {"VIRTUAL_ENV": str(FERRULE_VENV)}
+            instances[n] = Ferrule(rewrite_args(svc["command"], tmp, ports[n]), tmp, env=env)
             started.append(instances[n])
         for n in names:
             instances[n].wait_ready()
@@ -1251,8 +1298,8 @@ def check_live_systemd():
     svc = unit_settings(SYSTEMD_DIR / "ferrule.service")
     sock = unit_settings(SYSTEMD_DIR / "ferrule.socket")
     args = shlex.split(svc["ExecStart"])
-    if args[0] != "/usr/local/bin/ferrule":
-        raise Fail(f"ExecStart runs {args[0]}")
+    if args[0] != UNIT_FERRULE:
+        raise Fail(f"ExecStart runs {args[0]}, want the app venv's {UNIT_FERRULE}")
     with live_dir() as (tmp, started):
         listen = sock["ListenStream"].replace("/run/ferrule", str(tmp))
         print(f"      moved: /run/ferrule -> {tmp}, /srv/myproject -> {HELLO}, myproject.wsgi -> app.py")
@@ -1306,7 +1353,7 @@ SECTIONS = ("ping.py", "shell", "Dockerfile", "compose", "k8s", "systemd", "ngin
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--strict", action="store_true", help="a skipped check fails the run (also: STRICT=1)")
-    parser.add_argument("--no-install", action="store_true", help="install nothing, use what is there")
+    parser.add_argument("--no-install", action="store_true", help="install nothing (tools, ferrule), use what is there")
     parser.add_argument("--only", metavar="SECTION,...", help=f"run only these sections: {', '.join(SECTIONS)}")
     parser.add_argument(
         "--missing-apt-packages",
@@ -1314,6 +1361,8 @@ def main():
         help="print the Debian packages missing for the checks and exit",
     )
     args = parser.parse_args()
+    global NO_INSTALL
+    NO_INSTALL = args.no_install
     if args.missing_apt_packages:
         print(" ".join(missing_apt_packages()))
         return 0

@@ -1,7 +1,8 @@
 """The bundled ferrule example: a plain WSGI app with no dependencies.
 
-Run it behind nginx with `deploy/up`, or directly:
-    target/release/ferrule --socket unix:/tmp/hello.sock examples/hello/app.py
+Run it behind nginx with `deploy/up`, or with ferrule installed into a venv (see the README's "Install"):
+    python3 -m venv venv && venv/bin/pip install .    # from a clone of ferrule, or a ferrule-*.whl
+    venv/bin/ferrule --socket unix:/tmp/hello.sock examples/hello/app.py
 
 Routes:
     /        a small HTML page showing a few values from the WSGI environ (HTTP_HOST keeps a
