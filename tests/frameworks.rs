@@ -55,17 +55,22 @@ fn flask() -> Stack {
     Stack { nginx, ferrule }
 }
 
-fn django() -> Stack {
+/// The test Django site (tests/apps/django_site) on a Unix socket.
+fn django_ferrule(builder: impl FnOnce(FerruleBuilder) -> FerruleBuilder) -> Ferrule {
     let venv = test_venv();
     let site = apps_dir().join("django_site");
-    let ferrule = FerruleBuilder::new("mysite.wsgi:application")
+    let base = FerruleBuilder::new("mysite.wsgi:application")
         .arg("--virtualenv")
         .arg(venv.to_str().expect("utf-8 venv path"))
         .arg("--chdir")
         .arg(site.to_str().expect("utf-8 site path"))
         .env("DJANGO_SETTINGS_MODULE", "mysite.settings")
-        .unix()
-        .spawn();
+        .unix();
+    builder(base).spawn()
+}
+
+fn django() -> Stack {
+    let ferrule = django_ferrule(|b| b);
     let nginx = Nginx::start(&ferrule.addr.nginx_upstream(), STREAMING_CONF);
     Stack { nginx, ferrule }
 }
@@ -382,15 +387,7 @@ fn django_admin_css_is_served_by_the_shipped_static_location() {
     );
     let css = std::fs::read(static_root.path().join("admin/css/base.css")).expect("collectstatic wrote the admin CSS");
 
-    let ferrule = FerruleBuilder::new("mysite.wsgi:application")
-        .arg("--virtualenv")
-        .arg(venv.to_str().expect("utf-8 venv path"))
-        .arg("--chdir")
-        .arg(site.to_str().expect("utf-8 site path"))
-        .env("DJANGO_SETTINGS_MODULE", "mysite.settings")
-        .arg("--access-log")
-        .unix()
-        .spawn();
+    let ferrule = django_ferrule(|b| b.arg("--access-log"));
     let location = shipped_static_location(static_root.path());
     let nginx = Nginx::start_with_server_conf(&ferrule.addr.nginx_upstream(), "", &location);
     let stack = Stack { nginx, ferrule };

@@ -76,11 +76,7 @@ fn install_ferrule() -> PathBuf {
         &target.join("test-ferrule-build.log"),
         "maturin build --release (building ferrule's wheel for the tests)",
     );
-    let wheel = std::fs::read_dir(&wheels)
-        .expect("maturin wrote the wheel directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .unwrap_or_else(|| panic!("maturin built no wheel in {}", wheels.display()));
+    let wheel = built_wheel(&wheels);
     run_bounded(
         Command::new(venv.join("bin").join("python"))
             .args([
@@ -109,7 +105,8 @@ pub fn system_venv_ferrule() -> PathBuf {
 }
 
 fn install_system_venv() -> PathBuf {
-    let built = installed_ferrule();
+    // Builds and installs the test venv's package first: its wheel is the one installed here too.
+    installed_ferrule();
     let target = target_dir();
     let venv = target.join("system-venv");
     let wheels = target.join("test-wheels");
@@ -127,11 +124,7 @@ fn install_system_venv() -> PathBuf {
         &target.join("system-venv-create.log"),
         "/usr/bin/python3 -m venv (apt-get install python3-venv)",
     );
-    let wheel = std::fs::read_dir(&wheels)
-        .expect("the test wheel directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .unwrap_or_else(|| panic!("no wheel in {} (built for {})", wheels.display(), built.display()));
+    let wheel = built_wheel(&wheels);
     run_bounded(
         Command::new(venv.join("bin").join("python"))
             .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-deps"])
@@ -145,6 +138,16 @@ fn install_system_venv() -> PathBuf {
     );
     std::fs::write(&marker, &key).expect("write the install marker");
     command
+}
+
+/// The wheel maturin wrote into `dir`.
+fn built_wheel(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .unwrap_or_else(|| panic!("no wheel in {}", dir.display()))
 }
 
 /// A hash of every source file the package is built from, paths included.
