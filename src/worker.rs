@@ -80,6 +80,11 @@ impl Lifecycle {
         if self.max_requests.is_some_and(|max| served >= max) {
             self.retire(RetireReason::MaxRequests);
         }
+    }
+
+    /// Checks `--reload-on-rss` before a response's last bytes go out: once the client has the whole answer it
+    /// may send its next request at once, and this worker must have stopped accepting by then.
+    pub fn check_memory(&self) {
         if let Some(limit) = self.rss_limit {
             if let Some(rss) = crate::metrics::process_rss(std::process::id()).filter(|&rss| rss > limit) {
                 if !self.over_memory.swap(true, Ordering::SeqCst) {

@@ -374,6 +374,7 @@ impl ResponseState {
         let body_bytes = self.body_bytes;
         py.detach(move || {
             let mut conn = conn;
+            conn.finishing();
             conn.send(last)?;
             if complete {
                 conn.complete(status, body_bytes);

@@ -116,6 +116,12 @@ impl Responder {
         Ok(())
     }
 
+    /// The app is done: the last bytes of the response follow. The worker's memory limit is checked now,
+    /// before the client can have the answer and send its next request.
+    pub fn finishing(&self) {
+        self.shared.lifecycle.check_memory();
+    }
+
     /// The response is complete: consume the rest of the request so the close is an ordinary end of the
     /// response, then count and log the request.
     pub fn complete(mut self, status: u16, body_bytes: u64) {
