@@ -262,7 +262,8 @@ impl Handoff {
     }
 }
 
-/// Reads one line, byte by byte so nothing after it is consumed (the master sends nothing else first anyway).
+/// Reads the settings line. The master writes nothing after it on this socket (the channel carries the
+/// worker's messages up from then on), so reading in chunks cannot consume anything else.
 fn read_line(stream: &mut std::os::unix::net::UnixStream) -> std::io::Result<String> {
     use std::io::Read;
     stream.set_read_timeout(Some(HANDOFF_TIMEOUT))?;

@@ -18,8 +18,9 @@ pub fn initialize(config: &Config) -> Result<(), AppError> {
     }
     Python::attach(|py| {
         if let Some(venv) = &config.virtualenv {
-            check_venv_version(py, venv)?;
-            activate_venv(py, venv)
+            let (running, executable) = running_python(py);
+            check_venv_version(venv, &running, &executable)?;
+            activate_venv(py, venv, &running)
                 .map_err(|e| AppError::Interpreter(format!("cannot use the virtualenv {}: {e}", venv.display())))?;
         }
         set_up_sys_path(py, config).map_err(|e| AppError::Interpreter(format!("cannot set sys.path: {e}")))
@@ -43,21 +44,20 @@ fn running_python(py: Python<'_>) -> (String, String) {
 }
 
 /// A venv made by another Python version holds extension modules built for another ABI: refused at start-up.
-fn check_venv_version(py: Python<'_>, venv: &Path) -> Result<(), AppError> {
+fn check_venv_version(venv: &Path, running: &str, executable: &str) -> Result<(), AppError> {
     let cfg = std::fs::read_to_string(venv.join("pyvenv.cfg")).unwrap_or_default();
     let version = cfg.lines().find_map(|line| {
         let (key, value) = line.split_once('=')?;
         matches!(key.trim(), "version" | "version_info").then(|| value.trim().to_owned())
     });
-    let (running, executable) = running_python(py);
     if let Some(found) = version {
         let major_minor: Vec<&str> = found.split('.').take(2).collect();
         if major_minor.join(".") != running {
             return Err(AppError::VirtualenvVersion {
                 venv: venv.display().to_string(),
                 found,
-                running,
-                executable,
+                running: running.to_owned(),
+                executable: executable.to_owned(),
             });
         }
     }
@@ -66,8 +66,7 @@ fn check_venv_version(py: Python<'_>, venv: &Path) -> Result<(), AppError> {
 
 /// Puts the venv's site-packages (and what its `.pth` files add) first on `sys.path` and sets `VIRTUAL_ENV`,
 /// so the app imports what `venv/bin/python -c 'import app'` would, ahead of ferrule's own environment.
-fn activate_venv(py: Python<'_>, venv: &Path) -> PyResult<()> {
-    let (running, _) = running_python(py);
+fn activate_venv(py: Python<'_>, venv: &Path, running: &str) -> PyResult<()> {
     let site_packages = venv.join("lib").join(format!("python{running}")).join("site-packages");
     let sys_path = py.import("sys")?.getattr("path")?.cast_into::<PyList>()?;
     let before: Vec<String> = sys_path.extract()?;

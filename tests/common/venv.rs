@@ -76,21 +76,11 @@ fn install_ferrule() -> PathBuf {
         &target.join("test-ferrule-build.log"),
         "maturin build --release (building ferrule's wheel for the tests)",
     );
-    let wheel = built_wheel(&wheels);
-    run_bounded(
-        Command::new(venv.join("bin").join("python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--force-reinstall",
-            ])
-            .arg(&wheel),
-        PIP_TIMEOUT,
+    install_wheel(
+        &venv,
+        &built_wheel(&wheels),
         &target.join("test-ferrule-install.log"),
-        &format!("pip install {}", wheel.display()),
+        "the test venv",
     );
     std::fs::write(&marker, &key).expect("write the install marker");
     command
@@ -124,20 +114,33 @@ fn install_system_venv() -> PathBuf {
         &target.join("system-venv-create.log"),
         "/usr/bin/python3 -m venv (apt-get install python3-venv)",
     );
-    let wheel = built_wheel(&wheels);
-    run_bounded(
-        Command::new(venv.join("bin").join("python"))
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-deps"])
-            .arg(&wheel),
-        PIP_TIMEOUT,
+    install_wheel(
+        &venv,
+        &built_wheel(&wheels),
         &target.join("system-venv-install.log"),
-        &format!(
-            "pip install {} into a venv of /usr/bin/python3 (is it the test venv's Python version?)",
-            wheel.display()
-        ),
+        "a venv of /usr/bin/python3 (is it the test venv's Python version?)",
     );
     std::fs::write(&marker, &key).expect("write the install marker");
     command
+}
+
+/// Installs (or reinstalls) `wheel` into `venv` with its own pip, without dependencies.
+fn install_wheel(venv: &Path, wheel: &Path, log: &Path, what: &str) {
+    run_bounded(
+        Command::new(venv.join("bin").join("python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--force-reinstall",
+            ])
+            .arg(wheel),
+        PIP_TIMEOUT,
+        log,
+        &format!("pip install {} into {what}", wheel.display()),
+    );
 }
 
 /// The wheel maturin wrote into `dir`.
