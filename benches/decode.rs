@@ -1,5 +1,6 @@
-//! Micro-benchmarks of the per-request decode path: packet bytes -> vars ([`parse_uwsgi_packet`]) -> environ
-//! ([`Environ::from_vars`]), on the packets nginx really sends (`tests/fixtures/*.bin`).
+//! Micro-benchmarks of the per-request decode path the server runs: packet bytes -> vars ([`decode`], the one
+//! decode every read path uses) -> environ ([`Environ::from_vars`]), on the packets nginx really sends
+//! (`tests/fixtures/*.bin`).
 //!
 //! Run with `cargo bench --bench decode`; Criterion prints the time per iteration, which is the time of one
 //! decode. `get_query.bin` is the typical request (about 20 vars); `large_cookie.bin` is the worst case nginx
@@ -12,7 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ferrule::environ::Environ;
-use ferrule::packet::{HEADER_LEN, parse_uwsgi_packet};
+use ferrule::packet::{Decoded, HEADER_LEN, decode};
+
+/// The vars limit the server decodes with by default (`--buffer-size`, the protocol's maximum).
+const MAX_VARS_SIZE: usize = 65535;
 
 /// One captured packet: its file name without `.bin`, and its bytes (header, vars, then any body).
 struct Fixture {
@@ -57,15 +61,19 @@ fn fixtures() -> Vec<Fixture> {
 fn bench_decode(c: &mut Criterion) {
     let fixtures = fixtures();
 
-    let mut group = c.benchmark_group("parse_uwsgi_packet");
+    let mut group = c.benchmark_group("packet_decode");
     for f in &fixtures {
         group.throughput(Throughput::Bytes(f.decoded_len()));
         group.bench_function(&f.name, |b| {
             b.iter(|| {
-                let parsed = parse_uwsgi_packet(black_box(&f.bytes));
+                let decoded = decode(black_box(&f.bytes), MAX_VARS_SIZE);
                 // Checked, so a packet that stopped parsing cannot pass for a fast one.
-                assert!(parsed.is_ok(), "{} no longer parses", f.name);
-                parsed
+                assert!(
+                    matches!(decoded, Ok(Decoded::Request { .. })),
+                    "{} no longer decodes",
+                    f.name
+                );
+                decoded
             })
         });
     }
@@ -74,7 +82,9 @@ fn bench_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("environ_from_vars");
     for f in &fixtures {
         // The vars borrow from `f.bytes`, as they borrow from the connection's read buffer in the server.
-        let (_, packet) = parse_uwsgi_packet(&f.bytes).unwrap_or_else(|e| panic!("{} does not parse: {e:?}", f.name));
+        let Ok(Decoded::Request { packet, .. }) = decode(&f.bytes, MAX_VARS_SIZE) else {
+            panic!("{} does not decode", f.name);
+        };
         group.throughput(Throughput::Elements(packet.vars.len() as u64));
         group.bench_function(&f.name, |b| {
             b.iter(|| {
@@ -93,8 +103,8 @@ fn bench_decode(c: &mut Criterion) {
         group.bench_function(&f.name, |b| {
             b.iter(|| {
                 let bytes = black_box(&f.bytes);
-                let Ok((_, packet)) = parse_uwsgi_packet(bytes) else {
-                    panic!("{} no longer parses", f.name);
+                let Ok(Decoded::Request { packet, .. }) = decode(bytes, MAX_VARS_SIZE) else {
+                    panic!("{} no longer decodes", f.name);
                 };
                 let environ = Environ::from_vars(bytes, &packet.vars);
                 assert!(environ.is_ok(), "{} no longer builds an environ", f.name);

@@ -11,7 +11,8 @@
 use bytes::Bytes;
 use ferrule::environ::{Environ, EnvironError};
 use ferrule::packet::{
-    HEADER_LEN, Var, parse_uwsgi_header, parse_uwsgi_packet, parse_uwsgi_vars, sniff_foreign_protocol,
+    Decoded, HEADER_LEN, MODIFIER_PING, MODIFIER_WSGI, Var, decode, parse_uwsgi_header, parse_uwsgi_packet,
+    parse_uwsgi_vars, sniff_foreign_protocol,
 };
 
 /// Fuzz target `packet`: arbitrary bytes as a packet and as a bare vars block.
@@ -34,6 +35,9 @@ pub fn packet(data: &[u8]) {
 
     // The input as a bare vars block.
     check_block(data);
+
+    // The input as the start of a connection, through the decode every read path of the server runs.
+    check_decode(data);
 
     // The input as a packet.
     let want = (data.len() >= HEADER_LEN).then(|| HEADER_LEN + usize::from(u16::from_le_bytes([data[1], data[2]])));
@@ -76,6 +80,57 @@ pub fn packet(data: &[u8]) {
                 parse_uwsgi_vars(&data[HEADER_LEN..end]).is_err(),
                 "the packet was rejected but its vars block alone parses"
             );
+        }
+    }
+}
+
+/// `decode` against the parsers it is built on, with vars limits below, at and above the packet's own size:
+/// a short header needs more with no length known; a ping or another modifier1 is said to be one whatever
+/// follows; a vars block over the limit is refused before it is parsed; otherwise `decode` agrees with
+/// `parse_uwsgi_packet`, needing exactly the packet's length when it is short.
+fn check_decode(data: &[u8]) {
+    let own = (data.len() >= HEADER_LEN).then(|| usize::from(u16::from_le_bytes([data[1], data[2]])));
+    let limits = [0, 64, 4096, usize::from(u16::MAX)]
+        .into_iter()
+        .chain(own.into_iter().flat_map(|n| [n.saturating_sub(1), n]));
+    for limit in limits {
+        let decoded = decode(data, limit);
+        let Ok((_, header)) = parse_uwsgi_header(data) else {
+            assert_eq!(decoded, Ok(Decoded::Incomplete { want: None }), "a short header");
+            continue;
+        };
+        let len = HEADER_LEN + usize::from(header.datasize);
+        match header.modifier1 {
+            MODIFIER_WSGI => {}
+            MODIFIER_PING => {
+                assert_eq!(decoded, Ok(Decoded::Ping { len }));
+                continue;
+            }
+            modifier1 => {
+                let protocol = sniff_foreign_protocol(data);
+                assert_eq!(decoded, Ok(Decoded::Unsupported { modifier1, protocol }));
+                continue;
+            }
+        }
+        let datasize = usize::from(header.datasize);
+        if datasize > limit {
+            assert_eq!(
+                decoded,
+                Ok(Decoded::TooLarge { datasize, limit }),
+                "refused before parsing"
+            );
+            continue;
+        }
+        match (decoded, parse_uwsgi_packet(data)) {
+            (Ok(Decoded::Request { packet, len: got }), Ok((_, parsed))) => {
+                assert_eq!(got, len, "a request's length is its header and vars block");
+                assert_eq!(packet, parsed);
+            }
+            (Ok(Decoded::Incomplete { want }), Err(nom::Err::Incomplete(_))) => {
+                assert_eq!(want, Some(len), "a short packet needs exactly its length");
+            }
+            (Err(e), Err(nom::Err::Error(p) | nom::Err::Failure(p))) => assert_eq!(e, p),
+            (d, p) => panic!("decode gave {d:?} where the packet parser gave {p:?}"),
         }
     }
 }

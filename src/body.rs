@@ -6,7 +6,7 @@ use std::fs::File;
 use bytes::Bytes;
 
 #[derive(Debug)]
-pub enum Body {
+pub(crate) enum Body {
     Memory(Bytes),
     /// An unlinked temporary file holding exactly `len` bytes.
     Spooled {
@@ -16,18 +16,10 @@ pub enum Body {
 }
 
 impl Body {
-    pub fn empty() -> Body {
-        Body::Memory(Bytes::new())
-    }
-
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         match self {
             Body::Memory(b) => b.len() as u64,
             Body::Spooled { len, .. } => *len,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }

@@ -17,21 +17,21 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, parser::ValueSourc
 /// which wins over the file.
 #[derive(Debug, Parser, serde::Serialize)]
 #[command(name = "ferrule", version, about, max_term_width = 110)]
-pub struct Options {
+pub(crate) struct Options {
     /// The WSGI app: `package.module:callable`, `module` (callable `application`, then `app`),
     /// `path/to/file.py[:callable]`, or a factory `module:create_app()`
     #[arg(value_name = "APP", env = "FERRULE_APP")]
-    pub app: Option<String>,
+    pub(crate) app: Option<String>,
 
     /// TOML file with options (see above)
     #[arg(short = 'c', long, value_name = "FILE", env = "FERRULE_CONFIG")]
     #[serde(skip)]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 
     /// Validate the configuration and import the app, print the effective settings and exit
     #[arg(long)]
     #[serde(skip)]
-    pub check_config: bool,
+    pub(crate) check_config: bool,
 
     /// Where to listen (repeatable): `unix:/path`, `/abs/path`, `HOST:PORT`, `[v6]:PORT` or an inherited
     /// `fd://N` [default: 127.0.0.1:3031, or the sockets systemd passes in LISTEN_FDS]
@@ -44,124 +44,124 @@ pub struct Options {
         value_delimiter = ','
     )]
     #[serde(rename = "socket")]
-    pub sockets: Vec<String>,
+    pub(crate) sockets: Vec<String>,
 
     /// File mode of Unix sockets, in octal (nginx usually runs as another user: 660 with a shared group)
     #[arg(long, visible_alias = "chmod-socket", value_name = "OCTAL", env = "FERRULE_SOCKET_MODE",
           value_parser = parse_octal_mode)]
     #[serde(serialize_with = "octal")]
-    pub socket_mode: Option<u32>,
+    pub(crate) socket_mode: Option<u32>,
 
     /// Threads that run the app in each worker
     #[arg(long, value_name = "N", env = "FERRULE_THREADS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub threads: u32,
+    pub(crate) threads: u32,
 
     /// Worker processes, supervised by a master process that holds the sockets
     #[arg(short = 'w', long, visible_alias = "processes", value_name = "N", env = "FERRULE_WORKERS",
           default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub workers: u32,
+    pub(crate) workers: u32,
 
     /// Change to this directory before loading the app
     #[arg(long, value_name = "DIR", env = "FERRULE_CHDIR")]
-    pub chdir: Option<PathBuf>,
+    pub(crate) chdir: Option<PathBuf>,
 
     /// Add a directory to the front of sys.path (repeatable)
     #[arg(long, value_name = "DIR", env = "FERRULE_PYTHONPATH", value_delimiter = ',')]
-    pub pythonpath: Vec<PathBuf>,
+    pub(crate) pythonpath: Vec<PathBuf>,
 
     /// Virtualenv whose packages the app imports [default: $VIRTUAL_ENV]
     #[arg(long, value_name = "DIR", env = "FERRULE_VIRTUALENV")]
-    pub virtualenv: Option<PathBuf>,
+    pub(crate) virtualenv: Option<PathBuf>,
 
     /// Largest uwsgi vars block accepted, in bytes (the protocol's maximum is 65535)
     #[arg(long, value_name = "BYTES", env = "FERRULE_BUFFER_SIZE", default_value_t = 65535,
           value_parser = clap::value_parser!(u32).range(64..=65535))]
-    pub buffer_size: u32,
+    pub(crate) buffer_size: u32,
 
     /// Request bodies larger than this are spooled to a temporary file instead of memory
     #[arg(long, value_name = "BYTES", env = "FERRULE_BODY_BUFFER_SIZE", default_value_t = 1 << 20)]
-    pub body_buffer_size: u64,
+    pub(crate) body_buffer_size: u64,
 
     /// Seconds a peer may take to send its whole request before it is dropped
     #[arg(long, value_name = "SECS", env = "FERRULE_READ_TIMEOUT", default_value_t = 30)]
-    pub read_timeout: u64,
+    pub(crate) read_timeout: u64,
 
     /// Seconds a peer may take nothing of the response before it is dropped [default: --read-timeout]
     #[arg(long, value_name = "SECS", env = "FERRULE_WRITE_TIMEOUT")]
-    pub write_timeout: Option<u64>,
+    pub(crate) write_timeout: Option<u64>,
 
     /// Largest request body accepted, in bytes; a larger CONTENT_LENGTH gets 413 before the app runs (0: no limit)
     #[arg(long, value_name = "BYTES", env = "FERRULE_MAX_BODY_SIZE", default_value_t = 0)]
-    pub max_body_size: u64,
+    pub(crate) max_body_size: u64,
 
     /// Connections one worker serves at once; more wait in the listen queue
     #[arg(long, value_name = "N", env = "FERRULE_MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections: u32,
+    pub(crate) max_connections: u32,
 
     /// Accept TCP connections only from these networks (comma-separated CIDRs, repeatable)
     #[arg(long, value_name = "CIDR,...", env = "FERRULE_ALLOW_FROM", value_delimiter = ',')]
-    pub allow_from: Vec<String>,
+    pub(crate) allow_from: Vec<String>,
 
     /// Run as this user (name or uid) after binding the sockets, when started as root
     #[arg(long, value_name = "USER", env = "FERRULE_UID")]
-    pub uid: Option<String>,
+    pub(crate) uid: Option<String>,
 
     /// Run as this group (name or gid) after binding the sockets, when started as root
     #[arg(long, value_name = "GROUP", env = "FERRULE_GID")]
-    pub gid: Option<String>,
+    pub(crate) gid: Option<String>,
 
     /// Seconds in-flight requests get to finish on SIGTERM
     #[arg(long, value_name = "SECS", env = "FERRULE_GRACEFUL_TIMEOUT", default_value_t = 30)]
-    pub graceful_timeout: u64,
+    pub(crate) graceful_timeout: u64,
 
     /// Seconds a request may run before it is answered with 504 and its worker replaced (0: no limit)
     #[arg(short = 't', long, value_name = "SECS", env = "FERRULE_TIMEOUT", default_value_t = 0)]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
 
     /// Replace a worker after it served this many requests (0: never)
     #[arg(long, value_name = "N", env = "FERRULE_MAX_REQUESTS", default_value_t = 0)]
-    pub max_requests: u64,
+    pub(crate) max_requests: u64,
 
     /// Add a random 0..=M to --max-requests per worker, so workers do not all restart at once
     #[arg(long, value_name = "M", env = "FERRULE_MAX_REQUESTS_JITTER", default_value_t = 0)]
-    pub max_requests_jitter: u64,
+    pub(crate) max_requests_jitter: u64,
 
     /// Replace a worker whose resident memory passes this many MiB after a request (0: never)
     #[arg(long, value_name = "MIB", env = "FERRULE_RELOAD_ON_RSS", default_value_t = 0)]
-    pub reload_on_rss: u64,
+    pub(crate) reload_on_rss: u64,
 
     /// Length of the listen queue of each socket
     #[arg(long, value_name = "N", env = "FERRULE_LISTEN_BACKLOG", default_value_t = 4096)]
-    pub listen_backlog: i32,
+    pub(crate) listen_backlog: i32,
 
     /// Serve Prometheus metrics on this address (uwsgi protocol, like the app; expose it through nginx)
     #[arg(long, value_name = "ADDR", env = "FERRULE_METRICS")]
-    pub metrics: Option<String>,
+    pub(crate) metrics: Option<String>,
 
     /// Log one line per request
     #[arg(long, env = "FERRULE_ACCESS_LOG", value_parser = BoolishValueParser::new())]
-    pub access_log: bool,
+    pub(crate) access_log: bool,
 
     /// Text access-log line, with {method} {path} {status} {bytes} {duration_us} {pid} {request_id} {remote_addr}
     #[arg(long, value_name = "FORMAT", env = "FERRULE_ACCESS_LOG_FORMAT")]
-    pub access_log_format: Option<String>,
+    pub(crate) access_log_format: Option<String>,
 
     /// Log format: human-readable text or one JSON object per line
     #[arg(long, value_name = "FORMAT", env = "FERRULE_LOG_FORMAT", default_value = "text")]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it
     #[arg(long, value_name = "LEVEL", env = "FERRULE_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    pub(crate) log_level: String,
 }
 
 /// `--log-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
@@ -182,11 +182,11 @@ fn parse_octal_mode(s: &str) -> Result<u32, String> {
 }
 
 /// Where ferrule listens when no socket is given anywhere (uWSGI's customary port).
-pub const DEFAULT_SOCKET: &str = "127.0.0.1:3031";
+pub(crate) const DEFAULT_SOCKET: &str = "127.0.0.1:3031";
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum SocketSpec {
+pub(crate) enum SocketSpec {
     Unix(PathBuf),
     Tcp(SocketAddr),
     /// An already listening socket inherited from whoever started ferrule (`fd://N`, systemd).
@@ -205,7 +205,7 @@ impl std::fmt::Display for SocketSpec {
 
 /// A bad option, named so the operator can fix it.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("--socket {0:?}: expected unix:/path, /abs/path, HOST:PORT or [v6]:PORT")]
     BadSocket(String),
     #[error("--socket {0:?}: a Unix socket path must be absolute")]
@@ -232,7 +232,7 @@ pub enum ConfigError {
 
 /// Parses the command line and the environment, then fills in what neither set from the `--config` file.
 /// Precedence: command line, then environment, then file, then defaults.
-pub fn load_options(args: Vec<OsString>) -> Result<Options, ConfigError> {
+pub(crate) fn load_options(args: Vec<OsString>) -> Result<Options, ConfigError> {
     let matches = Options::command().get_matches_from(&args);
     let Some(file) = matches.get_one::<PathBuf>("config").cloned() else {
         // Cannot fail: these matches were just produced from the same definition.
@@ -345,7 +345,7 @@ fn integer_literal<'t>(text: &'t str, key: &str) -> Option<&'t str> {
 }
 
 /// The `{field}`s a text access-log line may use.
-pub const ACCESS_LOG_FIELDS: [&str; 8] = [
+pub(crate) const ACCESS_LOG_FIELDS: [&str; 8] = [
     "method",
     "path",
     "status",
@@ -378,7 +378,7 @@ fn check_access_log_format(format: &str) -> Result<(), ConfigError> {
 
 impl Options {
     /// The sockets to bind: those given, else systemd's, else the default `127.0.0.1:3031`.
-    pub fn effective_sockets(&self) -> Vec<String> {
+    pub(crate) fn effective_sockets(&self) -> Vec<String> {
         if self.sockets.is_empty() && systemd_fds().is_empty() {
             return vec![DEFAULT_SOCKET.to_owned()];
         }
@@ -417,13 +417,13 @@ fn first_line(s: &str) -> String {
 
 /// A network in CIDR notation, for `--allow-from`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Cidr {
+pub(crate) struct Cidr {
     addr: IpAddr,
     prefix: u8,
 }
 
 impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, ConfigError> {
+    pub(crate) fn parse(s: &str) -> Result<Cidr, ConfigError> {
         let bad = || ConfigError::BadCidr(s.to_owned());
         let (addr, prefix) = match s.trim().split_once('/') {
             Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| bad())?)),
@@ -439,7 +439,7 @@ impl Cidr {
     }
 
     /// Whether `ip` is inside this network; an IPv4-mapped IPv6 peer matches IPv4 networks.
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
@@ -459,7 +459,7 @@ impl Cidr {
 }
 
 /// Parses one `--socket` value.
-pub fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
+pub(crate) fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
     if let Some(fd) = s.strip_prefix("fd://") {
         return match fd.parse::<i32>() {
             Ok(n) if n >= 0 => Ok(SocketSpec::Fd(n)),
@@ -489,43 +489,43 @@ pub fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
 /// The validated configuration. The master validates it once and hands it to each worker as it is (see
 /// [`Config::encode`]), so a worker never reads the command line, the environment or the file itself.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Config {
-    pub app: String,
-    pub sockets: Vec<SocketSpec>,
-    pub socket_mode: Option<u32>,
-    pub threads: usize,
-    pub workers: usize,
-    pub chdir: Option<PathBuf>,
-    pub pythonpath: Vec<PathBuf>,
-    pub virtualenv: Option<PathBuf>,
-    pub max_vars_size: usize,
-    pub body_buffer_size: u64,
-    pub read_timeout: Duration,
+pub(crate) struct Config {
+    pub(crate) app: String,
+    pub(crate) sockets: Vec<SocketSpec>,
+    pub(crate) socket_mode: Option<u32>,
+    pub(crate) threads: usize,
+    pub(crate) workers: usize,
+    pub(crate) chdir: Option<PathBuf>,
+    pub(crate) pythonpath: Vec<PathBuf>,
+    pub(crate) virtualenv: Option<PathBuf>,
+    pub(crate) max_vars_size: usize,
+    pub(crate) body_buffer_size: u64,
+    pub(crate) read_timeout: Duration,
     /// How long a peer may take nothing of the response (a stalled reader would otherwise hold an app thread).
-    pub write_timeout: Duration,
-    pub graceful_timeout: Duration,
-    pub listen_backlog: i32,
-    pub access_log: bool,
+    pub(crate) write_timeout: Duration,
+    pub(crate) graceful_timeout: Duration,
+    pub(crate) listen_backlog: i32,
+    pub(crate) access_log: bool,
     /// Per-request time limit.
-    pub timeout: Option<Duration>,
-    pub max_body_size: Option<u64>,
-    pub max_connections: usize,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) max_body_size: Option<u64>,
+    pub(crate) max_connections: usize,
     /// TCP peers allowed to connect; empty means all.
-    pub allow_from: Vec<Cidr>,
-    pub uid: Option<String>,
-    pub gid: Option<String>,
-    pub metrics: Option<SocketSpec>,
-    pub access_log_format: Option<String>,
-    pub log_format: LogFormat,
-    pub log_level: String,
-    pub max_requests: Option<u64>,
-    pub max_requests_jitter: u64,
+    pub(crate) allow_from: Vec<Cidr>,
+    pub(crate) uid: Option<String>,
+    pub(crate) gid: Option<String>,
+    pub(crate) metrics: Option<SocketSpec>,
+    pub(crate) access_log_format: Option<String>,
+    pub(crate) log_format: LogFormat,
+    pub(crate) log_level: String,
+    pub(crate) max_requests: Option<u64>,
+    pub(crate) max_requests_jitter: u64,
     /// Resident memory limit in bytes.
-    pub reload_on_rss: Option<u64>,
+    pub(crate) reload_on_rss: Option<u64>,
 }
 
 impl Config {
-    pub fn from_options(o: Options) -> Result<Config, ConfigError> {
+    pub(crate) fn from_options(o: Options) -> Result<Config, ConfigError> {
         let sockets = o
             .effective_sockets()
             .iter()
@@ -590,18 +590,18 @@ impl Config {
 
 impl Config {
     /// The form in which the master hands the validated settings to a worker: one line of JSON.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         // Cannot fail: every field is a plain value, string, path or list of them.
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    pub fn decode(line: &str) -> Result<Config, serde_json::Error> {
+    pub(crate) fn decode(line: &str) -> Result<Config, serde_json::Error> {
         serde_json::from_str(line)
     }
 }
 
 /// Sockets passed by systemd socket activation: fds 3.. when LISTEN_PID names this process.
-pub fn systemd_fds() -> Vec<SocketSpec> {
+pub(crate) fn systemd_fds() -> Vec<SocketSpec> {
     let for_us = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
     let count = std::env::var("LISTEN_FDS")
         .ok()

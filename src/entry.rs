@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{self, Config, LogFormat, Options};
+use crate::control::{self, Handoff};
 use crate::master::{self, Launch};
 use crate::worker;
 
@@ -38,7 +39,7 @@ fn main(py: Python<'_>, argv: Vec<OsString>) -> PyResult<()> {
 
 fn run(mut argv: Vec<OsString>, python: PathBuf) -> i32 {
     // A worker takes its settings from the master, already validated, never from argv, environment or file.
-    if let Some(id) = worker::worker_id() {
+    if let Some(id) = control::worker_id() {
         return run_worker(id);
     }
     // argv[0] is the script or __main__.py: usage and errors say `ferrule`.
@@ -79,7 +80,7 @@ fn run(mut argv: Vec<OsString>, python: PathBuf) -> i32 {
 }
 
 fn run_worker(id: u32) -> i32 {
-    let handoff = match worker::Handoff::receive() {
+    let handoff = match Handoff::receive() {
         Ok(h) => h,
         Err(e) => {
             eprintln!("ferrule: {e}");

@@ -14,15 +14,6 @@ pub enum UrlScheme {
     Https,
 }
 
-impl UrlScheme {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UrlScheme::Http => "http",
-            UrlScheme::Https => "https",
-        }
-    }
-}
-
 /// The request as the app will see it, before conversion to Python objects.
 #[derive(Debug, Clone)]
 pub struct Environ {

@@ -3,30 +3,39 @@
 //! ferrule ships as a Python package: `entry` is the extension module's `main`, which the `ferrule` command
 //! and `python -m ferrule` call inside the Python that runs the app.
 //!
-//! nginx terminates HTTP and forwards each request with `uwsgi_pass`. A master process ([`master`]) binds the
-//! sockets and supervises worker processes ([`worker`]); in each worker a request flows through these stages,
-//! one module each, in this order:
+//! nginx terminates HTTP and forwards each request with `uwsgi_pass`. A master process binds the sockets and
+//! supervises worker processes; in each worker a request flows socket -> packet -> environ -> app -> response
+//! -> socket. The modules are layered: each imports only those listed before it (`.ci/import_cycles.py`
+//! checks that no import runs the other way).
 //!
-//! 1. [`listener`]: bind Unix and TCP sockets (or inherit them), accept connections.
-//! 2. [`server`]: the accept loop, connection tasks, graceful stop.
-//! 3. [`connection`]: one connection: read the packet and the body, hand the request over, write the response.
-//! 4. [`packet`]: the uwsgi wire format (pure nom parsers).
-//! 5. [`environ`]: packet vars to the PEP 3333 environ (pure).
-//! 6. [`app`]: the Python boundary: the interpreter, the app, the thread pool, `start_response`, `wsgi.input`.
-//! 7. [`response`]: status and headers to HTTP/1.1 bytes, and the server's own error answers.
-//!
-//! [`config`] validates the options once; [`body`] is the request body type passed from connection to app.
+//! 1. Pure, no I/O: `config` (the options, validated once and handed to workers), `packet` (the uwsgi wire
+//!    format: one `decode` for every read path), `environ` (packet vars to the PEP 3333 environ), `body` (the
+//!    request body), `response` (HTTP/1.1 heads, response framing, the server's own answers), `metrics`
+//!    (counters and their exposition), `lifecycle` (when a worker retires, and the count of work in flight
+//!    that a stop drains).
+//! 2. `listener`: bind Unix and TCP sockets (or inherit them), accept, peek, sendfile.
+//! 3. `control`: the line between the master and a worker, both ends.
+//! 4. `app`: the Python boundary: the interpreter, the app, its threads, `start_response`, `wsgi.input`. It
+//!    defines what it needs from above: a request source and a response sink.
+//! 5. `connection`: one connection: read the request (on the app thread when it is all there, else on the
+//!    async side), implement the response sink, the `--timeout` watchdog and the access log.
+//! 6. `server`: the worker's intake (app threads accept; the async side reads the rest), the connection limit,
+//!    and the drain on stop.
+//! 7. `worker`: wires one worker together; `master`: supervision, signals and reload (it never imports the
+//!    app); `entry`: the command.
 
-mod entry;
-pub mod config;
-pub mod metrics;
-pub mod master;
-pub mod worker;
-pub mod listener;
-pub mod server;
-pub mod connection;
+pub(crate) mod config;
 pub mod packet;
 pub mod environ;
-pub mod body;
-pub mod app;
-pub mod response;
+pub(crate) mod body;
+pub(crate) mod response;
+pub(crate) mod metrics;
+pub(crate) mod lifecycle;
+pub(crate) mod listener;
+pub(crate) mod control;
+pub(crate) mod app;
+pub(crate) mod connection;
+pub(crate) mod server;
+pub(crate) mod worker;
+pub(crate) mod master;
+mod entry;

@@ -19,7 +19,7 @@ use crate::config::SocketSpec;
 
 /// Why a socket could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum ListenError {
+pub(crate) enum ListenError {
     #[error("{0}: {1}")]
     Bind(SocketSpec, io::Error),
     #[error("{0}: another process is listening on this socket")]
@@ -41,16 +41,16 @@ pub enum ListenError {
 /// A bound, listening socket, not yet registered with a runtime, so a master process can bind it once and
 /// hand it to workers.
 #[derive(Debug)]
-pub struct BoundSocket {
-    pub spec: SocketSpec,
-    pub fd: OwnedFd,
+pub(crate) struct BoundSocket {
+    pub(crate) spec: SocketSpec,
+    pub(crate) fd: OwnedFd,
     /// For a Unix socket we created: its path and inode, so it is removed on exit only while it is still ours.
-    pub unix_file: Option<(PathBuf, u64)>,
+    pub(crate) unix_file: Option<(PathBuf, u64)>,
 }
 
 impl BoundSocket {
     /// The address as the log shows it (with the real port when the spec asked for port 0).
-    pub fn display_addr(&self) -> String {
+    pub(crate) fn display_addr(&self) -> String {
         if let SocketSpec::Unix(p) = &self.spec {
             return format!("unix:{}", p.display());
         }
@@ -64,23 +64,14 @@ impl BoundSocket {
         }
     }
 
-    /// Connections waiting in the accept queue, where the OS reports it (see [`listen_queue_depth`]).
-    pub fn listen_queue_depth(&self) -> Option<u64> {
-        if self.is_unix() {
-            None
-        } else {
-            listen_queue_depth(&self.fd)
-        }
-    }
-
     /// Whether this is a Unix domain socket (decided by the socket itself, so inherited ones work too).
-    pub fn is_unix(&self) -> bool {
+    pub(crate) fn is_unix(&self) -> bool {
         SockRef::from(&self.fd).local_addr().is_ok_and(|a| a.is_unix())
     }
 
     /// Takes over a listening socket inherited as descriptor `fd` (from the master, systemd or `fd://N`).
     /// The socket file, if any, belongs to whoever made it and is never removed by this process.
-    pub fn inherit(fd: RawFd) -> Result<BoundSocket, ListenError> {
+    pub(crate) fn inherit(fd: RawFd) -> Result<BoundSocket, ListenError> {
         let spec = SocketSpec::Fd(fd);
         // SAFETY: fcntl(F_GETFD) only inspects the descriptor table; it fails cleanly on a closed descriptor.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -108,7 +99,7 @@ impl BoundSocket {
     }
 
     /// Removes the Unix socket file if it still is the one this process created.
-    pub fn remove_file(&self) {
+    pub(crate) fn remove_file(&self) {
         if let Some((path, ino)) = &self.unix_file {
             if fs::symlink_metadata(path).is_ok_and(|m| m.ino() == *ino) {
                 match fs::remove_file(path) {
@@ -127,7 +118,7 @@ impl BoundSocket {
 
 /// Connections waiting in a listening TCP socket's accept queue: Linux reports the queue's current length in
 /// TCP_INFO's `tcpi_unacked` for a listening socket. Unix sockets have no such report.
-pub fn listen_queue_depth(fd: &impl AsFd) -> Option<u64> {
+pub(crate) fn listen_queue_depth(fd: &impl AsFd) -> Option<u64> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large and zero-initialised; the
@@ -150,7 +141,7 @@ pub fn listen_queue_depth(fd: &impl AsFd) -> Option<u64> {
 }
 
 /// Binds and listens on one socket. A Unix socket file gets `mode` and, when given, `owner` (user, group).
-pub fn bind(
+pub(crate) fn bind(
     spec: &SocketSpec,
     mode: Option<u32>,
     owner: Option<(Option<u32>, Option<u32>)>,
@@ -233,7 +224,7 @@ fn remove_stale_socket(spec: &SocketSpec, path: &Path) -> Result<(), ListenError
 /// Accepts a connection that is already waiting, without blocking and without a runtime (`Ok(None)`: none is
 /// waiting). The app threads accept this way, so a request nginx has already sent is read, run and answered by
 /// one thread. The socket comes back non-blocking: every wait on it is an explicit, bounded poll.
-pub fn accept_now(listener: &OwnedFd) -> io::Result<Option<(Socket, Option<SocketAddr>)>> {
+pub(crate) fn accept_now(listener: &OwnedFd) -> io::Result<Option<(Socket, Option<SocketAddr>)>> {
     loop {
         // SAFETY: accept4 writes at most `len` bytes of address into the zeroed storage socket2 provides, and
         // the descriptor it returns is new, so the OwnedFd is its only owner.
@@ -272,7 +263,7 @@ pub fn accept_now(listener: &OwnedFd) -> io::Result<Option<(Socket, Option<Socke
 
 /// Peeks at the bytes queued in a non-blocking socket without consuming them (`WouldBlock`: none yet), into
 /// the spare capacity of `buf`, whose length becomes what was peeked. No zeroing of the buffer first.
-pub fn peek_now(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
+pub(crate) fn peek_now(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
     buf.clear();
     let n = socket.peek(buf.spare_capacity_mut())?;
     // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity, and `n` is at most its length.
@@ -281,7 +272,7 @@ pub fn peek_now(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
 }
 
 /// Reads and drops `len` queued bytes (fewer if the peer closed), without zeroing a buffer for them.
-pub fn discard(socket: &Socket, mut len: usize) -> io::Result<()> {
+pub(crate) fn discard(socket: &Socket, mut len: usize) -> io::Result<()> {
     let mut scratch = [MaybeUninit::<u8>::uninit(); 8 * 1024];
     while len > 0 {
         let want = len.min(scratch.len());
@@ -297,7 +288,7 @@ pub fn discard(socket: &Socket, mut len: usize) -> io::Result<()> {
 
 /// Waits until `fd` is ready for `events` (readable, writable, or closed), at most `timeout`. Returns false when
 /// the time ran out. For the app threads, which call it with the GIL released.
-pub fn wait_ready(fd: BorrowedFd<'_>, events: PollFlags, timeout: Duration) -> io::Result<bool> {
+pub(crate) fn wait_ready(fd: BorrowedFd<'_>, events: PollFlags, timeout: Duration) -> io::Result<bool> {
     let mut fds = [PollFd::new(fd, events)];
     let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
     match nix::poll::poll(&mut fds, timeout) {
@@ -310,14 +301,14 @@ pub fn wait_ready(fd: BorrowedFd<'_>, events: PollFlags, timeout: Duration) -> i
 }
 
 /// A listening socket registered with the runtime.
-pub enum Listener {
+pub(crate) enum Listener {
     Unix(tokio::net::UnixListener),
     Tcp(tokio::net::TcpListener),
 }
 
 impl Listener {
     /// Registers a bound socket with the current runtime; the fd stays owned by the listener.
-    pub fn from_bound(bound: &BoundSocket) -> io::Result<Listener> {
+    pub(crate) fn from_bound(bound: &BoundSocket) -> io::Result<Listener> {
         let fd = bound.fd.try_clone()?;
         Ok(if bound.is_unix() {
             Listener::Unix(tokio::net::UnixListener::from_std(fd.into())?)
@@ -327,7 +318,7 @@ impl Listener {
     }
 
     /// Accepts one connection; the peer address is `None` on a Unix socket.
-    pub async fn accept(&self) -> io::Result<(Stream, Option<std::net::SocketAddr>)> {
+    pub(crate) async fn accept(&self) -> io::Result<(Stream, Option<std::net::SocketAddr>)> {
         match self {
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
@@ -344,7 +335,7 @@ impl Listener {
 }
 
 /// A connection from nginx (or whoever connected).
-pub enum Stream {
+pub(crate) enum Stream {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
 }
@@ -361,7 +352,7 @@ macro_rules! each {
 impl Stream {
     /// Takes over a connection an app thread accepted and passed on (`tcp`: it is a TCP connection). Must be
     /// called inside the runtime, which it registers with.
-    pub fn from_socket(socket: Socket, tcp: bool) -> io::Result<Stream> {
+    pub(crate) fn from_socket(socket: Socket, tcp: bool) -> io::Result<Stream> {
         let fd = OwnedFd::from(socket);
         Ok(if tcp {
             Stream::Tcp(tokio::net::TcpStream::from_std(fd.into())?)
@@ -371,7 +362,7 @@ impl Stream {
     }
 
     /// Leaves the runtime, for the app thread that will write the response (still non-blocking).
-    pub fn into_socket(self) -> io::Result<Socket> {
+    pub(crate) fn into_socket(self) -> io::Result<Socket> {
         let fd: OwnedFd = match self {
             Stream::Unix(s) => s.into_std()?.into(),
             Stream::Tcp(s) => s.into_std()?.into(),
@@ -381,7 +372,7 @@ impl Stream {
 
     /// Peeks at the queued bytes without consuming them, waiting until more than `have` bytes are queued.
     /// Returns `have` or fewer when the peer closed before sending more.
-    pub async fn peek_more(&self, buf: &mut [u8], have: usize) -> io::Result<usize> {
+    pub(crate) async fn peek_more(&self, buf: &mut [u8], have: usize) -> io::Result<usize> {
         // SAFETY: viewing initialised bytes as MaybeUninit is sound as long as nothing writes uninitialised
         // bytes through the view; recv(2) (via socket2's peek) only ever writes received bytes.
         let buf: &mut [MaybeUninit<u8>] = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
@@ -405,36 +396,36 @@ impl Stream {
     }
 
     /// Reads (consumes) up to `buf.len()` bytes.
-    pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         each!(self, s => s.read(buf).await)
     }
 
     /// Reads exactly `buf.len()` bytes; `UnexpectedEof` if the peer closes first.
-    pub async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+    pub(crate) async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         each!(self, s => s.read_exact(buf).await).map(|_| ())
     }
 
     /// Reads (consumes) into the spare room of `buf`, which need not be initialised.
-    pub async fn read_buf(&mut self, buf: &mut impl bytes::BufMut) -> io::Result<usize> {
+    pub(crate) async fn read_buf(&mut self, buf: &mut impl bytes::BufMut) -> io::Result<usize> {
         each!(self, s => s.read_buf(buf).await)
     }
 
-    pub async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+    pub(crate) async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         each!(self, s => s.write_all(buf).await)
     }
 
     /// Ends our half of the connection with an ordinary FIN.
-    pub async fn shutdown(&mut self) -> io::Result<()> {
+    pub(crate) async fn shutdown(&mut self) -> io::Result<()> {
         each!(self, s => s.shutdown().await)
     }
 }
 
 /// One sendfile(2) call.
-pub fn sendfile(socket: std::os::fd::RawFd, file: &fs::File, offset: &mut u64, count: usize) -> io::Result<usize> {
+pub(crate) fn sendfile(socket: &Socket, file: &fs::File, offset: &mut u64, count: usize) -> io::Result<usize> {
     let mut off = libc::off_t::try_from(*offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: both descriptors are open for the whole call (the caller holds the socket open, the file is a
     // live `File`), and `off` is a valid, exclusive pointer to an off_t.
-    let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut off, count) };
+    let n = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut off, count) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

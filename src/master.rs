@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -25,13 +24,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::{Config, systemd_fds};
+use crate::control::{self, ENV_WORKER_FDS, ENV_WORKER_ID, EXIT_APP_LOAD, Message};
+use crate::lifecycle::RetireReason;
 use crate::listener::{self, BoundSocket, ListenError, Listener, Stream};
 use crate::metrics::{MasterMetrics, Snapshot};
-use crate::worker::{ENV_WORKER_FDS, ENV_WORKER_ID, EXIT_APP_LOAD, RetireReason};
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
-pub enum MasterError {
+pub(crate) enum MasterError {
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error("cannot start a worker with {program}: {error}{hint}")]
@@ -212,16 +212,16 @@ const KILL_MARGIN: Duration = Duration::from_secs(5);
 const FAST_STOP: Duration = Duration::from_secs(3);
 
 /// How this ferrule was started, so the master can read its configuration again and start workers.
-pub struct Launch {
+pub(crate) struct Launch {
     /// The command line, for re-reading the configuration on SIGHUP.
-    pub argv: Vec<OsString>,
+    pub(crate) argv: Vec<OsString>,
     /// The interpreter that runs ferrule, and the arguments that make it a ferrule worker.
-    pub worker_program: PathBuf,
-    pub worker_args: Vec<OsString>,
+    pub(crate) worker_program: PathBuf,
+    pub(crate) worker_args: Vec<OsString>,
 }
 
 /// Binds every socket, runs the workers until a stop signal, and removes the socket files.
-pub fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
+pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
     check_descriptor_limit(&config)?;
     let identity = resolve_identity(&config)?;
     let owner = identity.socket_owner();
@@ -447,7 +447,7 @@ impl<'s> Master<'s> {
         // It counts as one of `desired` workers, so one added by SIGTTIN knows it is not alone.
         let mut config = (*self.config).clone();
         config.workers = config.workers.max(self.desired);
-        writeln!(&ours, "config {}", config.encode())?;
+        control::send_settings(&ours, &config)?;
         let mut cmd = tokio::process::Command::new(&self.launch.worker_program);
         cmd.args(&self.launch.worker_args)
             .env(ENV_WORKER_ID, id.to_string())
@@ -490,17 +490,11 @@ impl<'s> Master<'s> {
         tokio::spawn(async move {
             let mut lines = BufReader::new(control).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let event = match line.split_once(' ') {
-                    None if line == "ready" => Event::Ready(id),
-                    Some(("stats", numbers)) => match Snapshot::parse(numbers) {
-                        Some(s) => Event::Stats(id, s),
-                        None => continue,
-                    },
-                    Some(("retire", reason)) => match RetireReason::parse(reason) {
-                        Some(r) => Event::Retire(id, r),
-                        None => continue,
-                    },
-                    _ => continue,
+                let event = match Message::parse(&line) {
+                    Some(Message::Ready) => Event::Ready(id),
+                    Some(Message::Stats(s)) => Event::Stats(id, s),
+                    Some(Message::Retire(r)) => Event::Retire(id, r),
+                    None => continue,
                 };
                 if tx.send(event).is_err() {
                     break;

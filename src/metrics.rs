@@ -15,12 +15,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Upper bounds of the request duration histogram, in seconds (the last bucket, +Inf, is implicit).
-pub const DURATION_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub(crate) const DURATION_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const NBUCKETS: usize = DURATION_BUCKETS.len() + 1;
 
 /// A worker's own counters.
 #[derive(Debug, Default)]
-pub struct WorkerMetrics {
+pub(crate) struct WorkerMetrics {
     /// Requests by status class: 1xx to 5xx.
     requests: [AtomicU64; 5],
     in_flight: AtomicI64,
@@ -33,17 +33,17 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    pub fn request_started(&self) {
+    pub(crate) fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Pairs with `request_started`, however the request ended.
-    pub fn request_ended(&self) {
+    pub(crate) fn request_ended(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Records an answer, including those the server made itself (400, 413, 431, 504).
-    pub fn answered(&self, status: u16, body_bytes: u64, elapsed: Duration) {
+    pub(crate) fn answered(&self, status: u16, body_bytes: u64, elapsed: Duration) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.requests[class].fetch_add(1, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
@@ -54,15 +54,15 @@ impl WorkerMetrics {
         self.bytes_out.fetch_add(body_bytes, Ordering::Relaxed);
     }
 
-    pub fn received(&self, bytes: u64) {
+    pub(crate) fn received(&self, bytes: u64) {
         self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    pub fn timed_out(&self) {
+    pub(crate) fn timed_out(&self) {
         self.timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Snapshot {
             requests: self.requests.each_ref().map(load),
@@ -78,19 +78,19 @@ impl WorkerMetrics {
 
 /// A worker's counters at one moment, as sent to the master.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub requests: [u64; 5],
-    pub in_flight: i64,
-    pub buckets: [u64; NBUCKETS],
-    pub duration_sum_us: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub timeouts: u64,
+pub(crate) struct Snapshot {
+    pub(crate) requests: [u64; 5],
+    pub(crate) in_flight: i64,
+    pub(crate) buckets: [u64; NBUCKETS],
+    pub(crate) duration_sum_us: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+    pub(crate) timeouts: u64,
 }
 
 impl Snapshot {
     /// The control-channel line: `stats` and the numbers in a fixed order.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut parts: Vec<String> = vec!["stats".into()];
         parts.extend(self.requests.iter().map(u64::to_string));
         parts.push(self.in_flight.to_string());
@@ -102,7 +102,7 @@ impl Snapshot {
     }
 
     /// Parses the numbers after `stats`.
-    pub fn parse(numbers: &str) -> Option<Snapshot> {
+    pub(crate) fn parse(numbers: &str) -> Option<Snapshot> {
         let n: Vec<i64> = numbers.split(' ').map(|x| x.parse().ok()).collect::<Option<_>>()?;
         if n.len() != 5 + 1 + NBUCKETS + 4 || n.iter().any(|&x| x < 0) {
             return None;
@@ -143,39 +143,39 @@ impl Snapshot {
 
 /// What the master knows: the last snapshot of each live worker, the sum of exited ones, and restarts.
 #[derive(Debug, Default)]
-pub struct MasterMetrics {
+pub(crate) struct MasterMetrics {
     live: HashMap<u32, (u32, Snapshot)>,
     exited: Snapshot,
     restarts: BTreeMap<&'static str, u64>,
 }
 
 /// Why the master replaced a worker, for `ferrule_worker_restarts_total`.
-pub const RESTART_REASONS: [&str; 5] = ["crash", "timeout", "max-requests", "memory", "reload"];
+pub(crate) const RESTART_REASONS: [&str; 5] = ["crash", "timeout", "max-requests", "memory", "reload"];
 
 impl MasterMetrics {
-    pub fn worker_started(&mut self, id: u32, pid: u32) {
+    pub(crate) fn worker_started(&mut self, id: u32, pid: u32) {
         self.live.insert(id, (pid, Snapshot::default()));
     }
 
-    pub fn update(&mut self, id: u32, snapshot: Snapshot) {
+    pub(crate) fn update(&mut self, id: u32, snapshot: Snapshot) {
         if let Some(entry) = self.live.get_mut(&id) {
             entry.1 = snapshot;
         }
     }
 
     /// Keeps what an exited worker counted, so the totals never go backwards.
-    pub fn worker_exited(&mut self, id: u32) {
+    pub(crate) fn worker_exited(&mut self, id: u32) {
         if let Some((_, last)) = self.live.remove(&id) {
             self.exited.add_counters(&last);
         }
     }
 
-    pub fn restarted(&mut self, reason: &'static str, count: u64) {
+    pub(crate) fn restarted(&mut self, reason: &'static str, count: u64) {
         *self.restarts.entry(reason).or_default() += count;
     }
 
     /// The Prometheus text exposition. `queues` are listen queue depths by socket, where the OS reports them.
-    pub fn render(&self, queues: &[(String, u64)]) -> String {
+    pub(crate) fn render(&self, queues: &[(String, u64)]) -> String {
         let mut total = self.exited;
         let mut in_flight = 0;
         for (_, snap) in self.live.values() {
@@ -284,7 +284,7 @@ impl EncodeMetric for FixedHistogram {
 }
 
 /// Resident memory of another process, from /proc.
-pub fn process_rss(pid: u32) -> Option<u64> {
+pub(crate) fn process_rss(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)

@@ -133,12 +133,59 @@ pub fn parse_uwsgi_packet(i: &[u8]) -> IResult<&[u8], Packet<'_>, PacketError> {
 }
 
 /// The answer to a uWSGI ping, as uWSGI gives it: the ping header back with `modifier2 = 1`.
-pub const PONG: [u8; HEADER_LEN] = [MODIFIER_PING, 0, 0, 1];
+pub(crate) const PONG: [u8; HEADER_LEN] = [MODIFIER_PING, 0, 0, 1];
 
-/// Encodes a header; used by tests and tools that build packets.
-pub fn encode_header(header: PacketHeader) -> [u8; HEADER_LEN] {
-    let [lo, hi] = header.datasize.to_le_bytes();
-    [header.modifier1, lo, hi, header.modifier2]
+/// What the first bytes of a connection are, as far as they go: the one decode every read path uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// Not all there yet: `want` is the length of the whole packet (header and vars) once the header is in.
+    Incomplete { want: Option<usize> },
+    /// A uWSGI ping (modifier1 100) of `len` bytes, header included: answered with [`PONG`].
+    Ping { len: usize },
+    /// Not a WSGI request: another modifier1, or another protocol altogether (`protocol`, when recognised by
+    /// [`sniff_foreign_protocol`]).
+    Unsupported {
+        modifier1: u8,
+        protocol: Option<&'static str>,
+    },
+    /// A vars block larger than the limit (`--buffer-size`), refused before its bytes are taken: 431.
+    TooLarge { datasize: usize, limit: usize },
+    /// A whole WSGI request packet: `len` bytes of header and vars; the body, if any, follows.
+    Request { packet: Packet<'a>, len: usize },
+}
+
+/// Decodes the start of a connection's bytes: a request packet, a ping, or what else it is. `max_vars_size`
+/// is checked against the header's length before the vars are taken. A malformed vars block is an error.
+pub fn decode(i: &[u8], max_vars_size: usize) -> Result<Decoded<'_>, PacketError> {
+    let header = match parse_uwsgi_header(i) {
+        Ok((_, header)) => header,
+        Err(nom::Err::Incomplete(_)) => return Ok(Decoded::Incomplete { want: None }),
+        Err(nom::Err::Error(e) | nom::Err::Failure(e)) => return Err(e),
+    };
+    let len = HEADER_LEN + usize::from(header.datasize);
+    match header.modifier1 {
+        MODIFIER_WSGI => {}
+        MODIFIER_PING => return Ok(Decoded::Ping { len }),
+        modifier1 => {
+            return Ok(Decoded::Unsupported {
+                modifier1,
+                protocol: sniff_foreign_protocol(i),
+            });
+        }
+    }
+    let datasize = usize::from(header.datasize);
+    // Check the length against its limit before taking the bytes.
+    if datasize > max_vars_size {
+        return Ok(Decoded::TooLarge {
+            datasize,
+            limit: max_vars_size,
+        });
+    }
+    match parse_uwsgi_packet(i) {
+        Ok((_, packet)) => Ok(Decoded::Request { packet, len }),
+        Err(nom::Err::Incomplete(_)) => Ok(Decoded::Incomplete { want: Some(len) }),
+        Err(nom::Err::Error(e) | nom::Err::Failure(e)) => Err(e),
+    }
 }
 
 /// What a non-uwsgi first few bytes most likely are, for a log line that helps the operator.
@@ -160,7 +207,7 @@ pub fn sniff_foreign_protocol(first: &[u8]) -> Option<&'static str> {
 }
 
 /// What to tell the operator when [`sniff_foreign_protocol`] recognised something that is not uwsgi.
-pub fn foreign_protocol_hint(protocol: &str) -> String {
+pub(crate) fn foreign_protocol_hint(protocol: &str) -> String {
     let advice = match protocol {
         "TLS" => {
             "this socket speaks plain uwsgi: point nginx at it with uwsgi_pass host:port (an suwsgi:// upstream sends TLS)"
@@ -182,12 +229,9 @@ mod tests {
             block.extend_from_slice(&(v.len() as u16).to_le_bytes());
             block.extend_from_slice(v);
         }
-        let mut out = encode_header(PacketHeader {
-            modifier1: 0,
-            datasize: block.len() as u16,
-            modifier2: 0,
-        })
-        .to_vec();
+        let mut out = vec![0];
+        out.extend_from_slice(&(block.len() as u16).to_le_bytes());
+        out.push(0);
         out.extend_from_slice(&block);
         out.extend_from_slice(body);
         out
@@ -252,5 +296,45 @@ mod tests {
         assert_eq!(sniff_foreign_protocol(b"GET / HTTP/1.1\r\n"), Some("HTTP"));
         assert_eq!(sniff_foreign_protocol(&[0x16, 0x03, 0x01, 0x02]), Some("TLS"));
         assert_eq!(sniff_foreign_protocol(&[0, 10, 0, 0]), None);
+    }
+
+    #[test]
+    fn decode_says_what_the_bytes_are() {
+        let p = packet(&[(b"REQUEST_METHOD", b"GET")], b"body");
+        let len = p.len() - 4;
+        match decode(&p, 4096) {
+            Ok(Decoded::Request { packet, len: l }) => {
+                assert_eq!(l, len);
+                assert_eq!(packet.vars[0].value, b"GET");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(decode(&p[..3], 4096), Ok(Decoded::Incomplete { want: None }));
+        assert_eq!(decode(&p[..len - 1], 4096), Ok(Decoded::Incomplete { want: Some(len) }));
+        assert_eq!(
+            decode(&p, 8),
+            Ok(Decoded::TooLarge {
+                datasize: len - HEADER_LEN,
+                limit: 8
+            })
+        );
+        assert_eq!(decode(&[MODIFIER_PING, 0, 0, 0], 4096), Ok(Decoded::Ping { len: 4 }));
+        assert_eq!(
+            decode(b"GET / HTTP/1.1\r\n", 4096),
+            Ok(Decoded::Unsupported {
+                modifier1: b'G',
+                protocol: Some("HTTP")
+            })
+        );
+        assert_eq!(
+            decode(&[5, 0, 0, 0], 4096),
+            Ok(Decoded::Unsupported {
+                modifier1: 5,
+                protocol: None
+            })
+        );
+        let mut bad = packet(&[(b"KEY", b"value")], b"");
+        bad[4 + 2 + 3] = 200;
+        assert!(decode(&bad, 4096).is_err());
     }
 }

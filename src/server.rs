@@ -2,12 +2,13 @@
 //! busy worker leaves new connections in the shared listen queue for an idle one; a request that is already
 //! queued in full is run on the spot by the thread that accepted it. This module's runtime takes the
 //! connections that need waiting (slow peers, large bodies, refusals) and queues their requests for the next
-//! free thread. On a stop signal (or a retirement that requires it) the threads stop accepting and the requests
-//! in flight are drained under a time limit.
+//! free thread, up to `--max-connections` at a time. On a stop signal (or a retirement that requires it) a
+//! cancellation token stops the accepting, and the stop waits, under a time limit, until every request and
+//! connection in flight has counted itself out.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -15,37 +16,38 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use socket2::Socket;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tokio_util::task::TaskTracker;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::app::{AppPool, Job, JobSource};
-use crate::connection::{self, ConnShared, Queued};
+use crate::app::{App, Request, RequestSource};
+use crate::connection::{self, Arrival, WorkerContext};
+use crate::control::{Message, ToMaster};
+use crate::lifecycle::{InFlight, RetireReason};
 use crate::listener::{self, BoundSocket};
-use crate::worker::{Control, RetireReason};
 
 /// How the worker was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
+pub(crate) enum Stop {
     /// SIGTERM, a timed-out request, or the master gone: finish in-flight requests (up to the graceful timeout).
     Graceful,
     /// SIGINT or SIGQUIT: stop now.
     Fast,
 }
 
-/// How often a stopping worker checks whether its requests have drained.
-const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// How often an app thread looks again while the async side holds `--max-connections` connections.
+const FULL_RECHECK: Duration = Duration::from_millis(10);
 /// How long an idle app thread sleeps before it looks again on its own (it is normally woken well before).
 const IDLE_WAIT: Duration = Duration::from_secs(1);
 /// How long an app thread backs off after accept failed (out of descriptors or memory).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serves until told to stop, then drains.
-pub async fn run(
+pub(crate) async fn run(
     sockets: Vec<BoundSocket>,
-    pool: &AppPool,
-    shared: Arc<ConnShared>,
+    app: &App,
+    ctx: Arc<WorkerContext>,
     mut retire_rx: mpsc::UnboundedReceiver<RetireReason>,
-    mut control: Control,
+    mut control: ToMaster,
 ) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -53,20 +55,20 @@ pub async fn run(
     let master_gone = control.master_gone()?;
     tokio::pin!(master_gone);
 
-    let hub = Arc::new(Hub::new(sockets, Arc::clone(&shared))?);
-    let intakes = (0..pool.threads())
-        .map(|_| Intake::new(&hub).map(|i| Box::new(i) as Box<dyn JobSource>))
+    let acceptor = Arc::new(Acceptor::new(sockets, Arc::clone(&ctx))?);
+    let feeds = (0..app.threads())
+        .map(|_| AppThreadFeed::new(&acceptor).map(|f| Box::new(f) as Box<dyn RequestSource>))
         .collect::<std::io::Result<Vec<_>>>()?;
-    pool.run(intakes)?;
-    tokio::spawn(connection::watch_timeouts(Arc::clone(&shared)));
-    control.send("ready");
-    tracing::info!(threads = pool.threads(), "ready");
+    app.start_threads(feeds)?;
+    tokio::spawn(connection::watch_timeouts(Arc::clone(&ctx)));
+    control.send(&Message::Ready);
+    tracing::info!(threads = app.threads(), "ready");
 
     // Counters go to the master once a second, which is plenty for a scrape interval of seconds.
     let mut report = tokio::time::interval(Duration::from_secs(1));
     let stop = loop {
         tokio::select! {
-            _ = report.tick() => control.send(&shared.metrics.snapshot().encode()),
+            _ = report.tick() => control.send(&Message::Stats(ctx.metrics.snapshot())),
             _ = term.recv() => break Stop::Graceful,
             _ = int.recv() => break Stop::Fast,
             _ = quit.recv() => break Stop::Fast,
@@ -75,8 +77,8 @@ pub async fn run(
                 break Stop::Graceful;
             }
             Some(reason) = retire_rx.recv() => {
-                tracing::info!(reason = reason.as_str(), served = shared.lifecycle.served(), "asking to be replaced");
-                control.send(&format!("retire {}", reason.as_str()));
+                tracing::info!(reason = reason.as_str(), served = ctx.lifecycle.served(), "asking to be replaced");
+                control.send(&Message::Retire(reason));
                 // A worker with a stuck request is unhealthy: it stops taking connections now. Recycling keeps
                 // serving until the master has a replacement ready and sends SIGTERM.
                 if reason == RetireReason::Timeout {
@@ -85,55 +87,50 @@ pub async fn run(
             }
         }
     };
-    hub.stop();
+    acceptor.stop();
     let limit = match stop {
-        Stop::Graceful => shared.config.graceful_timeout,
+        Stop::Graceful => ctx.config.graceful_timeout,
         Stop::Fast => Duration::ZERO,
     };
-    if hub.in_flight() > 0 {
-        tracing::info!(in_flight = hub.in_flight(), ?stop, "waiting for in-flight requests");
+    let in_flight = &ctx.in_flight;
+    if in_flight.count() > 0 {
+        tracing::info!(in_flight = in_flight.count(), ?stop, "waiting for in-flight requests");
     }
-    let deadline = Instant::now() + limit;
-    while hub.in_flight() > 0 {
-        if Instant::now() >= deadline {
-            tracing::warn!(cut_off = hub.in_flight(), timeout = ?limit, "stop cut off requests still in flight");
-            break;
-        }
-        tokio::time::sleep(DRAIN_POLL).await;
+    if tokio::time::timeout(limit, in_flight.emptied()).await.is_err() {
+        tracing::warn!(cut_off = in_flight.count(), timeout = ?limit, "stop cut off requests still in flight");
     }
-    control.send(&shared.metrics.snapshot().encode());
-    tracing::info!(served = shared.lifecycle.served(), "worker stopped");
+    control.send(&Message::Stats(ctx.metrics.snapshot()));
+    tracing::info!(served = ctx.lifecycle.served(), "worker stopped");
     Ok(())
 }
 
-/// What the app threads and the async side share.
-struct Hub {
+/// The worker's intake, shared by the app threads and the async side: the listeners, the requests the async
+/// side has read for the next free app thread, the connection limit and the stop.
+struct Acceptor {
     /// The listening sockets, with the names the log uses for them.
     listeners: Vec<(OwnedFd, String)>,
-    shared: Arc<ConnShared>,
+    ctx: Arc<WorkerContext>,
     /// Requests the async side has read, waiting for an app thread.
-    ready_tx: crossbeam_channel::Sender<Job>,
-    ready_rx: crossbeam_channel::Receiver<Job>,
+    ready_tx: crossbeam_channel::Sender<Request>,
+    ready_rx: crossbeam_channel::Receiver<Request>,
     /// One count per queued request (a semaphore eventfd), so each wakes one idle app thread.
     ready_signal: EventFd,
     /// Readable once the worker stops: wakes every idle app thread.
     stop_signal: EventFd,
-    stopping: AtomicBool,
-    /// App threads between accepting a connection and handing it on: a stop waits for them, so a connection
-    /// accepted just as the stop began is still served.
-    accepting: AtomicUsize,
-    /// Connections the async side is reading.
-    reading: TaskTracker,
+    /// Cancelled when the worker stops: the app threads accept no more.
+    stop: CancellationToken,
+    /// Connections the async side is reading: what `--max-connections` limits.
+    reading: Arc<InFlight>,
     runtime: tokio::runtime::Handle,
     /// When the app threads last warned that --max-connections was reached.
     full_warned: std::sync::Mutex<Option<Instant>>,
     /// Failed accepts since the last one that worked: the first is logged, the rest counted, so running out
     /// of descriptors is one line (and one when it clears), not one per thread every backoff.
-    accept_failures: std::sync::atomic::AtomicU64,
+    accept_failures: AtomicU64,
 }
 
-impl Hub {
-    fn new(sockets: Vec<BoundSocket>, shared: Arc<ConnShared>) -> std::io::Result<Hub> {
+impl Acceptor {
+    fn new(sockets: Vec<BoundSocket>, ctx: Arc<WorkerContext>) -> std::io::Result<Acceptor> {
         let listeners = sockets
             .into_iter()
             .map(|b| {
@@ -143,45 +140,43 @@ impl Hub {
             .collect();
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
         let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
-        Ok(Hub {
+        Ok(Acceptor {
             listeners,
-            shared,
+            ctx,
             ready_tx,
             ready_rx,
             ready_signal: EventFd::from_flags(flags | EfdFlags::EFD_SEMAPHORE)?,
             stop_signal: EventFd::from_flags(flags)?,
-            stopping: AtomicBool::new(false),
-            accepting: AtomicUsize::new(0),
-            reading: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            reading: Arc::new(InFlight::default()),
             runtime: tokio::runtime::Handle::current(),
             full_warned: std::sync::Mutex::new(None),
-            accept_failures: std::sync::atomic::AtomicU64::new(0),
+            accept_failures: AtomicU64::new(0),
         })
     }
 
+    /// Stops the accepting and wakes every idle app thread.
     fn stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.cancel();
+        // Pairs with the fence in `AppThreadFeed::next`: a thread that counted itself in before this either
+        // sees the stop, or the drain that follows sees its count.
+        fence(Ordering::SeqCst);
         let _ = self.stop_signal.write(1);
-        self.reading.close();
     }
 
-    /// Connections being accepted or read, requests queued, and requests running that have not timed out.
-    fn in_flight(&self) -> usize {
-        self.accepting.load(Ordering::SeqCst)
-            + self.reading.len()
-            + self.ready_rx.len()
-            + self.shared.active.load(Ordering::SeqCst)
+    fn stopping(&self) -> bool {
+        self.stop.is_cancelled()
     }
 
     /// Queues a request the async side has read.
-    fn queue(&self, job: Job) {
-        // The receiver lives as long as the hub, which owns it.
-        let _ = self.ready_tx.send(job);
+    fn queue(&self, request: Request) {
+        // The receiver lives as long as the acceptor, which owns it.
+        let _ = self.ready_tx.send(request);
         let _ = self.ready_signal.write(1);
     }
 
     /// A queued request, if there is one for this thread.
-    fn take_queued(&self) -> Option<Job> {
+    fn take_queued(&self) -> Option<Request> {
         if self.ready_rx.is_empty() {
             return None;
         }
@@ -190,15 +185,19 @@ impl Hub {
         self.ready_rx.try_recv().ok()
     }
 
-    /// Passes a connection whose request is not (all) there yet to the async side.
-    fn pass_on(self: &Arc<Self>, socket: Socket, tcp: bool, span: tracing::Span) {
-        let hub = Arc::clone(self);
+    /// Hands a connection whose request is not (all) there yet to the async side. It counts as in flight, and
+    /// against the connection limit, until its request is queued (the request then counts itself).
+    fn read_later(self: &Arc<Self>, socket: Socket, tcp: bool, span: tracing::Span) {
+        let acceptor = Arc::clone(self);
+        let in_flight = self.ctx.in_flight.enter();
+        let reading = self.reading.enter();
         let read = async move {
-            if let Some(job) = connection::serve(socket, tcp, Arc::clone(&hub.shared)).await {
-                hub.queue(job);
+            if let Some(request) = connection::read_pending(socket, tcp, Arc::clone(&acceptor.ctx)).await {
+                acceptor.queue(request);
             }
+            drop((reading, in_flight));
         };
-        self.reading.spawn_on(read.instrument(span), &self.runtime);
+        self.runtime.spawn(read.instrument(span));
     }
 
     fn accept_failed(&self, error: &std::io::Error, listener: &str) {
@@ -228,7 +227,7 @@ impl Hub {
     }
 
     fn allowed(&self, peer: Option<std::net::SocketAddr>, listener: &str) -> bool {
-        let (Some(addr), allowed) = (peer, &self.shared.config.allow_from) else {
+        let (Some(addr), allowed) = (peer, &self.ctx.config.allow_from) else {
             return true;
         };
         if allowed.is_empty() || allowed.iter().any(|net| net.contains(addr.ip())) {
@@ -240,8 +239,8 @@ impl Hub {
 
     /// Whether the async side holds as many connections as --max-connections allows.
     fn full(&self) -> bool {
-        let limit = self.shared.config.max_connections;
-        if self.reading.len() < limit {
+        let limit = self.ctx.config.max_connections;
+        if self.reading.count() < limit {
             return false;
         }
         let mut warned = self.full_warned.lock().unwrap_or_else(|e| e.into_inner());
@@ -256,9 +255,9 @@ impl Hub {
     }
 }
 
-/// One app thread's way to its next request.
-struct Intake {
-    hub: Arc<Hub>,
+/// One app thread's way to its next request: a queued one, or a connection it accepts itself.
+struct AppThreadFeed {
+    acceptor: Arc<Acceptor>,
     /// Wakes this thread for a new connection (one thread per connection: EPOLLEXCLUSIVE), a queued request,
     /// or the stop. Dropped once the worker stops, so wake-ups go to threads that still accept.
     epoll: Option<Epoll>,
@@ -276,23 +275,23 @@ const OTHER_EVENT: u64 = 1;
 // Made once per connection and taken apart at once: boxing the request would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Accepted {
-    Job(Job),
+    Request(Request),
     /// A connection was dealt with (passed on or refused): look again before waiting.
     Handled,
     Nothing,
 }
 
-impl Intake {
-    fn new(hub: &Arc<Hub>) -> std::io::Result<Intake> {
+impl AppThreadFeed {
+    fn new(acceptor: &Arc<Acceptor>) -> std::io::Result<AppThreadFeed> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let one = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-        for (fd, _) in &hub.listeners {
+        for (fd, _) in &acceptor.listeners {
             epoll.add(fd, EpollEvent::new(one, LISTENER_EVENT))?;
         }
-        epoll.add(&hub.ready_signal, EpollEvent::new(one, OTHER_EVENT))?;
-        epoll.add(&hub.stop_signal, EpollEvent::new(EpollFlags::EPOLLIN, OTHER_EVENT))?;
-        Ok(Intake {
-            hub: Arc::clone(hub),
+        epoll.add(&acceptor.ready_signal, EpollEvent::new(one, OTHER_EVENT))?;
+        epoll.add(&acceptor.stop_signal, EpollEvent::new(EpollFlags::EPOLLIN, OTHER_EVENT))?;
+        Ok(AppThreadFeed {
+            acceptor: Arc::clone(acceptor),
             epoll: Some(epoll),
             listener_ready: true,
         })
@@ -300,27 +299,27 @@ impl Intake {
 
     /// Accepts on each listener until one gives a connection.
     fn accept(&self) -> Accepted {
-        let hub = &self.hub;
-        for (fd, name) in &hub.listeners {
+        let acceptor = &self.acceptor;
+        for (fd, name) in &acceptor.listeners {
             let (socket, peer) = match listener::accept_now(fd) {
                 Ok(Some(accepted)) => accepted,
                 Ok(None) => continue,
                 Err(error) => {
-                    hub.accept_failed(&error, name);
+                    acceptor.accept_failed(&error, name);
                     std::thread::sleep(ACCEPT_BACKOFF);
                     return Accepted::Handled;
                 }
             };
-            hub.accept_worked();
-            if !hub.allowed(peer, name) {
+            acceptor.accept_worked();
+            if !acceptor.allowed(peer, name) {
                 return Accepted::Handled;
             }
             let span = connection::conn_span(peer, name);
             let tcp = peer.is_some();
-            return match connection::read_queued(socket, tcp, span.clone(), &hub.shared) {
-                Queued::Job(job) => Accepted::Job(job),
-                Queued::PassOn(socket) => {
-                    hub.pass_on(socket, tcp, span);
+            return match connection::read_if_whole(socket, tcp, span.clone(), &acceptor.ctx) {
+                Arrival::Whole(request) => Accepted::Request(request),
+                Arrival::Pending(socket) => {
+                    acceptor.read_later(socket, tcp, span);
                     Accepted::Handled
                 }
             };
@@ -329,40 +328,41 @@ impl Intake {
     }
 
     /// Waits for a queued request only (the worker is stopping, or the async side is full).
-    fn wait_queued(&self, timeout: Duration) -> Option<Job> {
-        let hub = &self.hub;
-        let job = hub.ready_rx.recv_timeout(timeout).ok();
-        if job.is_some() {
-            let _ = hub.ready_signal.read();
+    fn wait_queued(&self, timeout: Duration) -> Option<Request> {
+        let acceptor = &self.acceptor;
+        let request = acceptor.ready_rx.recv_timeout(timeout).ok();
+        if request.is_some() {
+            let _ = acceptor.ready_signal.read();
         }
-        job
+        request
     }
 }
 
-impl JobSource for Intake {
-    fn next(&mut self) -> Option<Job> {
+impl RequestSource for AppThreadFeed {
+    fn next(&mut self) -> Option<Request> {
         loop {
-            let hub = &self.hub;
-            if let Some(job) = hub.take_queued() {
-                return Some(job);
+            let acceptor = &self.acceptor;
+            if let Some(request) = acceptor.take_queued() {
+                return Some(request);
             }
-            // Counted before the stop flag is read: a stop that begins now waits for this thread to hand on
+            // Counted in before the stop is read: a stop that begins now waits for this thread to hand on
             // whatever it accepts.
-            hub.accepting.fetch_add(1, Ordering::SeqCst);
+            let accepting = acceptor.ctx.in_flight.enter();
+            fence(Ordering::SeqCst);
             // A worker over --reload-on-rss takes no new connections either: they go to the other workers and
             // its replacement, while its requests in flight and queued finish.
-            if hub.stopping.load(Ordering::SeqCst) || hub.shared.lifecycle.over_memory() {
-                hub.accepting.fetch_sub(1, Ordering::SeqCst);
+            if acceptor.stopping() || acceptor.ctx.lifecycle.over_memory() {
+                drop(accepting);
                 self.epoll = None;
-                if let Some(job) = self.wait_queued(IDLE_WAIT) {
-                    return Some(job);
+                if let Some(request) = self.wait_queued(IDLE_WAIT) {
+                    return Some(request);
                 }
                 continue;
             }
-            if hub.full() {
-                hub.accepting.fetch_sub(1, Ordering::SeqCst);
-                if let Some(job) = self.wait_queued(DRAIN_POLL) {
-                    return Some(job);
+            if acceptor.full() {
+                drop(accepting);
+                if let Some(request) = self.wait_queued(FULL_RECHECK) {
+                    return Some(request);
                 }
                 continue;
             }
@@ -371,11 +371,11 @@ impl JobSource for Intake {
             } else {
                 Accepted::Nothing
             };
-            hub.accepting.fetch_sub(1, Ordering::SeqCst);
+            drop(accepting);
             match accepted {
-                Accepted::Job(job) => {
+                Accepted::Request(request) => {
                     self.listener_ready = false;
-                    return Some(job);
+                    return Some(request);
                 }
                 Accepted::Handled => continue,
                 Accepted::Nothing => {}

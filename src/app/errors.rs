@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use pyo3::prelude::*;
 
 /// Formats an exception with its traceback, as Python would print it.
-pub fn format_exception(py: Python<'_>, err: &PyErr) -> String {
+pub(crate) fn format_exception(py: Python<'_>, err: &PyErr) -> String {
     let formatted = py
         .import("traceback")
         .and_then(|tb| tb.call_method1("format_exception", (err.get_type(py), err.value(py), err.traceback(py))))
@@ -20,13 +20,13 @@ pub fn format_exception(py: Python<'_>, err: &PyErr) -> String {
 /// `wsgi.errors`: a text stream whose writes go to the log, one record per write (a traceback logged in one
 /// call stays one record); a write that does not end its line waits for the rest, or for the request's end.
 #[pyclass(module = "ferrule")]
-pub struct ErrorStream {
+pub(crate) struct ErrorStream {
     /// A line written in several pieces, until its newline arrives.
     partial: Mutex<String>,
 }
 
 impl ErrorStream {
-    pub fn new() -> ErrorStream {
+    pub(crate) fn new() -> ErrorStream {
         ErrorStream {
             partial: Mutex::new(String::new()),
         }

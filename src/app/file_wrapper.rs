@@ -7,22 +7,22 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 #[pyclass(module = "ferrule")]
-pub struct FileWrapper {
+pub(crate) struct FileWrapper {
     filelike: Py<PyAny>,
     blksize: usize,
 }
 
 /// A real file the response can be sent from: where to start and how much there is.
-pub struct SendableFile {
-    pub file: File,
-    pub offset: u64,
-    pub len: u64,
+pub(crate) struct SendableFile {
+    pub(crate) file: File,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
 }
 
 impl FileWrapper {
     /// A duplicate of the wrapped file's descriptor when it is a regular file, positioned as PEP 3333 asks:
     /// transmission begins at the file's current position.
-    pub fn sendable(&self, py: Python<'_>) -> Option<SendableFile> {
+    pub(crate) fn sendable(&self, py: Python<'_>) -> Option<SendableFile> {
         let filelike = self.filelike.bind(py);
         let fd: i32 = filelike.call_method0("fileno").ok()?.extract().ok()?;
         if fd < 0 {
@@ -45,10 +45,6 @@ impl FileWrapper {
             offset,
             len: meta.len().saturating_sub(offset),
         })
-    }
-
-    pub fn filelike<'py>(&self, py: Python<'py>) -> &Bound<'py, PyAny> {
-        self.filelike.bind(py)
     }
 }
 

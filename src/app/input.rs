@@ -19,14 +19,14 @@ enum Source {
 }
 
 #[pyclass(module = "ferrule")]
-pub struct Input {
+pub(crate) struct Input {
     source: Source,
     pos: u64,
     len: u64,
 }
 
 impl Input {
-    pub fn new(body: Body) -> Input {
+    pub(crate) fn new(body: Body) -> Input {
         let len = body.len();
         let source = match body {
             Body::Memory(b) => Source::Memory(b),

@@ -7,11 +7,11 @@ use std::path::Path;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use super::AppError;
+use super::app_error::AppError;
 use crate::config::Config;
 
 /// Changes directory and sets up `sys.path`; the interpreter is already running.
-pub fn initialize(config: &Config) -> Result<(), AppError> {
+pub(crate) fn initialize(config: &Config) -> Result<(), AppError> {
     if let Some(dir) = &config.chdir {
         std::env::set_current_dir(dir)
             .map_err(|e| AppError::Interpreter(format!("cannot change to {}: {e}", dir.display())))?;

@@ -6,27 +6,27 @@ use std::path::{Path, PathBuf};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
-use super::AppError;
+use super::app_error::AppError;
 use super::errors::format_exception;
 
 /// Where the callable lives and how to get it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppSpec {
-    pub source: Source,
+pub(crate) struct AppSpec {
+    pub(crate) source: Source,
     /// Attribute path (`app`, `handlers.wsgi`); `None` tries `application`, then `app`.
-    pub attr: Option<String>,
+    pub(crate) attr: Option<String>,
     /// For a factory, the text between its parentheses (Python literals, possibly empty).
-    pub call_args: Option<String>,
+    pub(crate) call_args: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     Module(String),
     File(PathBuf),
 }
 
 impl AppSpec {
-    pub fn parse(spec: &str) -> Result<AppSpec, AppError> {
+    pub(crate) fn parse(spec: &str) -> Result<AppSpec, AppError> {
         let bad = || AppError::BadSpec(spec.to_owned());
         let (target, attr) = match spec.rsplit_once(':') {
             // A colon inside a factory's arguments is not the separator.
@@ -72,7 +72,7 @@ fn is_identifier(s: &str) -> bool {
 }
 
 /// Imports the module and returns the callable.
-pub fn load(py: Python<'_>, spec: &AppSpec) -> Result<Py<PyAny>, AppError> {
+pub(crate) fn load(py: Python<'_>, spec: &AppSpec) -> Result<Py<PyAny>, AppError> {
     let (module, module_name) = match &spec.source {
         Source::Module(name) => {
             let module = py.import(name.as_str()).map_err(|e| import_error(py, name, e))?;

@@ -1,123 +1,77 @@
-//! The Python boundary: the only module that touches pyo3. It starts the interpreter, loads the app, and runs
-//! requests on a pool of threads that stay attached to the interpreter and hold the GIL only while Python runs.
+//! The Python boundary: the only module that touches pyo3 (besides the entry module Python calls). It prepares
+//! the interpreter, loads the app, and runs requests on a pool of threads that stay attached to the interpreter
+//! and hold the GIL only while Python runs.
 //!
-//! Each app thread takes its requests from a [`JobSource`] (the server's accept loop) and writes the response
-//! through the request's `Responder`; no Python object ever leaves these threads.
+//! Loading ([`App::load`]) and starting the threads ([`App::start_threads`]) are separate steps, so a process
+//! can import the app once and fork before any thread exists. Each app thread takes its requests from a
+//! [`RequestSource`] and writes the response through the request's [`ResponseSink`]; both are interfaces this
+//! layer defines and the connection implements. No Python object ever leaves these threads.
 
+mod app_error;
 mod errors;
 mod file_wrapper;
 mod input;
 mod interpreter;
 mod loader;
 mod request;
+mod sink;
 
 use std::sync::Arc;
 use std::thread;
 
 use pyo3::prelude::*;
 
-use crate::body::Body;
 use crate::config::Config;
-use crate::connection::Responder;
-use crate::environ::Environ;
+use request::AppState;
 
-pub use loader::AppSpec;
+pub(crate) use app_error::AppError;
+pub(crate) use sink::{Gone, Request, RequestSource, ResponseSink};
 
-/// One request for an app thread.
-pub struct Job {
-    pub environ: Environ,
-    pub body: Body,
-    /// Writes the response to the request's connection.
-    pub responder: Responder,
-    /// The request's span, entered on the app thread so its log lines carry the request's fields.
-    pub span: tracing::Span,
-}
-
-/// Where an app thread gets its requests.
-pub trait JobSource: Send {
-    /// The next request to run, waiting for one as long as it takes. Called without the GIL.
-    fn next(&mut self) -> Option<Job>;
-}
-
-/// Why the app could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("cannot prepare Python for the app: {0}")]
-    Interpreter(String),
-    #[error(
-        "virtualenv {venv} was made with Python {found}, but ferrule runs on Python {running} ({executable}): \
-         install ferrule into that venv (pip install ferrule) and run its bin/ferrule, or make the venv with \
-         Python {running}"
-    )]
-    VirtualenvVersion {
-        venv: String,
-        found: String,
-        running: String,
-        executable: String,
-    },
-    #[error("invalid APP {0:?}: expected module:callable, module, path/to/file.py[:callable] or module:factory()")]
-    BadSpec(String),
-    #[error("cannot import the app from {target}: {error}")]
-    Import { target: String, error: String },
-    #[error("module {module:?} has no {tried} (name the callable: {module}:NAME)")]
-    NoCallable { module: String, tried: String },
-    #[error("{name} in {module:?} is not callable (it is a {kind})")]
-    NotCallable { module: String, name: String, kind: String },
-    #[error("the app factory {name} failed: {error}")]
-    Factory { name: String, error: String },
-}
-
-/// What every request thread shares.
-struct Shared {
-    app: Py<PyAny>,
-    multithread: bool,
-    multiprocess: bool,
-}
-
-/// The loaded app and the threads that run it.
-pub struct AppPool {
-    shared: Arc<Shared>,
+/// The loaded app, before and after its threads start.
+pub(crate) struct App {
+    state: Arc<AppState>,
     threads: usize,
 }
 
-impl AppPool {
-    /// Starts the interpreter and imports the app; the threads start with [`AppPool::run`].
-    pub fn start(config: &Config) -> Result<AppPool, AppError> {
+impl App {
+    /// Prepares the interpreter and imports the app. No thread is started: that is [`App::start_threads`].
+    pub(crate) fn load(config: &Config) -> Result<App, AppError> {
         interpreter::initialize(config)?;
-        let spec = AppSpec::parse(&config.app)?;
+        let spec = loader::AppSpec::parse(&config.app)?;
         let app = Python::attach(|py| loader::load(py, &spec))?;
-        let shared = Arc::new(Shared {
-            app,
-            multithread: config.threads > 1,
-            multiprocess: config.workers > 1,
-        });
-        Ok(AppPool {
-            shared,
+        Ok(App {
+            state: Arc::new(AppState {
+                app,
+                multithread: config.threads > 1,
+                multiprocess: config.workers > 1,
+            }),
             threads: config.threads,
         })
     }
 
-    /// Starts one app thread per source; each runs requests from its source until the process ends.
-    pub fn run(&self, sources: Vec<Box<dyn JobSource>>) -> std::io::Result<()> {
+    /// Starts one app thread per source; each runs requests from its source until the source ends or the
+    /// process does.
+    pub(crate) fn start_threads(&self, sources: Vec<Box<dyn RequestSource>>) -> std::io::Result<()> {
         let stack_size = app_thread_stack_size();
         for (n, source) in sources.into_iter().enumerate() {
-            let shared = Arc::clone(&self.shared);
+            let state = Arc::clone(&self.state);
             thread::Builder::new()
                 .name(format!("ferrule-app-{n}"))
                 .stack_size(stack_size)
-                .spawn(move || request::run_thread(&shared, source))?;
+                .spawn(move || request::run_thread(&state, source))?;
         }
         Ok(())
     }
 
-    pub fn threads(&self) -> usize {
+    /// How many app threads to start (`--threads`).
+    pub(crate) fn threads(&self) -> usize {
         self.threads
     }
 }
 
-/// `--check-config`: starts the interpreter and imports the app exactly as a worker would, without serving.
-pub fn check_app_loads(config: &Config) -> Result<(), AppError> {
-    AppPool::start(config).map(drop)
+/// `--check-config`: prepares the interpreter and imports the app exactly as a worker would, without serving.
+pub(crate) fn check_app_loads(config: &Config) -> Result<(), AppError> {
+    App::load(config).map(drop)
 }
 
 /// The stack an app thread gets: what a process's main thread gets (`RLIMIT_STACK`, 8 MiB by default), since
@@ -139,7 +93,7 @@ fn app_thread_stack_size() -> usize {
 }
 
 /// The current Python stack of the thread with this `threading.get_ident()`, formatted like a traceback.
-pub fn python_stack(thread_ident: u64) -> Option<String> {
+pub(crate) fn python_stack(thread_ident: u64) -> Option<String> {
     Python::attach(|py| -> PyResult<Option<String>> {
         let frames = py.import("sys")?.call_method0("_current_frames")?;
         let Ok(frame) = frames.get_item(thread_ident) else {
@@ -157,7 +111,7 @@ pub fn python_stack(thread_ident: u64) -> Option<String> {
 
 /// Runs the app's `atexit` handlers before a worker exits. The interpreter itself is not finalised (the app
 /// threads are parked inside it), so this is where an app's clean-up at exit gets to run.
-pub fn run_exit_handlers() {
+pub(crate) fn run_exit_handlers() {
     Python::attach(|py| {
         if let Err(e) = py.import("atexit").and_then(|m| m.call_method0("_run_exitfuncs")) {
             tracing::error!(traceback = %errors::format_exception(py, &e), "atexit handlers failed");

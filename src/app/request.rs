@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -13,24 +13,30 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use super::errors::{ErrorStream, format_exception};
 use super::file_wrapper::{FileWrapper, SendableFile};
 use super::input::Input;
-use super::{Job, JobSource, Shared};
+use super::sink::{Gone, Request, RequestSource, ResponseSink};
 use crate::body::Body;
-use crate::connection::Responder;
 use crate::environ::{Environ, UrlScheme};
-use crate::response;
+use crate::response::{self, Chunk, Framing, Headers, NotStarted};
 
 /// How many distinct environ keys a thread keeps as ready Python strings; beyond it keys are made per request,
 /// so hostile header names cannot grow the cache without bound.
 const KEY_CACHE_LIMIT: usize = 512;
+
+/// What every app thread shares: the app callable and the constant parts of the environ.
+pub(super) struct AppState {
+    pub(super) app: Py<PyAny>,
+    pub(super) multithread: bool,
+    pub(super) multiprocess: bool,
+}
 
 /// The body of a request thread: take requests from `source` and run them. The GIL is held only while Python
 /// runs: accepting, reading and decoding the next request and writing the response happen without it, so with
 /// several threads one thread's I/O can overlap another's Python, as in uWSGI. (Measured alone, this was
 /// neutral on hello with 4 threads; holding the GIL across a stream's non-blocking writes was neutral too,
 /// so the simpler rule stays.)
-pub(super) fn run_thread(shared: &Shared, mut source: Box<dyn JobSource>) {
+pub(super) fn run_thread(state: &AppState, mut source: Box<dyn RequestSource>) {
     Python::attach(|py| {
-        let ctx = match ThreadContext::new(py, shared) {
+        let ctx = match ThreadContext::new(py, state) {
             Ok(ctx) => ctx,
             Err(e) => {
                 tracing::error!(traceback = %format_exception(py, &e), "cannot prepare an app thread");
@@ -38,11 +44,11 @@ pub(super) fn run_thread(shared: &Shared, mut source: Box<dyn JobSource>) {
             }
         };
         let ident = thread_ident(py);
-        while let Some(job) = py.detach(|| source.next()) {
-            job.responder.running_on(ident);
-            let span = job.span.clone();
+        while let Some(request) = py.detach(|| source.next()) {
+            request.sink.running_on(ident);
+            let span = request.span.clone();
             let _entered = span.enter();
-            ctx.handle(py, job);
+            ctx.handle(py, request);
         }
     });
 }
@@ -73,6 +79,18 @@ impl From<PyErr> for Failure {
     }
 }
 
+impl From<NotStarted> for Failure {
+    fn from(e: NotStarted) -> Failure {
+        Failure::Protocol(e.to_string())
+    }
+}
+
+impl From<Gone> for Failure {
+    fn from(_: Gone) -> Failure {
+        Failure::ClientGone
+    }
+}
+
 /// Per-thread Python objects, made once.
 struct ThreadContext<'py> {
     app: Bound<'py, PyAny>,
@@ -84,32 +102,32 @@ struct ThreadContext<'py> {
 }
 
 impl<'py> ThreadContext<'py> {
-    fn new(py: Python<'py>, shared: &Shared) -> PyResult<ThreadContext<'py>> {
+    fn new(py: Python<'py>, state: &AppState) -> PyResult<ThreadContext<'py>> {
         let base = PyDict::new(py);
         let errors = Bound::new(py, ErrorStream::new())?;
         base.set_item("wsgi.version", (1, 0))?;
         base.set_item("wsgi.errors", &errors)?;
-        base.set_item("wsgi.multithread", shared.multithread)?;
-        base.set_item("wsgi.multiprocess", shared.multiprocess)?;
+        base.set_item("wsgi.multithread", state.multithread)?;
+        base.set_item("wsgi.multiprocess", state.multiprocess)?;
         base.set_item("wsgi.run_once", false)?;
         base.set_item("wsgi.file_wrapper", py.get_type::<FileWrapper>())?;
         base.set_item("wsgi.input_terminated", true)?;
         Ok(ThreadContext {
-            app: shared.app.bind(py).clone(),
+            app: state.app.bind(py).clone(),
             base,
             keys: RefCell::new(HashMap::new()),
             errors,
         })
     }
 
-    fn handle(&self, py: Python<'py>, job: Job) {
-        let Job {
+    fn handle(&self, py: Python<'py>, request: Request) {
+        let Request {
             environ,
             body,
-            responder,
+            sink,
             span: _,
-        } = job;
-        let state = ResponseState::new(responder, &environ.method[..] == b"HEAD");
+        } = request;
+        let state = ResponseState::new(sink, &environ.method[..] == b"HEAD");
         let start_response = match Bound::new(py, StartResponse { state }) {
             Ok(sr) => sr,
             Err(e) => {
@@ -311,212 +329,114 @@ fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
     }
     let mut sr = sr.borrow_mut();
     let r = &mut sr.state;
-    if r.headers_sent {
-        let status = r.status_code();
-        r.abort(py, status);
+    if r.framing.head_sent() {
+        let status = r.framing.status_code();
+        let body_bytes = r.framing.body_bytes();
+        let _ = r.end(py, &[], status, body_bytes, false);
     } else {
-        let (bytes, body_len) = response::server_response(500);
-        r.headers_sent = true;
-        r.body_bytes = body_len;
-        let _ = r.end(py, &[&bytes], 500, true);
+        let answer = r.framing.server_error();
+        let body_bytes = r.framing.body_bytes();
+        let _ = r.end(py, &[&answer], 500, body_bytes, true);
     }
 }
 
-/// What start_response recorded and what has been sent so far.
+/// One response on its way: its framing (what start_response recorded and what has been sent) and the sink it
+/// goes to, until the response is completed or aborted.
 struct ResponseState {
-    /// The status line as the app gave it, and its code.
-    status: Option<(String, u16)>,
-    headers: Headers,
-    /// Content-Length set by the app; the server never sends more body than this.
-    declared_length: Option<u64>,
-    headers_sent: bool,
-    body_bytes: u64,
-    is_head: bool,
-    warned_overlong: bool,
-    /// The connection, until the response is completed or aborted.
-    conn: Option<Responder>,
+    framing: Framing,
+    sink: Option<Box<dyn ResponseSink>>,
 }
 
 impl ResponseState {
-    fn new(conn: Responder, is_head: bool) -> ResponseState {
+    fn new(sink: Box<dyn ResponseSink>, is_head: bool) -> ResponseState {
         ResponseState {
-            status: None,
-            headers: Vec::new(),
-            declared_length: None,
-            headers_sent: false,
-            body_bytes: 0,
-            is_head,
-            warned_overlong: false,
-            conn: Some(conn),
+            framing: Framing::new(is_head),
+            sink: Some(sink),
         }
     }
 
-    fn status_code(&self) -> u16 {
-        self.status.as_ref().map_or(500, |s| s.1)
-    }
-
-    fn started(&self) -> Result<&(String, u16), Failure> {
-        self.status.as_ref().ok_or_else(|| {
-            Failure::Protocol("RuntimeError: the app returned a body without calling start_response".into())
-        })
-    }
-
-    /// Writes `bufs` to the connection before returning, without the GIL and straight from the app's bytes
-    /// objects (no copy: they are immutable and referenced by the caller until this returns).
+    /// Writes `bufs` before returning, without the GIL and straight from the app's bytes objects (no copy:
+    /// they are immutable and referenced by the caller until this returns).
     fn write(&mut self, py: Python<'_>, bufs: &[&[u8]]) -> Result<(), Failure> {
-        let conn = self.conn.as_mut().ok_or(Failure::ClientGone)?;
-        py.detach(|| conn.send(bufs)).map_err(|_| Failure::ClientGone)
+        let sink = self.sink.as_mut().ok_or(Failure::ClientGone)?;
+        Ok(py.detach(|| sink.send(bufs))?)
     }
 
-    /// Writes the response's last bytes and ends it (see `finish_with`), all in one release of the GIL.
-    fn end(&mut self, py: Python<'_>, last: &[&[u8]], status: u16, complete: bool) -> Result<(), Failure> {
-        let conn = self.conn.take().ok_or(Failure::ClientGone)?;
-        let body_bytes = self.body_bytes;
-        py.detach(move || {
-            let mut conn = conn;
-            conn.finishing();
-            conn.send(last)?;
+    /// Writes the response's last bytes and ends it, complete or aborted, all in one release of the GIL.
+    fn end(
+        &mut self,
+        py: Python<'_>,
+        last: &[&[u8]],
+        status: u16,
+        body_bytes: u64,
+        complete: bool,
+    ) -> Result<(), Failure> {
+        let sink = self.sink.take().ok_or(Failure::ClientGone)?;
+        let ended = py.detach(move || {
             if complete {
-                conn.complete(status, body_bytes);
+                sink.complete(last, status, body_bytes)
             } else {
-                conn.abort(status, body_bytes);
+                sink.abort(last, status, body_bytes)
             }
-            Ok(())
-        })
-        .map_err(|_: crate::connection::Gone| Failure::ClientGone)
-    }
-
-    fn abort(&mut self, py: Python<'_>, status: u16) {
-        let _ = self.end(py, &[], status, false);
-    }
-
-    fn may_add_length(&self) -> bool {
-        self.declared_length.is_none() && response::may_add_content_length(self.is_head, self.status_code())
-    }
-
-    fn head(&self, content_length: Option<u64>) -> Result<BytesMut, Failure> {
-        let (status, _) = self.started()?;
-        let headers = self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
-        Ok(response::encode_head(status, headers, content_length, 0))
-    }
-
-    /// PEP 3333: never send more than the app's own Content-Length.
-    fn clip<'a>(&mut self, data: &'a [u8]) -> &'a [u8] {
-        // nginx answers HEAD from the head alone and closes the upstream connection right after it, so a body
-        // would only be written into a closing socket. A 1xx, 204 or 304 has no body at all (RFC 9110 6.4.1):
-        // bytes after its head would reach nginx as garbage.
-        let bodiless = self
-            .status
-            .as_ref()
-            .is_some_and(|(_, s)| !response::status_has_body(*s));
-        if self.is_head || bodiless {
-            return &[];
-        }
-        let Some(limit) = self.declared_length else {
-            return data;
-        };
-        let room = limit.saturating_sub(self.body_bytes);
-        if (data.len() as u64) <= room {
-            return data;
-        }
-        if !self.warned_overlong {
-            self.warned_overlong = true;
-            tracing::warn!(
-                content_length = limit,
-                "the app sent more body than its Content-Length; the rest is dropped"
-            );
-        }
-        &data[..room as usize]
+        });
+        Ok(ended?)
     }
 
     /// A body known in full (a list or tuple): head and chunks in one writev, with a Content-Length.
     fn send_whole(&mut self, py: Python<'_>, chunks: &[&[u8]]) -> Result<(), Failure> {
-        if self.headers_sent {
+        if self.framing.head_sent() {
             // The app already streamed part of the body through write(): the rest follows as plain chunks.
             for chunk in chunks {
                 self.send_chunk(py, chunk)?;
             }
             return self.finish(py);
         }
-        let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        let head = self.head(self.may_add_length().then_some(total))?;
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(chunks.len() + 1);
+        let (head, body) = self.framing.whole(chunks)?;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + 1);
         parts.push(&head);
-        for chunk in chunks {
-            let chunk = self.clip(chunk);
-            self.body_bytes += chunk.len() as u64;
-            parts.push(chunk);
-        }
-        self.headers_sent = true;
+        parts.extend(body);
         self.finish_with(py, &parts)
     }
 
     fn send_chunk(&mut self, py: Python<'_>, data: &[u8]) -> Result<(), Failure> {
-        if data.is_empty() {
-            // PEP 3333: empty chunks do not send the headers early.
-            return Ok(());
+        match self.framing.chunk(data)? {
+            None => Ok(()),
+            // The head and the first chunk go out in one writev.
+            Some(Chunk { head: Some(head), data }) => self.write(py, &[&head, data]),
+            Some(Chunk { head: None, data }) => self.write(py, &[data]),
         }
-        let data = self.clip(data);
-        if self.headers_sent {
-            self.body_bytes += data.len() as u64;
-            return self.write(py, &[data]);
-        }
-        // The head and the first chunk go out in one writev.
-        let head = self.head(None)?;
-        self.headers_sent = true;
-        self.body_bytes += data.len() as u64;
-        self.write(py, &[&head, data])
     }
 
     fn send_file(&mut self, py: Python<'_>, file: SendableFile) -> Result<(), Failure> {
-        let len = match self.declared_length {
-            Some(limit) => file.len.min(limit),
-            None => file.len,
-        };
-        let head = self.head(self.may_add_length().then_some(len))?;
-        self.headers_sent = true;
+        let (head, len) = self.framing.file(file.len)?;
         self.write(py, &[&head])?;
-        if len > 0 && !self.is_head {
-            let conn = self.conn.as_mut().ok_or(Failure::ClientGone)?;
-            py.detach(|| conn.send_file(&file.file, file.offset, len))
-                .map_err(|_| Failure::ClientGone)?;
-            self.body_bytes = len;
+        if len > 0 {
+            let sink = self.sink.as_mut().ok_or(Failure::ClientGone)?;
+            py.detach(|| sink.send_file(&file.file, file.offset, len))?;
         }
         self.finish(py)
     }
 
     /// The body is complete: send the head if no chunk carried it, then end the response.
     fn finish(&mut self, py: Python<'_>) -> Result<(), Failure> {
-        if self.headers_sent {
-            return self.finish_with(py, &[]);
-        }
-        // Everything the app produced was empty, so the length is known to be zero.
-        let head = self.head(self.may_add_length().then_some(0))?;
-        self.headers_sent = true;
-        self.finish_with(py, &[&head])
+        self.finish_with(py, &[])
     }
 
-    /// Writes `last`, the response's final bytes, and ends the response: complete, or reset if the app sent
-    /// less than its Content-Length.
+    /// Writes `last`, the response's final bytes (after the head, if no chunk carried it), and ends the
+    /// response: complete, or reset if the app sent less than its Content-Length.
     fn finish_with(&mut self, py: Python<'_>, last: &[&[u8]]) -> Result<(), Failure> {
-        let (_, status) = *self.started()?;
-        let short = self
-            .declared_length
-            .is_some_and(|l| self.body_bytes < l && !self.is_head && response::status_has_body(status));
-        if short {
-            tracing::error!(
-                content_length = self.declared_length,
-                sent = self.body_bytes,
-                "the app sent less body than its Content-Length"
-            );
+        let (head, ending) = self.framing.finish()?;
+        let body_bytes = self.framing.body_bytes();
+        match head {
+            Some(head) => self.end(py, &[&head], ending.status, body_bytes, ending.complete),
+            None => self.end(py, last, ending.status, body_bytes, ending.complete),
         }
-        self.end(py, last, status, !short)
     }
 }
 
 /// The `start_response` callable handed to the app; its `write` method is the PEP 3333 write() callable.
 #[pyclass(module = "ferrule")]
-pub struct StartResponse {
+pub(crate) struct StartResponse {
     state: ResponseState,
 }
 
@@ -534,9 +454,9 @@ impl StartResponse {
             let r = &mut this.state;
             match exc_info.filter(|e| !e.is_none()) {
                 // PEP 3333: once the headers are out, start_response with exc_info re-raises the exception.
-                Some(exc) if r.headers_sent => return Err(PyErr::from_value(exc.get_item(1)?)),
+                Some(exc) if r.framing.head_sent() => return Err(PyErr::from_value(exc.get_item(1)?)),
                 Some(_) => {}
-                None if r.status.is_some() => {
+                None if r.framing.is_started() => {
                     return Err(PyRuntimeError::new_err(
                         "start_response() was called a second time without exc_info",
                     ));
@@ -550,9 +470,7 @@ impl StartResponse {
                 .to_owned();
             let code = response::parse_status(&status).map_err(|e| PyValueError::new_err(e.to_string()))?;
             let (headers, declared_length) = parse_headers(headers)?;
-            r.status = Some((status, code));
-            r.headers = headers;
-            r.declared_length = declared_length;
+            r.framing.start(status, code, headers, declared_length);
         }
         slf.getattr(intern!(slf.py(), "write"))
     }
@@ -562,7 +480,7 @@ impl StartResponse {
         let chunk = data
             .cast::<PyBytes>()
             .map_err(|_| PyTypeError::new_err("write() takes bytes"))?;
-        if self.state.status.is_none() {
+        if !self.state.framing.is_started() {
             return Err(PyRuntimeError::new_err("write() was called before start_response()"));
         }
         match self.state.send_chunk(py, chunk.as_bytes()) {
@@ -573,9 +491,6 @@ impl StartResponse {
         }
     }
 }
-
-/// Response headers as the app gave them, in order.
-type Headers = Vec<(String, String)>;
 
 /// Checks the app's header list: (str, str) pairs, latin-1, no CR/LF/NUL, no hop-by-hop headers; returns them
 /// with the declared Content-Length.

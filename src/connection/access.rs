@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::ConnShared;
-use crate::config::LogFormat;
+use crate::config::{Config, LogFormat};
 use crate::environ::Environ;
+use crate::metrics::WorkerMetrics;
 
 /// What the access log says about a request.
 #[derive(Debug, Clone)]
-pub struct RequestInfo {
+pub(crate) struct RequestInfo {
     method: Bytes,
     path: Bytes,
     request_id: Option<Bytes>,
@@ -20,7 +20,7 @@ pub struct RequestInfo {
 
 impl RequestInfo {
     /// A request whose vars were never decoded.
-    pub fn unknown() -> RequestInfo {
+    pub(crate) fn unknown() -> RequestInfo {
         RequestInfo {
             method: Bytes::from_static(b"-"),
             path: Bytes::from_static(b"-"),
@@ -30,7 +30,7 @@ impl RequestInfo {
     }
 
     /// From raw vars, for a request refused before its environ could be built.
-    pub fn of_vars(packet: &Bytes, vars: &[crate::packet::Var<'_>]) -> RequestInfo {
+    pub(crate) fn of_vars(packet: &Bytes, vars: &[crate::packet::Var<'_>]) -> RequestInfo {
         let get = |key: &[u8]| {
             vars.iter()
                 .rev()
@@ -48,7 +48,7 @@ impl RequestInfo {
     }
 
     /// `details` (request id, remote address) are looked up only when the access log will show them.
-    pub fn of(environ: &Environ, details: bool) -> RequestInfo {
+    pub(crate) fn of(environ: &Environ, details: bool) -> RequestInfo {
         let get = |key: &[u8]| if details { environ.get(key).cloned() } else { None };
         RequestInfo {
             method: environ.method.clone(),
@@ -60,15 +60,22 @@ impl RequestInfo {
 }
 
 /// Counts an answer in the metrics and writes its access-log line.
-pub fn record(shared: &ConnShared, request: &RequestInfo, status: u16, body_bytes: u64, started: Instant) {
+pub(crate) fn record(
+    config: &Config,
+    metrics: &WorkerMetrics,
+    request: &RequestInfo,
+    status: u16,
+    body_bytes: u64,
+    started: Instant,
+) {
     let elapsed = started.elapsed();
-    shared.metrics.answered(status, body_bytes, elapsed);
-    if !shared.config.access_log {
+    metrics.answered(status, body_bytes, elapsed);
+    if !config.access_log {
         return;
     }
     let duration_us = elapsed.as_micros() as u64;
     let pid = std::process::id();
-    let text_mode = shared.config.log_format == LogFormat::Text;
+    let text_mode = config.log_format == LogFormat::Text;
     // The text log is read in terminals: whatever the client sent is escaped there. JSON escapes itself.
     let show = |b: Option<&Bytes>| match b {
         None => "-".to_owned(),
@@ -79,7 +86,7 @@ pub fn record(shared: &ConnShared, request: &RequestInfo, status: u16, body_byte
     let path = show(Some(&request.path));
     let request_id = show(request.request_id.as_ref());
     let remote_addr = show(request.remote_addr.as_ref());
-    if let (Some(format), true) = (&shared.config.access_log_format, text_mode) {
+    if let (Some(format), true) = (&config.access_log_format, text_mode) {
         let line = render_template(format, |name| match name {
             "method" => Some(method.clone()),
             "path" => Some(path.clone()),

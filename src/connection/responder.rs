@@ -1,27 +1,19 @@
-//! The response side of a connection, driven by the app thread that runs the request (without the GIL): what
-//! the app produces goes straight to the socket, waiting only while the socket is full, for at most
-//! `--write-timeout` at a time. The connection ends with an ordinary close when the response is complete, else
-//! with a reset (see the module doc of `connection`).
+//! The response side of a connection, driven by the app thread that runs the request (without the GIL): the
+//! app's [`ResponseSink`]. What the app produces goes straight to the socket, waiting only while the socket is
+//! full, for at most `--write-timeout` at a time. The connection ends with an ordinary close when the response
+//! is complete, else with a reset (see the module doc of `connection`).
 
 use std::fs::File;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nix::poll::PollFlags;
-use socket2::Socket;
-
 use super::access::{RequestInfo, record};
+use super::context::WorkerContext;
 use super::watchdog::Watch;
-use super::{ConnShared, is_disconnect};
-use crate::listener;
-
-/// The connection is gone: the peer went away or stopped reading, or the request timed out. Already logged.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the connection is gone")]
-pub struct Gone;
+use super::wire::{Wire, is_disconnect};
+use crate::app::{Gone, ResponseSink};
+use crate::lifecycle::InFlightGuard;
 
 /// Most buffers per writev: Linux refuses more than IOV_MAX (1024) in one call.
 const MAX_IOV: usize = 512;
@@ -29,17 +21,15 @@ const MAX_IOV: usize = 512;
 const SENDFILE_CHUNK: u64 = 1 << 20;
 
 /// Writes one response and ends its connection.
-pub struct Responder {
-    socket: Socket,
-    tcp: bool,
-    /// Request bytes still queued unread (see the module doc of `connection`), consumed when the response is
-    /// complete.
-    unread: usize,
-    shared: Arc<ConnShared>,
+pub(crate) struct Responder {
+    wire: Wire,
+    ctx: Arc<WorkerContext>,
     request: RequestInfo,
     started: Instant,
-    /// Registered with the watchdog when there is a `--timeout`.
+    /// Registered with the watchdog when there is a `--timeout` (which then holds `in_flight`).
     watch: Option<Arc<Watch>>,
+    /// The request's place in the worker's count of work in flight, without a watchdog.
+    in_flight: Option<InFlightGuard>,
     /// A write failed and the peer is gone (already logged).
     gone: bool,
     /// The response was completed or aborted.
@@ -47,116 +37,70 @@ pub struct Responder {
 }
 
 impl Responder {
-    pub(super) fn new(
-        socket: Socket,
-        tcp: bool,
-        unread: usize,
-        shared: Arc<ConnShared>,
+    pub(crate) fn new(
+        wire: Wire,
+        ctx: Arc<WorkerContext>,
         request: RequestInfo,
         started: Instant,
         span: &tracing::Span,
     ) -> Responder {
-        shared.metrics.request_started();
-        shared.active.fetch_add(1, Ordering::SeqCst);
-        let watch = shared
-            .watchdog
-            .as_ref()
-            .map(|w| w.watch(socket.as_raw_fd(), tcp, unread, started, request.clone(), span.clone()));
+        ctx.metrics.request_started();
+        let in_flight = ctx.in_flight.enter();
+        let (watch, in_flight) = match &ctx.watchdog {
+            Some(w) => (
+                Some(w.watch(wire.takeover(), started, request.clone(), span.clone(), in_flight)),
+                None,
+            ),
+            None => (None, Some(in_flight)),
+        };
         Responder {
-            socket,
-            tcp,
-            unread,
-            shared,
+            wire,
+            ctx,
             request,
             started,
             watch,
+            in_flight,
             gone: false,
             ended: false,
         }
     }
 
-    /// Names the Python thread that runs the request, for the stack dump of a request that times out.
-    pub fn running_on(&self, thread: u64) {
-        if let Some(watch) = &self.watch {
-            watch.running_on(thread);
-        }
-    }
-
-    /// Writes every buffer, in order, with as few writev calls as the socket allows.
-    pub fn send(&mut self, bufs: &[&[u8]]) -> Result<(), Gone> {
-        if self.gone {
-            return Err(Gone);
-        }
-        let mut slices: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)).collect();
-        let mut rest: &mut [IoSlice<'_>] = &mut slices;
-        while !rest.is_empty() {
-            let batch = rest.len().min(MAX_IOV);
-            if let Some(n) = self.write_step(|socket| socket.send_vectored(&rest[..batch]))? {
-                IoSlice::advance_slices(&mut rest, n);
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends `len` bytes of `file` from `offset` with sendfile(2): from the page cache to the socket without
-    /// passing through this process.
-    pub fn send_file(&mut self, file: &File, mut offset: u64, len: u64) -> Result<(), Gone> {
-        if self.gone {
-            return Err(Gone);
-        }
-        let end = offset.saturating_add(len);
-        while offset < end {
-            let count = (end - offset).min(SENDFILE_CHUNK) as usize;
-            let step = self.write_step(|socket| listener::sendfile(socket.as_raw_fd(), file, &mut offset, count))?;
-            if step == Some(0) {
-                let short = io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced");
-                return Err(self.lost(short));
-            }
-        }
-        Ok(())
-    }
-
-    /// The app is done: the last bytes of the response follow. The worker's memory limit is checked now,
-    /// before the client can have the answer and send its next request.
-    pub fn finishing(&self) {
-        self.shared.lifecycle.check_memory();
-    }
-
-    /// The response is complete: consume the rest of the request so the close is an ordinary end of the
-    /// response, then count and log the request.
-    pub fn complete(mut self, status: u16, body_bytes: u64) {
-        self.conclude(status, body_bytes, true);
-    }
-
-    /// The response failed after its head was sent: reset the connection so nginx sees the truncation.
-    pub fn abort(mut self, status: u16, body_bytes: u64) {
-        self.conclude(status, body_bytes, false);
-    }
-
-    fn conclude(&mut self, status: u16, body_bytes: u64, complete: bool) {
+    /// Writes `last` and ends the response: complete (consuming the rest of the request so the close is an
+    /// ordinary end) or aborted (a reset). The worker's memory limit is checked first, before the client can
+    /// have the answer and send its next request.
+    fn end_with(mut self, last: &[&[u8]], status: u16, body_bytes: u64, complete: bool) -> Result<(), Gone> {
+        self.ctx.lifecycle.check_memory();
+        self.send(last)?;
         if !self.end() {
-            return;
+            return Ok(());
         }
         if complete {
-            // Peeked earlier, so it is queued and this returns at once.
-            if let Err(error) = listener::discard(&self.socket, self.unread) {
+            if let Err(error) = self.wire.finish() {
                 tracing::debug!(%error, "cannot read the rest of the request");
             }
         } else {
-            self.reset();
+            self.wire.reset();
         }
-        record(&self.shared, &self.request, status, body_bytes, self.started);
-        self.shared.lifecycle.request_finished();
+        record(
+            &self.ctx.config,
+            &self.ctx.metrics,
+            &self.request,
+            status,
+            body_bytes,
+            self.started,
+        );
+        self.ctx.lifecycle.request_finished();
+        Ok(())
     }
 
     /// One non-blocking write: `Some(bytes written)`, or `None` after waiting for room (or an interrupted
     /// call), so the caller tries again. Fails when the connection is gone, which it logs.
-    fn write_step(&mut self, op: impl FnOnce(&Socket) -> io::Result<usize>) -> Result<Option<usize>, Gone> {
-        let socket = &self.socket;
+    fn write_step(&mut self, op: impl FnOnce(&Wire) -> io::Result<usize>) -> Result<Option<usize>, Gone> {
+        let wire = &self.wire;
         let result = match &self.watch {
-            None => op(socket),
+            None => op(wire),
             // The watchdog answered the request (and logged it) while the app was still producing it.
-            Some(watch) => match watch.write_on_time(|| op(socket)) {
+            Some(watch) => match watch.write_on_time(|| op(wire)) {
                 Some(result) => result,
                 None => {
                     self.gone = true;
@@ -173,8 +117,8 @@ impl Responder {
     }
 
     fn wait_writable(&mut self) -> Result<(), Gone> {
-        let stall = self.shared.config.write_timeout;
-        match listener::wait_ready(self.socket.as_fd(), PollFlags::POLLOUT, stall) {
+        let stall = self.ctx.config.write_timeout;
+        match self.wire.wait_writable(stall) {
             Ok(true) => Ok(()),
             Ok(false) => Err(self.stalled(stall)),
             Err(e) => Err(self.lost(e)),
@@ -204,29 +148,68 @@ impl Responder {
         }
         self.ended = true;
         let on_time = self.watch.as_ref().is_none_or(|w| w.end());
-        if on_time {
-            self.shared.active.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.in_flight = None;
         on_time
     }
+}
 
-    /// Makes the close that follows (dropping the socket) an error for the peer: an RST on TCP, ECONNRESET on a
-    /// Unix socket, since the request's last byte is still unread.
-    fn reset(&self) {
-        if self.tcp {
-            let _ = self.socket.set_linger(Some(Duration::ZERO));
+impl ResponseSink for Responder {
+    fn running_on(&self, python_thread: u64) {
+        if let Some(watch) = &self.watch {
+            watch.running_on(python_thread);
         }
+    }
+
+    /// Writes every buffer, in order, with as few writev calls as the socket allows.
+    fn send(&mut self, bufs: &[&[u8]]) -> Result<(), Gone> {
+        if self.gone {
+            return Err(Gone);
+        }
+        let mut slices: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)).collect();
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let batch = rest.len().min(MAX_IOV);
+            if let Some(n) = self.write_step(|wire| wire.write_vectored(&rest[..batch]))? {
+                IoSlice::advance_slices(&mut rest, n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends with sendfile(2): from the page cache to the socket without passing through this process.
+    fn send_file(&mut self, file: &File, mut offset: u64, len: u64) -> Result<(), Gone> {
+        if self.gone {
+            return Err(Gone);
+        }
+        let end = offset.saturating_add(len);
+        while offset < end {
+            let count = (end - offset).min(SENDFILE_CHUNK) as usize;
+            let step = self.write_step(|wire| wire.send_file(file, &mut offset, count))?;
+            if step == Some(0) {
+                let short = io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced");
+                return Err(self.lost(short));
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(self: Box<Self>, last: &[&[u8]], status: u16, body_bytes: u64) -> Result<(), Gone> {
+        (*self).end_with(last, status, body_bytes, true)
+    }
+
+    fn abort(self: Box<Self>, last: &[&[u8]], status: u16, body_bytes: u64) -> Result<(), Gone> {
+        (*self).end_with(last, status, body_bytes, false)
     }
 }
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        self.shared.metrics.request_ended();
+        self.ctx.metrics.request_ended();
         if self.end() {
             if !self.gone {
                 tracing::error!("the app thread ended the response without completing it; resetting");
             }
-            self.reset();
+            self.wire.reset();
         }
     }
 }

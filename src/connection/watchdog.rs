@@ -6,39 +6,33 @@
 //! made under it, and the watchdog steps in only between writes of a response that has not ended.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use socket2::SockRef;
-
-use super::ConnShared;
 use super::access::{RequestInfo, record};
-use crate::listener;
+use super::wire::Takeover;
+use crate::config::Config;
+use crate::lifecycle::{InFlightGuard, Lifecycle, RetireReason};
+use crate::metrics::WorkerMetrics;
 use crate::response;
-use crate::worker::RetireReason;
 
 /// How long a timed-out request's stack dump may wait for the GIL.
 const STACK_DUMP_LIMIT: Duration = Duration::from_secs(5);
 
 /// The requests in flight under a `--timeout`.
-pub struct Watchdog {
+pub(crate) struct Watchdog {
     limit: Duration,
     watched: Mutex<Vec<Weak<Watch>>>,
 }
 
 /// One request, as the watchdog sees it.
-pub(super) struct Watch {
+pub(crate) struct Watch {
     state: Mutex<WatchState>,
 }
 
 struct WatchState {
-    /// The connection's descriptor, owned by the request's `Responder`; open until `ended`.
-    fd: RawFd,
-    tcp: bool,
-    /// Request bytes still unread in the socket.
-    unread: usize,
+    /// The response's connection, owned by the request's `Responder`; open until `ended`.
+    takeover: Takeover,
     started: Instant,
     request: RequestInfo,
     span: tracing::Span,
@@ -48,6 +42,9 @@ struct WatchState {
     wrote: bool,
     ended: bool,
     timed_out: bool,
+    /// The request's place in the worker's count of work in flight: let go when the response ends on time, or
+    /// after a timed-out request's stack is logged, since the worker's exit waits for that.
+    in_flight: Option<InFlightGuard>,
 }
 
 /// A lock that survives a panic elsewhere: the state is plain flags, valid at every step.
@@ -56,13 +53,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Watch {
-    pub(super) fn running_on(&self, thread: u64) {
+    pub(crate) fn running_on(&self, thread: u64) {
         lock(&self.state).thread = thread;
     }
 
     /// Runs one write unless the request has timed out (`None`). The watchdog waits for the lock meanwhile, so
     /// it never answers in the middle of a write.
-    pub(super) fn write_on_time(&self, op: impl FnOnce() -> io::Result<usize>) -> Option<io::Result<usize>> {
+    pub(crate) fn write_on_time(&self, op: impl FnOnce() -> io::Result<usize>) -> Option<io::Result<usize>> {
         let mut state = lock(&self.state);
         if state.timed_out {
             return None;
@@ -75,35 +72,36 @@ impl Watch {
     }
 
     /// The response is over; false if the watchdog answered it already.
-    pub(super) fn end(&self) -> bool {
+    pub(crate) fn end(&self) -> bool {
         let mut state = lock(&self.state);
         state.ended = true;
-        !state.timed_out
+        if state.timed_out {
+            return false;
+        }
+        state.in_flight = None;
+        true
     }
 }
 
 impl Watchdog {
-    pub fn new(limit: Duration) -> Watchdog {
+    pub(crate) fn new(limit: Duration) -> Watchdog {
         Watchdog {
             limit,
             watched: Mutex::new(Vec::new()),
         }
     }
 
-    pub(super) fn watch(
+    pub(crate) fn watch(
         &self,
-        fd: RawFd,
-        tcp: bool,
-        unread: usize,
+        takeover: Takeover,
         started: Instant,
         request: RequestInfo,
         span: tracing::Span,
+        in_flight: InFlightGuard,
     ) -> Arc<Watch> {
         let watch = Arc::new(Watch {
             state: Mutex::new(WatchState {
-                fd,
-                tcp,
-                unread,
+                takeover,
                 started,
                 request,
                 span,
@@ -111,6 +109,7 @@ impl Watchdog {
                 wrote: false,
                 ended: false,
                 timed_out: false,
+                in_flight: Some(in_flight),
             }),
         });
         lock(&self.watched).push(Arc::downgrade(&watch));
@@ -129,55 +128,49 @@ impl Watchdog {
     }
 }
 
-/// Checks the requests in flight for the life of the worker (with a `--timeout`; returns at once without).
-pub async fn run(shared: Arc<ConnShared>) {
-    let Some(watchdog) = &shared.watchdog else { return };
+/// Checks the requests in flight for the life of the worker.
+pub(crate) async fn run(watchdog: &Watchdog, config: &Config, metrics: &WorkerMetrics, lifecycle: &Lifecycle) {
     // A request is answered at most a tenth of the limit late.
     let period = (watchdog.limit / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
         for watch in watchdog.expired() {
-            time_out(&shared, watchdog.limit, &watch).await;
+            time_out(config, metrics, lifecycle, watchdog.limit, &watch).await;
         }
     }
 }
 
 /// Answers a request that ran past the limit, if it has not ended meanwhile.
-async fn time_out(shared: &ConnShared, limit: Duration, watch: &Watch) {
-    let (thread, span) = {
+async fn time_out(config: &Config, metrics: &WorkerMetrics, lifecycle: &Lifecycle, limit: Duration, watch: &Watch) {
+    let (thread, span, in_flight) = {
         let mut state = lock(&watch.state);
         if state.ended || state.timed_out {
             return;
         }
-        // `active` keeps counting this request until its stack is logged below: the retirement makes the worker
-        // drain and exit, and with nothing else in flight it would exit before the dump ran.
+        // The request keeps counting as in flight until its stack is logged below: the retirement makes the
+        // worker drain and exit, and with nothing else in flight it would exit before the dump ran.
         state.timed_out = true;
-        let _entered = state.span.enter();
+        let span = state.span.clone();
+        let _entered = span.enter();
         tracing::error!(timeout = ?limit, "request timed out");
-        // SAFETY: the response has not ended, so its Responder still owns the descriptor, and it cannot close
-        // it meanwhile: ending takes the lock held here.
-        let fd = unsafe { BorrowedFd::borrow_raw(state.fd) };
-        let socket = SockRef::from(&fd);
-        if state.wrote {
-            if state.tcp {
-                let _ = socket.set_linger(Some(Duration::ZERO));
-            }
+        // SAFETY (both calls): the response has not ended, so its Responder still owns the connection, and it
+        // cannot close it meanwhile: ending takes the lock held here.
+        let closed = if state.wrote {
+            unsafe { state.takeover.reset_and_close() }
         } else {
             let (bytes, body_len) = response::server_response(504);
-            // Nothing was written yet, so the empty socket buffer takes the short answer whole.
-            let _ = socket.send(&bytes);
-            // The rest of the request, so the close that follows is an ordinary end of the 504.
-            let _ = listener::discard(&socket, state.unread);
-            record(shared, &state.request, 504, body_len, state.started);
-        }
-        if let Err(error) = close_under(state.fd) {
+            let closed = unsafe { state.takeover.answer_and_close(&bytes) };
+            record(config, metrics, &state.request, 504, body_len, state.started);
+            closed
+        };
+        if let Err(error) = closed {
             tracing::error!(%error, "cannot close the timed-out connection");
         }
-        (state.thread, state.span.clone())
+        (state.thread, span.clone(), state.in_flight.take())
     };
-    shared.metrics.timed_out();
-    shared.lifecycle.retire(RetireReason::Timeout);
+    metrics.timed_out();
+    lifecycle.retire(RetireReason::Timeout);
     // Taking the stack needs the GIL, which the stuck thread may hold for a while: never on the I/O thread,
     // and bounded, since the worker waits for this before it exits.
     let dump = tokio::task::spawn_blocking(move || {
@@ -190,17 +183,5 @@ async fn time_out(shared: &ConnShared, limit: Duration, watch: &Watch) {
     if tokio::time::timeout(STACK_DUMP_LIMIT, dump).await.is_err() {
         tracing::error!("could not take the stuck request's Python stack: the app held the GIL");
     }
-    shared.active.fetch_sub(1, Ordering::SeqCst);
-}
-
-/// Closes a connection whose descriptor number the stuck app thread still holds: the number is pointed at
-/// /dev/null in one atomic dup3, so the connection closes now (a reset if its last byte is unread) and the
-/// thread's own close later cannot hit a descriptor reused by another connection.
-fn close_under(fd: RawFd) -> io::Result<()> {
-    let null = std::fs::File::open("/dev/null")?;
-    // SAFETY: both descriptors are open (see the caller for `fd`); dup3 only rebinds the number `fd`.
-    if unsafe { libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    drop(in_flight);
 }
