@@ -11,6 +11,8 @@ paths in code, not comments or `#[cfg(test)]` modules), and checks two graphs fo
   folder's `mod.rs` sits above its children: it may use and re-export them, and a child that uses an item
   defined in its `mod.rs` closes a cycle; what children share lives in a child file of its own.
 
+It also checks the Python boundary: only `app/` and the entry module (`entry.rs`) may refer to pyo3.
+
 Usage: .ci/import_cycles.py [SRC_DIR]   (default: src next to this script's parent). Exit 1 on a cycle.
 A parser of Rust's `use` syntax good enough for this code base, not for Rust in general: it is cheap (no
 rust-analyzer build, unlike `cargo modules`) and says which references close each circle.
@@ -21,6 +23,8 @@ import sys
 from pathlib import Path
 
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+# The only top-level modules that may touch pyo3: the app layer and the extension module's entry point.
+PYTHON_BOUNDARY = ("app", "entry")
 
 
 def module_of(src: Path, file: Path) -> tuple:
@@ -67,6 +71,7 @@ def strip_code(text: str) -> str:
 
 def expand_use_tree(tree: str) -> list:
     """`a::{b, c::{d, e}}` -> [['a','b'], ['a','c','d'], ['a','c','e']]."""
+    tree = re.sub(r"\s+as\s+[A-Za-z_][A-Za-z0-9_]*", "", tree)  # renames do not change the target
     tree = re.sub(r"\s+", "", tree)
     paths = []
 
@@ -74,7 +79,6 @@ def expand_use_tree(tree: str) -> list:
         # s is one tree: path segments, optionally ending in {list}, or `*`, or `x as y`.
         brace = s.find("{")
         if brace < 0:
-            s = s.split("as")[0] if re.search(r"\bas\b", s) else s
             segs = [p for p in s.split("::") if p and p != "*"]
             if segs and segs[-1] == "self":
                 segs = segs[:-1]
@@ -199,6 +203,10 @@ def main() -> int:
 
     name = lambda m: str(modules[m].relative_to(src.parent))  # noqa: E731
     failed = False
+    for here, code in sorted(codes.items()):
+        if here and here[0] not in PYTHON_BOUNDARY and re.search(r"\bpyo3\b", code):
+            failed = True
+            print(f"{name(here)} uses pyo3: only {', '.join(PYTHON_BOUNDARY)} may (the Python boundary)")
     for comp in find_cycles({m[0] for m in modules if m}, layer_edges):
         failed = True
         print(f"import cycle between top-level modules: {', '.join(comp)}")
@@ -214,7 +222,8 @@ def main() -> int:
                 if b in comp:
                     print(f"  {name(a)} -> {name(b)}   ({why[(a, b)]})")
     if failed:
-        print("modules must import only those below them in the flow (../shared/STYLE.md); see lib.rs")
+        print("modules must import only those below them in the flow, and only app/ and entry touch pyo3")
+        print("(../shared/STYLE.md; lib.rs lists the layers)")
         return 1
     print(f"no import cycles among {len(modules)} files")
     return 0
