@@ -7,21 +7,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::ferrule::{Ferrule, FerruleBuilder, apps_dir};
-use common::http::{BodyEnd, Client, ReqBody, Response, StreamEvent, pseudo_random_bytes, sha256_hex};
-use common::nginx::Nginx;
+use common::ferrule::{FerruleBuilder, apps_dir};
+use common::http::{BodyEnd, ReqBody, Response, StreamEvent, pseudo_random_bytes, sha256_hex};
+use common::stack::Stack;
 
 /// How long to wait for a line to reach ferrule's log after the response was read.
 const LOG_WAIT: Duration = Duration::from_secs(10);
 
 const TRACEBACK: &str = "Traceback (most recent call last)";
 
-/// ferrule and the nginx in front of it. Field order is drop order: nginx stops first.
-struct Stack {
-    nginx: Nginx,
-    ferrule: Ferrule,
-}
-
+/// The end-to-end tests' ways to start the harness's [`Stack`] on wsgi_cases.py, and to ask its app.
 impl Stack {
     /// ferrule on a Unix socket (the usual deployment) behind nginx with `extra_conf` in `location /`.
     fn unix(extra_conf: &str) -> Stack {
@@ -31,29 +26,6 @@ impl Stack {
     /// ferrule on 127.0.0.1 (a free port) behind nginx.
     fn tcp(extra_conf: &str) -> Stack {
         Stack::start(wsgi_cases().tcp(), extra_conf)
-    }
-
-    fn start(builder: FerruleBuilder, extra_conf: &str) -> Stack {
-        let ferrule = builder.spawn();
-        let nginx = Nginx::start(&ferrule.addr.nginx_upstream(), extra_conf);
-        Stack { nginx, ferrule }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(self.nginx.port())
-    }
-
-    fn get(&self, path: &str) -> Response {
-        self.client().get(path)
-    }
-
-    /// Both logs, for assertion messages.
-    fn logs(&self) -> String {
-        format!(
-            "--- ferrule log ---\n{}\n{}",
-            self.ferrule.log(),
-            self.nginx.error_log()
-        )
     }
 
     /// The app's view of one environ key, via `/environ/key` (which answers with Python's

@@ -3,31 +3,22 @@
 //!
 //! This pins the advice in nginx/upstream.conf: `uwsgi_next_upstream error timeout;` makes nginx retry a GET
 //! on the next server when a connection is refused or cut before the response head, so a dead instance costs
-//! latency, not errors. The shared harness's `Nginx` proxies to a single address, so this file writes its own
-//! nginx config with an `upstream` block of two servers.
+//! latency, not errors. nginx balances over an `upstream` group of the two instances.
 
 mod common;
 
-use common::procs::poll_until;
-
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir};
 use common::http::Client;
-use common::nginx::nginx_binary;
-use tempfile::TempDir;
+use common::nginx::Nginx;
+use common::procs::{live_children, poll_until};
 
-/// Every wait in this test is bounded by one of these.
-const NGINX_START: Duration = Duration::from_secs(15);
-const NGINX_STOP: Duration = Duration::from_secs(5);
+/// Every wait in this test is bounded by one of these (and nginx's start and stop by the harness's bounds).
 const KILL_TAKES_EFFECT: Duration = Duration::from_secs(10);
 const PHASE: Duration = Duration::from_secs(60);
 /// Client threads; each sends one request at a time, so this many requests are in flight at once.
@@ -56,7 +47,7 @@ fn traffic_survives_sigkill_of_one_upstream_instance() {
     let survivor = wsgi_cases().arg("--workers").arg("2").spawn();
     let victim_addr = victim.addr.nginx_upstream();
     let survivor_addr = survivor.addr.nginx_upstream();
-    let nginx = Balancer::start(&[&victim_addr, &survivor_addr]);
+    let nginx = balancer(&[&victim_addr, &survivor_addr]);
 
     let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
     let killed = Arc::new(AtomicBool::new(false));
@@ -64,7 +55,7 @@ fn traffic_survives_sigkill_of_one_upstream_instance() {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let (outcomes, killed, stop) = (Arc::clone(&outcomes), Arc::clone(&killed), Arc::clone(&stop));
-            let port = nginx.port;
+            let port = nginx.port();
             thread::spawn(move || {
                 let mut client = Client::new(port);
                 while !stop.load(Ordering::SeqCst) && outcomes.lock().unwrap().len() < MAX_REQUESTS {
@@ -127,7 +118,7 @@ fn traffic_survives_sigkill_of_one_upstream_instance() {
         before.0,
         before.1,
         after.len(),
-        nginx.error_log_tail(),
+        error_log_tail(&nginx),
     );
     eprintln!("{report}");
 
@@ -169,7 +160,10 @@ fn wsgi_cases() -> FerruleBuilder {
 /// kill would hit the test too: the workers are found by their parent pid instead.
 fn sigkill_instance(ferrule: &Ferrule) -> Vec<i32> {
     let master = i32::try_from(ferrule.pid()).expect("pid fits in i32");
-    let workers = children_of(master);
+    let workers: Vec<i32> = live_children(ferrule.pid())
+        .into_iter()
+        .map(|pid| i32::try_from(pid).expect("pid fits in i32"))
+        .collect();
     assert!(!workers.is_empty(), "no worker processes found under master {master}");
     let mut pids = vec![master];
     pids.extend(workers);
@@ -181,173 +175,33 @@ fn sigkill_instance(ferrule: &Ferrule) -> Vec<i32> {
     pids
 }
 
-/// Pids whose parent is `parent`, from /proc/<pid>/stat.
-fn children_of(parent: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue; // exited while we looked
-        };
-        // Fields after the command name, which is in parentheses and may itself hold spaces or parens.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let ppid = rest.split_whitespace().nth(1).and_then(|s| s.parse::<i32>().ok());
-        if ppid == Some(parent) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// nginx with one `upstream` of several ferrule sockets, on a free loopback port; stopped on drop.
-struct Balancer {
-    child: Child,
-    port: u16,
-    dir: TempDir,
-}
-
-impl Balancer {
-    fn start(servers: &[&str]) -> Balancer {
-        // Another process can take the probed port before nginx binds it: then try a new port.
-        for _ in 0..5 {
-            let dir = tempfile::Builder::new()
-                .prefix("ferrule-failover-")
-                .tempdir()
-                .expect("temp dir for nginx");
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("probe a free port")
-                .port();
-            let conf = dir.path().join("nginx.conf");
-            std::fs::write(&conf, balancer_conf(dir.path(), port, servers)).expect("write nginx.conf");
-            let child = Command::new(nginx_binary())
-                .arg("-e")
-                .arg(dir.path().join("error.log"))
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-c")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                // Its own group, so the last-resort SIGKILL in drop reaches nginx's workers and nothing else.
-                .process_group(0)
-                .spawn()
-                .expect("start nginx (apt-get install nginx)");
-            let mut nginx = Balancer { child, port, dir };
-            match nginx.wait_accepting() {
-                Ok(()) => return nginx,
-                Err(log) if log.contains("Address already in use") => continue,
-                Err(log) => panic!("nginx did not start:\n{log}"),
-            }
-        }
-        panic!("nginx found no free port in 5 attempts");
-    }
-
-    fn wait_accepting(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + NGINX_START;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waitpid nginx") {
-                return Err(format!("exit {status}\n{}", self.error_log_tail()));
-            }
-            // Accepting and still alive: the listener is ours, not another process's on a reused port.
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-                && self.child.try_wait().ok().flatten().is_none()
-            {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "not accepting after {NGINX_START:?}\n{}",
-                    self.error_log_tail()
-                ));
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The end of nginx's error log, where its upstream errors and retries are recorded.
-    fn error_log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default();
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("upstream") || l.contains("emerg"))
-            .collect();
-        let tail = &lines[lines.len().saturating_sub(8)..];
-        format!(
-            "--- nginx error.log (upstream lines, last {}) ---\n{}",
-            tail.len(),
-            tail.join("\n")
-        )
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        let pid = i32::try_from(self.child.id()).expect("pid fits in i32");
-        // SAFETY: signals our own unreaped child (graceful stop), then its process group, which
-        // process_group(0) made separate from ours.
-        unsafe { libc::kill(pid, libc::SIGQUIT) };
-        if !poll_until(NGINX_STOP, || self.child.try_wait().ok().flatten().is_some()) {
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
-            self.child.wait().ok();
-        }
-    }
-}
-
-fn balancer_conf(dir: &Path, port: u16, servers: &[&str]) -> String {
-    let d = dir.display();
-    // Started as root, nginx workers would switch to `nobody`, who cannot enter the 0700 temp dirs.
-    // SAFETY: geteuid has no preconditions.
-    let user = if unsafe { libc::geteuid() } == 0 {
-        "user root;"
-    } else {
-        ""
-    };
+/// nginx with one `upstream` group of the ferrule sockets `servers`, on a free loopback port.
+fn balancer(servers: &[&str]) -> Nginx {
     // max_fails/fail_timeout: after one failure nginx stops choosing the dead server for a while, so
     // most requests go straight to the survivor instead of paying for a refused connect first.
-    let upstream: String = servers
-        .iter()
-        .map(|s| format!("        server {s} max_fails=1 fail_timeout=30s;\n"))
-        .collect();
-    format!(
-        "# generated by tests/failover.rs
-daemon off;
-worker_processes 1;
-{user}
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 512; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    upstream ferrule {{
-{upstream}    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            include /etc/nginx/uwsgi_params;
-            uwsgi_pass ferrule;
-            # The behaviour under test: a refused connect or a connection cut before the response
-            # head is retried on the next server (for idempotent methods only, as nginx does by default).
-            uwsgi_next_upstream error timeout;
+    Nginx::start_group(
+        servers,
+        "max_fails=1 fail_timeout=30s",
+        // The behaviour under test: a refused connect or a connection cut before the response
+        // head is retried on the next server (for idempotent methods only, as nginx does by default).
+        "            uwsgi_next_upstream error timeout;
             uwsgi_connect_timeout 2s;
             uwsgi_read_timeout 10s;
-            add_header X-Upstream $upstream_addr always;
-        }}
-    }}
-}}
-"
+            add_header X-Upstream $upstream_addr always;",
+    )
+}
+
+/// The end of nginx's error log, where its upstream errors and retries are recorded.
+fn error_log_tail(nginx: &Nginx) -> String {
+    let log = std::fs::read_to_string(nginx.dir().join("error.log")).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("upstream") || l.contains("emerg"))
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(8)..];
+    format!(
+        "--- nginx error.log (upstream lines, last {}) ---\n{}",
+        tail.len(),
+        tail.join("\n")
     )
 }

@@ -7,10 +7,6 @@
 //! matters. Some need root (tmpfs, --uid, descriptor limits): CI runs as root, and they fail, not skip, without it.
 
 mod common;
-mod lifecycle_support;
-// Shared with tests/ops.rs for its one-shot runs and strict JSON parser; its re-exports for ops.rs go unused here.
-#[allow(unused_imports)]
-mod ops_support;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -21,13 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir};
+use common::ferrule::{Addr, Ferrule, FerruleBuilder, Output, apps_dir, temp_dir};
 use common::http::{self, Client, ReqBody, form_encode};
+use common::json::{Json, parse_json};
+use common::log::{count, field, worker_lines};
 use common::nginx::Nginx;
+use common::procs::{alive, live_children, poll_until, rss_kib};
 use common::uwsgi::{self, Raw, Response, Vars, encode_request, nginx_vars, parse_response, read_to_close};
 use common::venv::{system_venv_ferrule, test_venv};
-use lifecycle_support::{alive, count, field, live_children, poll_until, rss_mib, wait_for_count_since, worker_lines};
-use ops_support::{Json, parse_json, run_ferrule};
 
 const APP: &str = "first_contact_app:application";
 /// Bound for a log line the server writes in reaction to something the test just did.
@@ -117,16 +114,13 @@ impl DerefMut for Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.0.wait_exit(Duration::ZERO).is_none() {
-            self.0.signal(libc::SIGINT);
-            let _ = self.0.wait_exit(STOP_TIMEOUT);
-        }
+        self.0.stop_fast(STOP_TIMEOUT);
     }
 }
 
 /// Waits for the master's `ready workers=N` line.
 fn wait_ready(server: &Server, workers: usize) {
-    lifecycle_support::wait_master_ready(server, workers);
+    server.wait_master_ready(workers);
 }
 
 /// A string field of the app's /env JSON ("" when absent).
@@ -193,22 +187,19 @@ fn id_of(args: &[&str]) -> u32 {
         .unwrap_or_else(|_| panic!("id {args:?}: {out:?}"))
 }
 
-fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ferrule-test-")
-        .tempdir_in("/tmp")
-        .expect("create temp dir under /tmp")
-}
-
 /// Runs `ferrule --check-config ARGS --pythonpath tests/apps first_contact_app:application` (with only `envs`
 /// of the FERRULE_* family set) in a temp dir; the app is a real one, since the check imports it.
-fn check_config(args: &[&str], envs: &[(&str, &str)]) -> ops_support::Output {
+fn check_config(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let dir = temp_dir();
-    let apps = apps_dir();
-    let mut all = vec!["--check-config"];
-    all.extend_from_slice(args);
-    all.extend(["--pythonpath", apps.to_str().expect("utf-8 path"), APP]);
-    run_ferrule(dir.path(), &all, envs, EXIT_TIMEOUT)
+    FerruleBuilder::new(APP)
+        .no_default_socket()
+        .current_dir(dir.path())
+        .arg("--check-config")
+        .args(args)
+        .arg("--pythonpath")
+        .arg(apps_dir())
+        .envs(envs)
+        .run(EXIT_TIMEOUT)
 }
 
 /// The effective settings `check_config` prints, as TOML; panics unless it exits 0.
@@ -344,7 +335,7 @@ fn every_timeout_answers_504_in_time_and_logs_the_stuck_stack() {
             "round {round}: the stack does not follow the `Python stack` line\n{log}"
         );
         // The replacement must be up before the next round, or the next request waits for it.
-        let ready = wait_for_count_since(&server, offset, "worker ready", 1, WORKER_TIMEOUT);
+        let ready = server.wait_for_count_since(offset, "worker ready", 1, WORKER_TIMEOUT);
         assert_eq!(
             ready,
             1,
@@ -737,7 +728,7 @@ fn sighup_with_an_invalid_config_file_keeps_the_old_workers() {
     ff.rewrite(&FromFile::text(&ff.socket, 2, "max_requests = 1000"));
     let offset = server.log_offset();
     server.signal(libc::SIGHUP);
-    let ready = wait_for_count_since(server, offset, "worker ready", 2, WORKER_TIMEOUT);
+    let ready = server.wait_for_count_since(offset, "worker ready", 2, WORKER_TIMEOUT);
     assert_eq!(
         ready,
         2,
@@ -790,7 +781,7 @@ fn a_worker_added_by_sigttin_sees_wsgi_multiprocess() {
     let offset = server.log_offset();
     server.signal(libc::SIGTTIN);
     assert_eq!(
-        wait_for_count_since(&server, offset, "worker ready", 1, WORKER_TIMEOUT),
+        server.wait_for_count_since(offset, "worker ready", 1, WORKER_TIMEOUT),
         1,
         "no new worker after SIGTTIN\n{}",
         server.log_since(offset)
@@ -1071,7 +1062,7 @@ fn running_out_of_descriptors_is_logged_once_and_clears() {
         server.log_since(offset)
     );
     // Bounded wait for a second occurrence: returns at once if it comes, else after 3 s.
-    let seen = wait_for_count_since(&server, offset, "Too many open files", 2, Duration::from_secs(3));
+    let seen = server.wait_for_count_since(offset, "Too many open files", 2, Duration::from_secs(3));
     assert_eq!(
         seen,
         1,
@@ -1114,7 +1105,7 @@ fn a_worker_over_reload_on_rss_stops_accepting_at_once() {
     let server = Server::spawn(app().arg("--workers").arg("2").arg("--reload-on-rss").arg("100"));
     wait_ready(&server, 2);
     for pid in server.workers() {
-        let rss = rss_mib(pid).expect("worker RSS");
+        let rss = rss_kib(pid).expect("worker RSS") / 1024;
         assert!(rss < 60, "an idle worker already uses {rss} MiB");
     }
     let nginx = Nginx::start(&server.addr.nginx_upstream(), "");
@@ -1263,12 +1254,10 @@ fn check_config_imports_the_app() {
     let dir = temp_dir();
     let apps = apps_dir();
     let apps = apps.to_str().expect("utf-8 path");
-    let bad = run_ferrule(
-        dir.path(),
-        &["--check-config", "--pythonpath", apps, "nonexistent_module_xyz"],
-        &[],
-        EXIT_TIMEOUT,
-    );
+    let bad = FerruleBuilder::without_app()
+        .current_dir(dir.path())
+        .args(["--check-config", "--pythonpath", apps, "nonexistent_module_xyz"])
+        .run(EXIT_TIMEOUT);
     let said = format!("{}{}", bad.stdout, bad.stderr);
     assert!(
         !bad.status.success(),

@@ -10,34 +10,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::ferrule::{Ferrule, FerruleBuilder, apps_dir};
-use common::http::{BodyEnd, Client, ReqBody, Response, form_encode, multipart, pseudo_random_bytes, sha256_hex};
+use common::http::{BodyEnd, ReqBody, Response, form_encode, multipart, pseudo_random_bytes, sha256_hex};
 use common::nginx::Nginx;
+use common::stack::Stack;
 use common::venv::test_venv;
 
 /// How long to wait for a traceback to reach ferrule's log after the response was read.
 const LOG_WAIT: Duration = Duration::from_secs(10);
-
-/// ferrule and the nginx in front of it. Field order is drop order: nginx stops first, so it
-/// never sees the upstream vanish under it.
-struct Stack {
-    nginx: Nginx,
-    ferrule: Ferrule,
-}
-
-impl Stack {
-    fn client(&self) -> Client {
-        Client::new(self.nginx.port())
-    }
-
-    /// Context for assertion messages: both logs.
-    fn logs(&self) -> String {
-        format!(
-            "--- ferrule log ---\n{}\n{}",
-            self.ferrule.log(),
-            self.nginx.error_log()
-        )
-    }
-}
 
 /// `uwsgi_buffering off` so streamed responses reach the client as they are produced, as a
 /// deployment serving streams would configure it (with buffering on nginx may hold the pieces).
@@ -46,13 +25,11 @@ const STREAMING_CONF: &str = "uwsgi_buffering off;";
 fn flask() -> Stack {
     let venv = test_venv();
     let app = apps_dir().join("flask_app.py");
-    let ferrule = FerruleBuilder::new(&format!("{}:app", app.display()))
+    let builder = FerruleBuilder::new(&format!("{}:app", app.display()))
         .arg("--virtualenv")
         .arg(venv.to_str().expect("utf-8 venv path"))
-        .unix()
-        .spawn();
-    let nginx = Nginx::start(&ferrule.addr.nginx_upstream(), STREAMING_CONF);
-    Stack { nginx, ferrule }
+        .unix();
+    Stack::start(builder, STREAMING_CONF)
 }
 
 /// The test Django site (tests/apps/django_site) on a Unix socket.

@@ -9,17 +9,11 @@
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
+mod common;
 
+use common::fixtures::FIXTURES;
+use common::uwsgi::{datasize_of, encode_request};
 use ferrule::packet::{HEADER_LEN, parse_uwsgi_packet};
-
-const FIXTURES: [(&str, &[u8]); 6] = [
-    ("get_query", include_bytes!("fixtures/get_query.bin")),
-    ("repeated_headers", include_bytes!("fixtures/repeated_headers.bin")),
-    ("post_form", include_bytes!("fixtures/post_form.bin")),
-    ("chunked_upload", include_bytes!("fixtures/chunked_upload.bin")),
-    ("large_cookie", include_bytes!("fixtures/large_cookie.bin")),
-    ("non_ascii_path", include_bytes!("fixtures/non_ascii_path.bin")),
-];
 
 /// Both targets' checks on one input.
 fn replay(input: &[u8]) {
@@ -27,29 +21,12 @@ fn replay(input: &[u8]) {
     checks::environ(input);
 }
 
-/// A packet (modifier 0/0) whose vars block is `vars`, followed by `body`.
-fn packet(vars: &[(&[u8], &[u8])], body: &[u8]) -> Vec<u8> {
-    let mut block = Vec::new();
-    for (k, v) in vars {
-        for part in [*k, *v] {
-            block.extend_from_slice(&u16::try_from(part.len()).unwrap().to_le_bytes());
-            block.extend_from_slice(part);
-        }
-    }
-    let mut out = vec![0];
-    out.extend_from_slice(&u16::try_from(block.len()).unwrap().to_le_bytes());
-    out.push(0);
-    out.extend_from_slice(&block);
-    out.extend_from_slice(body);
-    out
-}
-
 /// The seed corpus `fuzz/run` starts from: each captured packet, and each of its prefixes at the points where
 /// the parser changes state (inside the header, at the block, inside it, at its end).
 #[test]
 fn fuzz_checks_hold_for_the_seed_corpus() {
     for (name, bytes) in FIXTURES {
-        let datasize = usize::from(u16::from_le_bytes([bytes[1], bytes[2]]));
+        let datasize = datasize_of(bytes);
         let end = HEADER_LEN + datasize;
         for cut in [0, 1, 3, 4, 5, end / 2, end - 1, end, bytes.len()] {
             let input = &bytes[..cut.min(bytes.len())];
@@ -79,7 +56,7 @@ fn edge_empty_and_header_only_inputs() {
 
 #[test]
 fn edge_block_ending_inside_a_length_prefix() {
-    let mut p = packet(&[(b"REQUEST_METHOD", b"GET")], b"");
+    let mut p = encode_request(&[(b"REQUEST_METHOD", b"GET")], b"");
     p.push(7); // one stray byte: half a key length
     p[1] += 1;
     replay(&p);
@@ -98,7 +75,7 @@ fn edge_thousands_of_repeated_header_vars() {
     for i in 0..4400 {
         vars.push((keys[i % 3], if i % 2 == 0 { b"" } else { b"v" }));
     }
-    let p = packet(&vars, b"");
+    let p = encode_request(&vars, b"");
     assert!(p.len() <= HEADER_LEN + 65535, "{}", p.len());
     replay(&p);
 }
@@ -114,7 +91,7 @@ fn edge_content_length_limits() {
         b"-0",
         b"\xef\xbc\x95", // FULLWIDTH DIGIT FIVE
     ] {
-        replay(&packet(
+        replay(&encode_request::<&[u8], &[u8]>(
             &[(b"REQUEST_METHOD", b"POST"), (b"CONTENT_LENGTH", value)],
             b"",
         ));
@@ -124,12 +101,18 @@ fn edge_content_length_limits() {
 #[test]
 fn edge_repeated_method_and_odd_hosts() {
     // The later REQUEST_METHOD wins, even when it is empty (then the request has no method).
-    replay(&packet(&[(b"REQUEST_METHOD", b"GET"), (b"REQUEST_METHOD", b"")], b""));
+    replay(&encode_request::<&[u8], &[u8]>(
+        &[(b"REQUEST_METHOD", b"GET"), (b"REQUEST_METHOD", b"")],
+        b"",
+    ));
     for host in [&b"["[..], b"[::1", b"[::1]:", b":", b"a:", b"::::", b"[]:80"] {
-        replay(&packet(&[(b"REQUEST_METHOD", b"GET"), (b"HTTP_HOST", host)], b""));
+        replay(&encode_request::<&[u8], &[u8]>(
+            &[(b"REQUEST_METHOD", b"GET"), (b"HTTP_HOST", host)],
+            b"",
+        ));
     }
     // SCRIPT_NAME longer than the URI and no PATH_INFO: the fallback must not slice past the end.
-    replay(&packet(
+    replay(&encode_request::<&[u8], &[u8]>(
         &[
             (b"REQUEST_METHOD", b"GET"),
             (b"SCRIPT_NAME", b"/app/long/prefix"),
@@ -137,7 +120,7 @@ fn edge_repeated_method_and_odd_hosts() {
         ],
         b"",
     ));
-    replay(&packet(
+    replay(&encode_request::<&[u8], &[u8]>(
         &[
             (b"REQUEST_METHOD", b"GET"),
             (b"SCRIPT_NAME", b"/"),

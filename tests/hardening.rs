@@ -16,9 +16,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::ferrule::Stream;
+use common::fixtures::FIXTURES;
 use common::http::sha256_hex;
+use common::log::count;
+use common::procs::{POLL, workers_rss_kib};
 use common::uwsgi::{
-    self, encode_header, encode_request, encode_vars, nginx_vars, parse_response, read_to_close, read_until,
+    self, datasize_of, encode_packet_with_block, encode_request, encode_vars, nginx_vars, parse_response,
+    read_to_close, read_until,
 };
 use hardening_support::*;
 
@@ -32,7 +36,7 @@ use hardening_support::*;
 fn truncated_packets_are_dropped_without_an_answer() {
     let server = Server::start(&[], false);
     for (name, packet) in FIXTURES {
-        let datasize = usize::from(u16::from_le_bytes([packet[1], packet[2]]));
+        let datasize = datasize_of(packet);
         let vars_end = 4 + datasize;
         let mut cuts = vec![1, 3, 4, 5, 4 + datasize / 2, vars_end - 1];
         if packet.len() > vars_end + 1 {
@@ -66,7 +70,7 @@ fn overrunning_and_malformed_vars_blocks_are_refused() {
     let server = Server::start(&[], false);
     let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
     for (name, packet) in FIXTURES {
-        let offsets = length_offsets(packet);
+        let offsets = packet_length_offsets(packet);
         // Every key and value length in the block (offset 1 is the datasize, handled below).
         for &at in &offsets[1..] {
             let mut p = packet.to_vec();
@@ -93,9 +97,7 @@ fn overrunning_and_malformed_vars_blocks_are_refused() {
     // A zero-length key in an otherwise good request.
     let mut block = encode_vars(nginx_vars("GET", "/ok?tag=zero-key", b"").as_slice());
     block.extend_from_slice(&[0, 0, 1, 0, b'x']);
-    let mut p = encode_header(0, u16::try_from(block.len()).unwrap(), 0).to_vec();
-    p.extend_from_slice(&block);
-    cases.push(("zero-length key".to_owned(), p));
+    cases.push(("zero-length key".to_owned(), encode_packet_with_block(0, &block, 0)));
 
     for (case, bytes) in &cases {
         let raw = server.send_and_close(bytes);
@@ -607,11 +609,6 @@ fn a_client_that_stops_reading_does_not_starve_the_app_pool() {
         "close() not called for a dropped slow reader"
     );
     server.assert_no_crash();
-}
-
-/// How often `needle` occurs in `haystack`.
-fn count(haystack: &str, needle: &str) -> usize {
-    haystack.matches(needle).count()
 }
 
 /// App faults: an exception before start_response (500), a generator that raises after the first chunk (the

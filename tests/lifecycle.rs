@@ -16,13 +16,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::ferrule::{Addr, FerruleBuilder, apps_dir};
+use common::ferrule::{Addr, FerruleBuilder, Inherit, apps_dir, temp_dir};
 use common::http;
+use common::json::{Json, parse_json};
+use common::log::{count, field, worker_lines};
 use common::nginx::Nginx;
-use lifecycle_support::{
-    Bare, Inherit, Load, Stack, alive, count, field, json, lifecycle_app, live_children, rss_mib, wait_master_ready,
-    worker_lines, write_version_module,
-};
+use common::procs::{alive, live_children, rss_kib};
+use common::stack::Stack;
+use lifecycle_support::{Load, lifecycle_app, write_version_module};
 
 /// Bound for a worker to be started and report ready after the master decided to start it.
 const WORKER_TIMEOUT: Duration = Duration::from_secs(20);
@@ -78,7 +79,7 @@ fn wait_ready_ids(stack: &Stack, offset: usize, ids: &[u32]) -> BTreeSet<u32> {
 /// app sees `wsgi.multiprocess` True.
 #[test]
 fn three_workers_are_three_serving_processes() {
-    let stack = Stack::start(lifecycle_app(3), 3);
+    let stack = Stack::start_ready(lifecycle_app(3), 3, "");
     let log = stack.ferrule.log();
     let ready: BTreeSet<u32> = worker_lines(&log, "worker ready").iter().map(|w| w.pid).collect();
     assert_eq!(ready.len(), 3, "three `worker ready` lines with distinct pids\n{log}");
@@ -103,15 +104,15 @@ fn three_workers_are_three_serving_processes() {
 
     let flags = stack.get("/flags");
     assert_eq!(flags.status, 200, "{}", flags.summary());
-    let flags = json::parse(&flags.text()).expect("/flags answers JSON");
+    let flags = parse_json(&flags.text()).expect("/flags answers JSON");
     assert_eq!(
-        flags.get("multiprocess").and_then(json::Value::as_bool),
+        flags.get("multiprocess").and_then(Json::as_bool),
         Some(true),
         "{flags:?}"
     );
     // --threads defaults to 4.
     assert_eq!(
-        flags.get("multithread").and_then(json::Value::as_bool),
+        flags.get("multithread").and_then(Json::as_bool),
         Some(true),
         "{flags:?}"
     );
@@ -120,7 +121,7 @@ fn three_workers_are_three_serving_processes() {
 /// A worker killed with SIGKILL is noticed and replaced, and the service carries on without a failed request.
 #[test]
 fn sigkilled_worker_is_replaced_and_service_continues() {
-    let stack = Stack::start(lifecycle_app(2), 2);
+    let stack = Stack::start_ready(lifecycle_app(2), 2, "");
     let before = stack.wait_worker_count(2, Duration::from_secs(5));
     let victim = *before.iter().next().expect("two workers");
     let survivor = *before.iter().nth(1).expect("two workers");
@@ -166,7 +167,7 @@ fn sigkilled_worker_is_replaced_and_service_continues() {
 /// new processes. Each HUP waits until the previous generation is ready and has served part of the load.
 #[test]
 fn rolling_reload_under_load_loses_no_request() {
-    let stack = Stack::start(lifecycle_app(2), 2);
+    let stack = Stack::start_ready(lifecycle_app(2), 2, "");
     let before = stack.wait_worker_count(2, Duration::from_secs(5));
     let start = stack.ferrule.log_offset();
 
@@ -245,7 +246,7 @@ fn reload_reimports_the_app() {
     std::fs::create_dir(&code_dir).expect("create code dir");
     write_version_module(&code_dir, "one");
     let builder = builder.arg("--pythonpath").arg(&code_dir);
-    let stack = Stack::start(builder, 2);
+    let stack = Stack::start_ready(builder, 2, "");
 
     let r = stack.get("/version");
     assert_eq!(r.status, 200, "{}", r.summary());
@@ -271,7 +272,7 @@ fn reload_reimports_the_app() {
 /// 0 and removes its socket file.
 #[test]
 fn sigterm_lets_the_in_flight_request_finish() {
-    let mut stack = Stack::start(lifecycle_app(2), 2);
+    let mut stack = Stack::start_ready(lifecycle_app(2), 2, "");
     let socket = socket_path(&stack);
     let port = stack.port();
     let slow = thread::spawn(move || http::get(port, "/sleep?s=2&tag=term"));
@@ -314,7 +315,7 @@ fn idle_server_exits_promptly_on_sigterm() {
     let builder = lifecycle_app(2);
     let socket = builder.tempdir().join("ferrule.sock");
     let mut ferrule = builder.spawn();
-    wait_master_ready(&ferrule, 2);
+    ferrule.wait_master_ready(2);
     let workers = live_children(ferrule.pid());
     assert_eq!(workers.len(), 2, "{workers:?}");
 
@@ -340,7 +341,7 @@ fn idle_server_exits_promptly_on_sigterm() {
 #[test]
 fn stuck_request_times_out_and_its_worker_is_replaced() {
     let builder = lifecycle_app(1).arg("--threads").arg("4").arg("--timeout").arg("2");
-    let stack = Stack::start(builder, 1);
+    let stack = Stack::start_ready(builder, 1, "");
     let worker = *stack
         .wait_worker_count(1, Duration::from_secs(5))
         .iter()
@@ -348,14 +349,14 @@ fn stuck_request_times_out_and_its_worker_is_replaced() {
         .expect("one");
 
     // One worker with 4 threads: multithreaded but not multiprocess.
-    let flags = json::parse(&stack.get("/flags").text()).expect("/flags answers JSON");
+    let flags = parse_json(&stack.get("/flags").text()).expect("/flags answers JSON");
     assert_eq!(
-        flags.get("multiprocess").and_then(json::Value::as_bool),
+        flags.get("multiprocess").and_then(Json::as_bool),
         Some(false),
         "{flags:?}"
     );
     assert_eq!(
-        flags.get("multithread").and_then(json::Value::as_bool),
+        flags.get("multithread").and_then(Json::as_bool),
         Some(true),
         "{flags:?}"
     );
@@ -463,7 +464,7 @@ fn max_requests_recycles_workers_without_failures() {
         .arg("50")
         .arg("--max-requests-jitter")
         .arg("10");
-    let stack = Stack::start(builder, 2);
+    let stack = Stack::start_ready(builder, 2, "");
     // 10 ms per request over 2 workers × 4 threads: the load lasts at least 1.25 s, longer than a replacement
     // takes to start on a busy machine, so replacements serve part of it. (A retiring worker keeps serving until
     // its replacement is ready, so with instant requests the whole load could go to the first two workers.)
@@ -505,10 +506,10 @@ fn max_requests_recycles_workers_without_failures() {
 fn reload_on_rss_replaces_a_grown_worker() {
     const LIMIT_MIB: u64 = 96;
     let builder = lifecycle_app(2).arg("--reload-on-rss").arg(LIMIT_MIB.to_string());
-    let stack = Stack::start(builder, 2);
+    let stack = Stack::start_ready(builder, 2, "");
     let before = stack.wait_worker_count(2, Duration::from_secs(5));
     for pid in &before {
-        let rss = rss_mib(*pid).expect("worker RSS");
+        let rss = rss_kib(*pid).expect("worker RSS") / 1024;
         assert!(
             rss + 40 < LIMIT_MIB,
             "an idle worker already uses {rss} MiB; raise LIMIT_MIB"
@@ -547,10 +548,7 @@ fn reload_on_rss_replaces_a_grown_worker() {
 /// seconds, with the Python traceback and the exception message in the log.
 #[test]
 fn broken_app_stops_the_master_with_the_traceback() {
-    let dir = tempfile::Builder::new()
-        .prefix("ferrule-test-")
-        .tempdir_in("/tmp")
-        .expect("temp dir");
+    let dir = temp_dir();
     let socket = dir.path().join("broken.sock");
     let started = Instant::now();
     let (status, log) = FerruleBuilder::new("broken_app:application")
@@ -602,7 +600,7 @@ fn missing_app_module_stops_the_master() {
 /// SIGTTIN adds a worker, SIGTTOU removes one; /proc and the served pids agree.
 #[test]
 fn sigttin_and_sigttou_change_the_worker_count() {
-    let stack = Stack::start(lifecycle_app(1), 1);
+    let stack = Stack::start_ready(lifecycle_app(1), 1, "");
     stack.wait_worker_count(1, Duration::from_secs(5));
 
     for (n, want) in [(1, 2), (2, 3)] {
@@ -632,10 +630,7 @@ fn sigttin_and_sigttou_change_the_worker_count() {
 
 /// A listening Unix socket bound by the test and handed over as ferrule would get it from a supervisor.
 fn test_listener(name: &str) -> (tempfile::TempDir, std::path::PathBuf, UnixListener) {
-    let dir = tempfile::Builder::new()
-        .prefix("ferrule-test-")
-        .tempdir_in("/tmp")
-        .expect("temp dir");
+    let dir = temp_dir();
     let path = dir.path().join(name);
     let listener = UnixListener::bind(&path).expect("bind test listener");
     (dir, path, listener)
@@ -645,18 +640,7 @@ fn test_listener(name: &str) -> (tempfile::TempDir, std::path::PathBuf, UnixList
 /// leaves the socket file, which belongs to whoever made it, in place.
 fn serve_inherited(how: Inherit, name: &str) {
     let (_dir, path, listener) = test_listener(name);
-    let pythonpath = apps_dir();
-    let mut ferrule = Bare::spawn(
-        listener.as_raw_fd(),
-        how,
-        &[
-            "--workers",
-            "2",
-            "--pythonpath",
-            pythonpath.to_str().expect("utf-8 path"),
-        ],
-        "lifecycle_app:application",
-    );
+    let mut ferrule = lifecycle_app(2).inherit_socket(listener.as_raw_fd(), how).spawn();
     assert!(
         ferrule.wait_for_log("ready workers=2 ", Duration::from_secs(30)),
         "not ready\n{}",

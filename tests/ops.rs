@@ -15,14 +15,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir, listening_addrs};
-use common::http::{self, ReqBody};
-use common::nginx::Nginx;
+use common::ferrule::{Addr, Ferrule, FerruleBuilder, Output, apps_dir, listening_addrs, temp_dir};
+use common::http::{self, ReqBody, raw_http};
+use common::json::{Json, parse_json};
+use common::procs::{self, all_threads_stopped, live_children, poll_until};
+use common::stack::Stack;
 use common::uwsgi::{self, MODIFIER_PING, encode_header, nginx_vars, parse_response, read_to_close};
-use ops_support::{
-    Json, Output, Scrape, all_threads_stopped, live_children, parse_json, parse_openmetrics, poll_until, raw_http,
-    run_ferrule,
-};
+use ops_support::{Scrape, parse_openmetrics};
 
 /// `--check-config` and a refused start never load Python; this only bounds a hang.
 const EXIT_WAIT: Duration = Duration::from_secs(20);
@@ -40,14 +39,6 @@ fn ops_app() -> FerruleBuilder {
         .arg(apps_dir())
 }
 
-/// A temp dir under /tmp (a Unix socket path in it must fit in sun_path's 108 bytes).
-fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("ferrule-ops-")
-        .tempdir_in("/tmp")
-        .expect("create temp dir under /tmp")
-}
-
 fn write_file(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     path.to_owned()
@@ -57,9 +48,12 @@ fn write_file(path: &Path, text: &str) -> PathBuf {
 
 /// Runs `--check-config` and parses the effective configuration it prints; panics unless it exits 0.
 fn effective_config(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> toml::Table {
-    let mut all = vec!["--check-config"];
-    all.extend_from_slice(args);
-    let out = run_ferrule(dir, &all, envs, EXIT_WAIT);
+    let out = FerruleBuilder::without_app()
+        .current_dir(dir)
+        .arg("--check-config")
+        .args(args)
+        .envs(envs)
+        .run(EXIT_WAIT);
     assert!(out.status.success(), "--check-config failed\n{}", out.describe());
     out.stdout
         .parse::<toml::Table>()
@@ -238,7 +232,10 @@ fn config_errors_name_the_offending_key() {
             } else {
                 vec!["--config", file]
             };
-            let out: Output = run_ferrule(dir.path(), &args, &[], EXIT_WAIT);
+            let out: Output = FerruleBuilder::without_app()
+                .current_dir(dir.path())
+                .args(&args)
+                .run(EXIT_WAIT);
             assert!(
                 !out.status.success(),
                 "{name} (check={check}) was accepted\n{}",
@@ -304,40 +301,18 @@ fn server_runs_from_a_config_file_alone() {
 
 // --- the JSON log ------------------------------------------------------------------------------------
 
-/// One ferrule and the nginx in front of it.
-struct Stack {
-    ferrule: Ferrule,
-    nginx: Nginx,
-}
-
+/// The ops tests' way to start the harness's [`Stack`].
 impl Stack {
-    /// Starts `builder`, waits for all `workers` to be ready, then starts nginx with `extra` in `location /`.
-    fn start(builder: FerruleBuilder, workers: usize, extra: &str) -> Stack {
-        let ferrule = builder.arg("--workers").arg(workers.to_string()).spawn();
-        // The master's `ready` line, as text or as JSON.
-        let text = format!("ready workers={workers} ");
-        let json = format!("\"message\":\"ready\",\"workers\":{workers},");
-        assert!(
-            poll_until(WORKERS_WAIT, || {
-                let log = ferrule.log();
-                log.contains(&text) || log.contains(&json)
-            }),
-            "not all {workers} workers became ready:\n{}",
-            ferrule.log()
-        );
-        let nginx = Nginx::start(&ferrule.addr.nginx_upstream(), extra);
-        Stack { ferrule, nginx }
+    /// Starts `builder` with `--workers N`, waits for all of them to be ready (the master's `ready` line, as text
+    /// or as JSON), then starts nginx with `extra` in `location /`.
+    fn start_workers(builder: FerruleBuilder, workers: usize, extra: &str) -> Stack {
+        Stack::start_ready(builder.arg("--workers").arg(workers.to_string()), workers, extra)
     }
 
-    fn port(&self) -> u16 {
-        self.nginx.port()
-    }
-
-    /// Waits (bounded) until the log holds at least `n` lines containing `needle`.
+    /// Waits (bounded) until the log holds at least `n` lines containing `needle` (the needles here occur once
+    /// per line).
     fn wait_lines(&self, needle: &str, n: usize) -> bool {
-        poll_until(LOG_WAIT, || {
-            self.ferrule.log().lines().filter(|l| l.contains(needle)).count() >= n
-        })
+        self.ferrule.wait_for_count_since(0, needle, n, LOG_WAIT) >= n
     }
 }
 
@@ -371,7 +346,7 @@ fn field_u64(entry: &Json, key: &str) -> u64 {
 
 #[test]
 fn json_log_stays_one_valid_object_per_line_whatever_the_request_holds() {
-    let stack = Stack::start(ops_app().arg("--log-format").arg("json").arg("--access-log"), 2, "");
+    let stack = Stack::start_workers(ops_app().arg("--log-format").arg("json").arg("--access-log"), 2, "");
     let port = stack.port();
 
     // 1. A plain request: every field checked against what the client knows.
@@ -497,7 +472,7 @@ fn json_log_stays_one_valid_object_per_line_whatever_the_request_holds() {
 /// `logging`) goes to the same stream: with `--log-format json` ferrule wraps those lines too.
 #[test]
 fn json_log_wraps_what_the_app_writes_to_stderr() {
-    let stack = Stack::start(ops_app().arg("--log-format").arg("json"), 1, "");
+    let stack = Stack::start_workers(ops_app().arg("--log-format").arg("json"), 1, "");
     let resp = http::get(stack.port(), "/stderr?marker=ops-json-stderr");
     assert_eq!(resp.status, 200, "{}", resp.summary());
     assert!(
@@ -534,7 +509,7 @@ fn access_message(ferrule: &Ferrule, needle: &str) -> String {
 
 #[test]
 fn text_access_log_default_line() {
-    let stack = Stack::start(ops_app().arg("--access-log"), 1, "");
+    let stack = Stack::start_workers(ops_app().arg("--access-log"), 1, "");
     let resp = http::request(
         stack.port(),
         "GET",
@@ -577,7 +552,7 @@ fn text_access_log_default_line() {
 #[test]
 fn text_access_log_custom_format_has_exactly_that_shape() {
     let format = "{remote_addr} {method} {path} {status} {bytes} {duration_us} {pid} {request_id}";
-    let stack = Stack::start(
+    let stack = Stack::start_workers(
         ops_app().arg("--access-log").arg("--access-log-format").arg(format),
         1,
         "",
@@ -629,7 +604,7 @@ fn text_access_log_custom_format_has_exactly_that_shape() {
 #[test]
 fn text_access_log_format_keeps_braces_in_values_verbatim() {
     let format = "{method} {path} {status} {request_id} {remote_addr}";
-    let stack = Stack::start(
+    let stack = Stack::start_workers(
         ops_app().arg("--access-log").arg("--access-log-format").arg(format),
         1,
         "",
@@ -652,7 +627,7 @@ fn text_access_log_format_keeps_braces_in_values_verbatim() {
 /// `--access-log` is "one line per request", including the requests the server answers itself (413 here).
 #[test]
 fn text_access_log_includes_answers_the_server_makes_itself() {
-    let stack = Stack::start(ops_app().arg("--access-log").arg("--max-body-size").arg("100"), 1, "");
+    let stack = Stack::start_workers(ops_app().arg("--access-log").arg("--max-body-size").arg("100"), 1, "");
     let body = vec![b'x'; 1000];
     let refused = http::request(
         stack.port(),
@@ -685,7 +660,7 @@ fn text_access_log_includes_answers_the_server_makes_itself() {
 /// only, not for field values). nginx passes such bytes in header values.
 #[test]
 fn text_access_log_escapes_terminal_control_bytes() {
-    let stack = Stack::start(ops_app().arg("--access-log"), 1, "");
+    let stack = Stack::start_workers(ops_app().arg("--access-log"), 1, "");
     let (status, _) = raw_http(
         stack.port(),
         b"GET /pid HTTP/1.1\r\nX-Request-Id: ops-esc-\x1b[2J\x1b[31mred\x1b]0;title\x07-end",
@@ -787,7 +762,7 @@ struct Resume(Vec<u32>);
 impl Drop for Resume {
     fn drop(&mut self) {
         for &pid in &self.0 {
-            ops_support::signal(pid, libc::SIGCONT);
+            procs::signal(pid, libc::SIGCONT);
         }
     }
 }
@@ -807,7 +782,7 @@ fn metrics_through_nginx_count_what_was_served() {
         "            location = /metrics {{\n                include /etc/nginx/uwsgi_params;\n                uwsgi_pass unix:{};\n            }}",
         metrics_sock.display()
     );
-    let stack = Stack::start(builder, 2, &location);
+    let stack = Stack::start_workers(builder, 2, &location);
     let port = stack.port();
     let master = stack.ferrule.pid();
     let tcp = listening_addrs(&stack.ferrule.log())
@@ -966,7 +941,7 @@ fn metrics_through_nginx_count_what_was_served() {
     {
         let stopped = Resume(workers.iter().copied().collect());
         for &pid in &stopped.0 {
-            ops_support::signal(pid, libc::SIGSTOP);
+            procs::signal(pid, libc::SIGSTOP);
         }
         // Every app thread accepts, so one still running could take a connection meant for the queue.
         assert!(
@@ -1004,7 +979,7 @@ fn metrics_through_nginx_count_what_was_served() {
 
     // A worker killed with SIGKILL is a crash; its counts stay in the totals.
     let victim = *workers.iter().next().expect("two workers");
-    ops_support::signal(victim, libc::SIGKILL);
+    procs::signal(victim, libc::SIGKILL);
     let mut after = Scrape::default();
     let replaced = poll_until(METRICS_WAIT, || {
         after = scrape(port);

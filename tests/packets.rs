@@ -5,25 +5,15 @@
 //! recapture. Every expected var list below is written out in full, in wire order, so a parser that
 //! drops, reorders or merges vars (nginx sends repeated headers as repeated vars) fails here.
 
+mod common;
+
 use std::panic::catch_unwind;
 
+use common::fixtures::{
+    CHUNKED_UPLOAD, FIXTURES, GET_QUERY, LARGE_COOKIE, NON_ASCII_PATH, POST_FORM, REPEATED_HEADERS,
+};
+use common::uwsgi::{datasize_of, encode_request, length_offsets};
 use ferrule::packet::{Var, parse_uwsgi_header, parse_uwsgi_packet, parse_uwsgi_vars};
-
-const GET_QUERY: &[u8] = include_bytes!("fixtures/get_query.bin");
-const REPEATED_HEADERS: &[u8] = include_bytes!("fixtures/repeated_headers.bin");
-const POST_FORM: &[u8] = include_bytes!("fixtures/post_form.bin");
-const CHUNKED_UPLOAD: &[u8] = include_bytes!("fixtures/chunked_upload.bin");
-const LARGE_COOKIE: &[u8] = include_bytes!("fixtures/large_cookie.bin");
-const NON_ASCII_PATH: &[u8] = include_bytes!("fixtures/non_ascii_path.bin");
-
-const ALL: [(&str, &[u8]); 6] = [
-    ("get_query", GET_QUERY),
-    ("repeated_headers", REPEATED_HEADERS),
-    ("post_form", POST_FORM),
-    ("chunked_upload", CHUNKED_UPLOAD),
-    ("large_cookie", LARGE_COOKIE),
-    ("non_ascii_path", NON_ASCII_PATH),
-];
 
 /// Names the outcome of a parse without needing `Debug` on the parsed types.
 fn outcome<T, E>(result: &Result<T, nom::Err<E>>) -> &'static str {
@@ -37,42 +27,6 @@ fn outcome<T, E>(result: &Result<T, nom::Err<E>>) -> &'static str {
 
 fn is_rejection<T, E>(result: &Result<T, nom::Err<E>>) -> bool {
     matches!(result, Err(nom::Err::Error(_) | nom::Err::Failure(_)))
-}
-
-/// The datasize field read straight from the bytes, independent of the parser under test.
-fn datasize_of(packet: &[u8]) -> usize {
-    usize::from(u16::from_le_bytes([packet[1], packet[2]]))
-}
-
-/// Offsets (from the start of the vars block) of every u16 length prefix, keys and values
-/// alternating. Walks the block with its own code so the negative tests do not trust the parser.
-fn length_offsets(block: &[u8]) -> Vec<usize> {
-    let mut offsets = Vec::new();
-    let mut pos = 0;
-    while pos < block.len() {
-        offsets.push(pos);
-        let len = usize::from(u16::from_le_bytes([block[pos], block[pos + 1]]));
-        pos += 2 + len;
-    }
-    assert_eq!(pos, block.len(), "fixture vars block is not well formed");
-    offsets
-}
-
-/// Encodes a uwsgi packet (modifier1 0) for the hand-made negative cases.
-fn encode(vars: &[(&[u8], &[u8])], body: &[u8]) -> Vec<u8> {
-    let mut block = Vec::new();
-    for (key, value) in vars {
-        for part in [key, value] {
-            block.extend_from_slice(&u16::try_from(part.len()).unwrap().to_le_bytes());
-            block.extend_from_slice(part);
-        }
-    }
-    let mut packet = vec![0];
-    packet.extend_from_slice(&u16::try_from(block.len()).unwrap().to_le_bytes());
-    packet.push(0);
-    packet.extend_from_slice(&block);
-    packet.extend_from_slice(body);
-    packet
 }
 
 fn show(vars: &[(&[u8], &[u8])]) -> String {
@@ -360,7 +314,7 @@ fn non_ascii_path_capture() {
 /// more), from there on it is `Ok` with whatever body bytes came along. Never an error, never a panic.
 #[test]
 fn truncated_captures_are_incomplete_until_the_vars_end() {
-    for (name, capture) in ALL {
+    for (name, capture) in FIXTURES {
         let frame = 4 + datasize_of(capture);
         for n in 0..=capture.len() {
             let input = &capture[..n];
@@ -390,7 +344,7 @@ fn truncated_captures_are_incomplete_until_the_vars_end() {
 /// shorter valid block (cut on a var boundary) or an error, never `Incomplete`, never a panic.
 #[test]
 fn truncated_vars_blocks_are_errors_except_on_var_boundaries() {
-    for (name, capture) in ALL {
+    for (name, capture) in FIXTURES {
         let block = &capture[4..4 + datasize_of(capture)];
         let offsets = length_offsets(block);
         // A var starts at every other length prefix (keys); the block end is a boundary too.
@@ -415,7 +369,7 @@ fn truncated_vars_blocks_are_errors_except_on_var_boundaries() {
 /// (the whole block is there) and not a panic.
 #[test]
 fn corrupt_length_byte_is_an_error() {
-    for (name, capture) in ALL {
+    for (name, capture) in FIXTURES {
         let datasize = datasize_of(capture);
         assert!(datasize < 0xff00);
         for offset in length_offsets(&capture[4..4 + datasize]) {
@@ -440,7 +394,7 @@ fn corrupt_length_byte_is_an_error() {
 /// The smallest overrun: the last value's length one past the end of the block.
 #[test]
 fn last_value_one_byte_too_long_is_an_error() {
-    for (name, capture) in ALL {
+    for (name, capture) in FIXTURES {
         let datasize = datasize_of(capture);
         let last = *length_offsets(&capture[4..4 + datasize]).last().unwrap();
         let mut bad = capture.to_vec();
@@ -461,7 +415,7 @@ fn last_value_one_byte_too_long_is_an_error() {
 /// datasize one short cuts the last value inside the block: an error, whatever follows.
 #[test]
 fn datasize_one_short_is_an_error() {
-    for (name, capture) in ALL {
+    for (name, capture) in FIXTURES {
         let mut bad = capture.to_vec();
         let datasize = u16::try_from(datasize_of(capture) - 1).unwrap();
         bad[1..3].copy_from_slice(&datasize.to_le_bytes());
@@ -483,20 +437,21 @@ fn datasize_past_the_input_is_incomplete() {
 
 #[test]
 fn zero_length_key_is_an_error() {
-    let alone = encode(&[(b"", b"value")], b"");
+    let alone = encode_request(&[(b"", b"value")], b"");
     assert!(is_rejection(&parse_uwsgi_packet(&alone)), "lone empty key accepted");
     assert!(
         is_rejection(&parse_uwsgi_vars(&alone[4..])),
         "lone empty key accepted by vars parser"
     );
 
-    let empty_both = encode(&[(b"", b"")], b"");
+    let empty_both = encode_request(&[(b"", b"")], b"");
     assert!(
         is_rejection(&parse_uwsgi_packet(&empty_both)),
         "empty key with empty value accepted"
     );
 
-    let between = encode(&[(b"REQUEST_METHOD", b"GET"), (b"", b"x"), (b"PATH_INFO", b"/")], b"");
+    let between =
+        encode_request::<&[u8], &[u8]>(&[(b"REQUEST_METHOD", b"GET"), (b"", b"x"), (b"PATH_INFO", b"/")], b"");
     assert!(
         is_rejection(&parse_uwsgi_packet(&between)),
         "empty key between good vars accepted"
@@ -511,7 +466,7 @@ fn zero_length_key_is_an_error() {
 /// so the rejections above are about the empty key and nothing else.
 #[test]
 fn hand_made_packet_parses() {
-    let packet = encode(&[(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/")], b"body");
+    let packet = encode_request::<&[u8], &[u8]>(&[(b"REQUEST_METHOD", b"GET"), (b"PATH_INFO", b"/")], b"body");
     let (body, parsed) = parse_uwsgi_packet(&packet).ok().unwrap();
     assert_eq!(body, b"body");
     let got: Vec<(&[u8], &[u8])> = parsed.vars.iter().map(|v| (v.key, v.value)).collect();

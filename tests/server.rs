@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir, listening_addrs};
 use common::http::sha256_hex;
+use common::procs::poll_until;
 use common::uwsgi::{
-    MODIFIER_PING, Response, Vars, encode_header, encode_packet, encode_request, encode_vars, is_reset_error,
-    nginx_vars, parse_response, read_to_close, read_until, request, send_raw,
+    MODIFIER_PING, Response, Vars, encode_packet, encode_packet_with_block, encode_request, encode_vars,
+    is_reset_error, nginx_vars, parse_response, read_to_close, read_until, request, send_raw,
 };
 
 /// How long a log line may take to show up after the response that caused it.
@@ -90,27 +91,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// Polls for a file another process writes: there is no notification to wait on, so poll, bounded.
 fn wait_for_file_containing(path: &Path, needle: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
+    poll_until(timeout, || fs::read_to_string(path).is_ok_and(|s| s.contains(needle)))
 }
 
 fn wait_for_path(path: &Path, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    true
+    poll_until(timeout, || path.exists())
 }
 
 fn unix_path(f: &Ferrule) -> PathBuf {
@@ -912,9 +897,7 @@ fn truncated_header_or_vars_is_closed_with_a_log_line() {
 fn packet_with_tail(vars: &Vars, tail: &[u8]) -> Vec<u8> {
     let mut block = vars.encode();
     block.extend_from_slice(tail);
-    let mut packet = encode_header(0, block.len() as u16, 0).to_vec();
-    packet.extend(block);
-    packet
+    encode_packet_with_block(0, &block, 0)
 }
 
 #[test]

@@ -1,8 +1,11 @@
-//! Starts the real `ferrule` binary for tier-3 tests: a temp socket, a captured log, a bounded readiness wait, cleanup on drop.
+//! The one ferrule spawner of the test harness: starts the real `ferrule` binary for tier-3 tests with a temp
+//! socket (or one the test bound itself), a captured log, a bounded readiness wait and cleanup on drop, or runs it
+//! once to its exit (`--check-config`, a refused start).
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -17,6 +20,8 @@ use tempfile::TempDir;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read/write timeouts on every test connection, so a server that hangs fails the test instead of CI.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Step of the poll for a one-shot run's exit: std has no pollable handle for a child's exit.
+const EXIT_POLL: Duration = Duration::from_millis(20);
 
 /// Where a running ferrule listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,13 +56,26 @@ enum SocketChoice {
     Spec(String),
     /// The test passes its own `--socket` options through `arg`; the address is read back from the log.
     FromArgs,
+    /// A listening socket the test bound itself, handed over as a supervisor would; the address is read back
+    /// from the log.
+    Inherited { listener: RawFd, how: Inherit },
+}
+
+/// How a test hands ferrule a listening socket it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inherit {
+    /// systemd socket activation: the socket at descriptor 3, `LISTEN_FDS=1` and `LISTEN_PID` = ferrule's pid.
+    Systemd,
+    /// `--socket fd://N`: the socket at descriptor N.
+    FdArg(RawFd),
 }
 
 /// Builds the command line for one ferrule process.
 pub struct FerruleBuilder {
     /// The `ferrule` command to run; `None`: the test venv's ([`bin`]).
     program: Option<PathBuf>,
-    app: OsString,
+    /// The APP argument, last on the command line; `None` for a run whose arguments say it all.
+    app: Option<OsString>,
     args: Vec<OsString>,
     envs: Vec<(String, OsString)>,
     current_dir: Option<PathBuf>,
@@ -70,19 +88,24 @@ pub struct FerruleBuilder {
 impl FerruleBuilder {
     /// `app` is the APP argument, e.g. `wsgi_cases:application`.
     pub fn new(app: &str) -> Self {
-        // Under /tmp rather than $TMPDIR: a Unix socket path must fit in sun_path (108 bytes).
-        let tempdir = tempfile::Builder::new()
-            .prefix("ferrule-test-")
-            .tempdir_in("/tmp")
-            .expect("create temp dir under /tmp");
+        FerruleBuilder {
+            app: Some(app.into()),
+            socket: SocketChoice::UnixInTempdir,
+            ..FerruleBuilder::without_app()
+        }
+    }
+
+    /// A command line of only what `arg` adds: no APP argument and no `--socket` of ours (`--check-config` with a
+    /// config file, `--version`).
+    pub fn without_app() -> Self {
         FerruleBuilder {
             program: None,
-            app: app.into(),
+            app: None,
             args: Vec::new(),
             envs: Vec::new(),
             current_dir: None,
-            socket: SocketChoice::UnixInTempdir,
-            tempdir,
+            socket: SocketChoice::FromArgs,
+            tempdir: temp_dir(),
             nofile: None,
         }
     }
@@ -98,8 +121,19 @@ impl FerruleBuilder {
         self
     }
 
+    pub fn args<A: Into<OsString>>(mut self, args: impl IntoIterator<Item = A>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     pub fn env(mut self, k: &str, v: impl Into<OsString>) -> Self {
         self.envs.push((k.to_owned(), v.into()));
+        self
+    }
+
+    pub fn envs(mut self, vars: &[(&str, &str)]) -> Self {
+        self.envs
+            .extend(vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).into())));
         self
     }
 
@@ -135,6 +169,13 @@ impl FerruleBuilder {
     /// Add no `--socket` of ours: the test passes its own through `arg`.
     pub fn no_default_socket(mut self) -> Self {
         self.socket = SocketChoice::FromArgs;
+        self
+    }
+
+    /// Hands ferrule `listener`, a listening socket the test owns, placed as `how` says (as systemd or another
+    /// supervisor would); no `--socket` of ours. The descriptor must stay open until the process has started.
+    pub fn inherit_socket(mut self, listener: RawFd, how: Inherit) -> Self {
+        self.socket = SocketChoice::Inherited { listener, how };
         self
     }
 
@@ -222,6 +263,42 @@ impl FerruleBuilder {
         }
     }
 
+    /// Runs ferrule to its exit, as a one-shot command (`--check-config`, a refused config); returns its status
+    /// and what it wrote to stdout and to stderr, each on its own. Kills it and panics if it is still running
+    /// after `timeout`.
+    pub fn run(self, timeout: Duration) -> Output {
+        let command_line = self.describe();
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {command_line}: {e}"));
+        let read_all = |mut pipe: Box<dyn Read + Send>| {
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                String::from_utf8_lossy(&buf).into_owned()
+            })
+        };
+        let stdout = read_all(Box::new(child.stdout.take().expect("stdout is piped")));
+        let stderr = read_all(Box::new(child.stderr.take().expect("stderr is piped")));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waitpid") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ferrule did not exit within {timeout:?}\ncommand: {command_line}");
+            }
+            thread::sleep(EXIT_POLL);
+        };
+        Output {
+            status,
+            stdout: stdout.join().expect("stdout reader"),
+            stderr: stderr.join().expect("stderr reader"),
+        }
+    }
+
     fn socket_args(&self) -> Vec<OsString> {
         let spec: Option<OsString> = match &self.socket {
             SocketChoice::UnixInTempdir => {
@@ -236,7 +313,13 @@ impl FerruleBuilder {
             }
             SocketChoice::Tcp => Some("127.0.0.1:0".into()),
             SocketChoice::Spec(spec) => Some(spec.into()),
-            SocketChoice::FromArgs => None,
+            SocketChoice::Inherited {
+                how: Inherit::FdArg(n), ..
+            } => Some(format!("fd://{n}").into()),
+            SocketChoice::FromArgs
+            | SocketChoice::Inherited {
+                how: Inherit::Systemd, ..
+            } => None,
         };
         match spec {
             Some(spec) => vec!["--socket".into(), spec],
@@ -244,21 +327,58 @@ impl FerruleBuilder {
         }
     }
 
+    fn is_systemd(&self) -> bool {
+        matches!(
+            self.socket,
+            SocketChoice::Inherited {
+                how: Inherit::Systemd,
+                ..
+            }
+        )
+    }
+
     fn describe(&self) -> String {
-        let mut parts = vec![self.program.clone().unwrap_or_else(bin).display().to_string()];
+        let mut parts = Vec::new();
+        if self.is_systemd() {
+            parts.push("LISTEN_FDS=1 LISTEN_PID=<its pid>".to_owned());
+        }
+        parts.push(self.program.clone().unwrap_or_else(bin).display().to_string());
         parts.extend(self.socket_args().iter().map(|a| a.to_string_lossy().into_owned()));
         parts.extend(self.args.iter().map(|a| a.to_string_lossy().into_owned()));
-        parts.push(self.app.to_string_lossy().into_owned());
+        parts.extend(self.app.iter().map(|a| a.to_string_lossy().into_owned()));
         parts.join(" ")
     }
 
-    fn start(self) -> (Child, Arc<LogBuf>, TempDir) {
-        let mut cmd = Command::new(self.program.clone().unwrap_or_else(bin));
-        cmd.args(self.socket_args()).args(&self.args).arg(&self.app);
-        // Hermetic by default: the developer's shell must not change what the tests see.
+    /// The command line and environment, without stdio.
+    fn command(&self) -> Command {
+        let program = self.program.clone().unwrap_or_else(bin);
+        let mut cmd = if self.is_systemd() {
+            // LISTEN_PID must be the pid of the process that reads it. `$$` is the shell's pid, which `exec`
+            // hands on to ferrule; setting it from a pre_exec hook would need setenv, which is not
+            // async-signal-safe in a multi-threaded parent.
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(r#"LISTEN_PID=$$ exec "$0" "$@""#).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        cmd.args(self.socket_args()).args(&self.args).args(&self.app);
+        // Hermetic by default: the developer's shell must not change what the tests see (an exported FERRULE_*
+        // option would change a precedence test, an inherited LISTEN_FDS the sockets).
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("FERRULE_") {
+                cmd.env_remove(&key);
+            }
+        }
         cmd.env_remove("RUST_LOG")
             .env_remove("VIRTUAL_ENV")
-            .env_remove("PYTHONPATH");
+            .env_remove("PYTHONPATH")
+            .env_remove("LISTEN_PID");
+        if self.is_systemd() {
+            cmd.env("LISTEN_FDS", "1");
+        } else {
+            cmd.env_remove("LISTEN_FDS");
+        }
         // Keep tests/apps free of __pycache__ litter.
         cmd.env("PYTHONDONTWRITEBYTECODE", "1");
         for (k, v) in &self.envs {
@@ -266,6 +386,28 @@ impl FerruleBuilder {
         }
         if let Some(dir) = &self.current_dir {
             cmd.current_dir(dir);
+        }
+        if let SocketChoice::Inherited { listener, how } = self.socket {
+            let target: RawFd = match how {
+                Inherit::Systemd => 3,
+                Inherit::FdArg(n) => n,
+            };
+            // SAFETY: runs in the child between fork and exec, and calls only dup2 and fcntl, which are
+            // async-signal-safe; `listener` and `target` are plain integers copied in before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if listener == target {
+                        // dup2 onto itself keeps CLOEXEC: clear it so the descriptor survives exec.
+                        let flags = libc::fcntl(target, libc::F_GETFD);
+                        if flags < 0 || libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(listener, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         if let Some((soft, hard)) = self.nofile {
             let limit = libc::rlimit {
@@ -282,8 +424,13 @@ impl FerruleBuilder {
                 });
             }
         }
+        cmd
+    }
+
+    fn start(self) -> (Child, Arc<LogBuf>, TempDir) {
+        let mut cmd = self.command();
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", bin().display()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", self.describe()));
         let log = Arc::new(LogBuf::new());
         let stdout: ChildStdout = child.stdout.take().expect("stdout is piped");
         let stderr: ChildStderr = child.stderr.take().expect("stderr is piped");
@@ -334,6 +481,43 @@ impl Ferrule {
             let tail = bytes.get(offset..).unwrap_or(&[]);
             strip_ansi(&String::from_utf8_lossy(tail)).contains(needle)
         })
+    }
+
+    /// Waits until the log after `offset` holds `n` occurrences of `needle` or `timeout` passes; returns how many
+    /// there were. Waits on the log's notifications (one occurrence at a time), not on a timer.
+    pub fn wait_for_count_since(&self, offset: usize, needle: &str, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut from = offset;
+        let mut seen = 0;
+        while seen < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.wait_for_log_since(from, needle, left) {
+                break;
+            }
+            // The log is plain text (no colours when stderr is a pipe), so positions in `log_since` are byte
+            // offsets into the log.
+            let tail = self.log_since(from);
+            let Some(at) = tail.find(needle) else { break };
+            from += at + needle.len();
+            seen += 1;
+        }
+        seen
+    }
+
+    /// Waits (at most 30 s, as for `ready`) for the master's line saying all `workers` first-generation workers
+    /// are ready, in the text or the JSON log format; panics with the log if it does not come.
+    pub fn wait_master_ready(&self, workers: usize) {
+        let text = format!("ready workers={workers} ");
+        let json = format!("\"message\":\"ready\",\"workers\":{workers},");
+        let ready = self.log.wait_until(READY_TIMEOUT, |bytes, _| {
+            let log = strip_ansi(&String::from_utf8_lossy(bytes));
+            log.contains(&text) || log.contains(&json)
+        });
+        assert!(
+            ready,
+            "not all {workers} workers became ready within {READY_TIMEOUT:?} (no {text:?} line)\n--- log ---\n{}",
+            self.log()
+        );
     }
 
     /// Waits (bounded) until at least one complete new line was logged after `offset`.
@@ -395,6 +579,19 @@ impl Ferrule {
         }
     }
 
+    /// Stops the process the fast way and waits up to `timeout` for it: SIGINT makes a master stop its workers at
+    /// once, so they are reaped with it instead of being left to notice that their master is gone (as after the
+    /// SIGKILL of a drop). Does nothing once the process has exited.
+    pub fn stop_fast(&mut self, timeout: Duration) {
+        if self.wait_exit(Duration::ZERO).is_none() {
+            let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits in pid_t");
+            // SAFETY: kill(2) on our own unreaped child. The result is not checked: this runs in drops, also
+            // while a failed test unwinds, where a second panic would abort.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+            let _ = self.wait_exit(timeout);
+        }
+    }
+
     /// The temp dir this process owns (its default socket lives here).
     pub fn tempdir(&self) -> &Path {
         self.tempdir.path()
@@ -422,6 +619,24 @@ impl Drop for Ferrule {
                 self.log()
             );
         }
+    }
+}
+
+/// What a one-shot run ([`FerruleBuilder::run`]) left behind.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Both streams, for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "exit: {:?}\n--- stdout ---\n{}--- stderr ---\n{}--- end ---",
+            self.status, self.stdout, self.stderr
+        )
     }
 }
 
@@ -511,6 +726,14 @@ impl Write for Stream {
 /// `<crate>/tests/apps`, where the test WSGI apps live.
 pub fn apps_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("apps")
+}
+
+/// A temp dir under /tmp rather than $TMPDIR: a Unix socket path in it must fit in sun_path (108 bytes).
+pub fn temp_dir() -> TempDir {
+    tempfile::Builder::new()
+        .prefix("ferrule-test-")
+        .tempdir_in("/tmp")
+        .expect("create temp dir under /tmp")
 }
 
 /// The `ferrule` command of the test venv, where the package built from this checkout is installed.

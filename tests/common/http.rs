@@ -396,6 +396,37 @@ pub fn get(port: u16, path: &str) -> Response {
     Client::new(port).get(path)
 }
 
+/// Sends `head` (request line and headers, CRLF-separated, without the blank line; `Connection: close` is
+/// added) to nginx and reads the answer to EOF. For request lines and header values that are not UTF-8, which
+/// [`Client`] (taking `&str`) cannot send. Returns the status and the raw bytes after the head.
+pub fn raw_http(port: u16, head: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect to nginx: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("read timeout");
+    s.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("write timeout");
+    let mut req = head.to_vec();
+    req.extend_from_slice(b"\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(&req).expect("write request to nginx");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap_or_else(|e| {
+        panic!(
+            "read answer from nginx: {e}; so far {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    });
+    let text = String::from_utf8_lossy(&raw);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body_at = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(raw.len(), |i| i + 4);
+    (status, raw[body_at..].to_vec())
+}
+
 /// One step of reading a streamed body.
 #[derive(Debug)]
 pub enum StreamEvent {

@@ -1,4 +1,5 @@
-//! The process table for the tier-3 tests: a ferrule master's live workers, and polling for such state.
+//! The process table for the tier-3 tests: a ferrule master's live workers, their resident memory, signals to
+//! them, and polling for such state.
 
 use std::collections::BTreeSet;
 use std::thread;
@@ -57,4 +58,30 @@ pub fn live_children(parent: u32) -> BTreeSet<u32> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| state_and_ppid(pid).is_some_and(|(state, ppid)| ppid == parent && state != 'Z'))
         .collect()
+}
+
+/// Whether a process exists (a zombie counts as gone).
+pub fn alive(pid: u32) -> bool {
+    state_and_ppid(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// Resident set size of one process in KiB (VmRSS from /proc/PID/status); None once it is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Total resident memory of a master's live workers, in KiB.
+pub fn workers_rss_kib(master: u32) -> u64 {
+    live_children(master).into_iter().filter_map(rss_kib).sum()
+}
+
+/// Sends `sig` to a process the test found among its own server's workers.
+pub fn signal(pid: u32, sig: i32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits in pid_t");
+    // SAFETY: kill(2) with a pid taken from the master's live children a moment ago; the master reaps its
+    // workers, so the pid stays the worker's until the master sees it exit.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
 }

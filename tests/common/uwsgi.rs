@@ -1,4 +1,5 @@
-//! A raw uwsgi client for the tier-3 tests: packet encoding, nginx-like vars, reading and splitting the HTTP answer.
+//! The one uwsgi packet encoder of the test harness, and a raw uwsgi client: packet encoding and layout, nginx-like
+//! vars, reading and splitting the HTTP answer.
 
 use std::io::{self, Read, Write};
 
@@ -28,10 +29,15 @@ pub fn encode_header(modifier1: u8, datasize: u16, modifier2: u8) -> [u8; 4] {
 
 /// Header and vars block, without the body. Panics if the block exceeds the u16 datasize.
 pub fn encode_packet<K: AsRef<[u8]>, V: AsRef<[u8]>>(modifier1: u8, vars: &[(K, V)], modifier2: u8) -> Vec<u8> {
-    let block = encode_vars(vars);
+    encode_packet_with_block(modifier1, &encode_vars(vars), modifier2)
+}
+
+/// A header whose datasize covers `block`, then `block` as given: for vars blocks a test has made malformed on
+/// purpose. Panics if the block exceeds the u16 datasize.
+pub fn encode_packet_with_block(modifier1: u8, block: &[u8], modifier2: u8) -> Vec<u8> {
     let size = u16::try_from(block.len()).expect("vars block fits in the u16 datasize");
     let mut out = encode_header(modifier1, size, modifier2).to_vec();
-    out.extend_from_slice(&block);
+    out.extend_from_slice(block);
     out
 }
 
@@ -40,6 +46,26 @@ pub fn encode_request<K: AsRef<[u8]>, V: AsRef<[u8]>>(vars: &[(K, V)], body: &[u
     let mut out = encode_packet(MODIFIER_WSGI, vars, 0);
     out.extend_from_slice(body);
     out
+}
+
+/// The datasize field of a packet, read straight from its bytes 1 and 2 (independent of the parser under test).
+pub fn datasize_of(packet: &[u8]) -> usize {
+    usize::from(u16::from_le_bytes([packet[1], packet[2]]))
+}
+
+/// Offsets (from the start of the vars block) of every u16 length prefix, keys and values alternating. Walks
+/// the block with its own code, so the negative tests do not trust the parser; panics unless the block is
+/// well formed.
+pub fn length_offsets(block: &[u8]) -> Vec<usize> {
+    let mut offsets = Vec::new();
+    let mut pos = 0;
+    while pos < block.len() {
+        offsets.push(pos);
+        let len = usize::from(u16::from_le_bytes([block[pos], block[pos + 1]]));
+        pos += 2 + len;
+    }
+    assert_eq!(pos, block.len(), "vars block is not well formed");
+    offsets
 }
 
 /// Sends one request (vars and body in one write) and reads the raw response to EOF.

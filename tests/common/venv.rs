@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 const REQUIREMENTS: &[&str] = &["flask>=3,<4", "django>=5,<6", "maturin>=1.9,<2"];
 
 /// The Python ferrule links against (pyenv 3.11); the venv must be made by the same minor version
-/// or its site-packages would hold wheels built for another ABI.
-const PYTHON: &str = "python3.11";
+/// or its site-packages would hold wheels built for another ABI. Helper scripts (load.py) run on it too.
+pub const PYTHON: &str = "python3.11";
 
 /// Bounds for `python -m venv` and `pip install` (pip downloads a few wheels, a few MB).
 const VENV_TIMEOUT: Duration = Duration::from_secs(120);

@@ -1,34 +1,25 @@
 //! Helpers for tests/hardening.rs: ferrule running tests/apps/hardening_app.py, a seeded PRNG and packet
-//! mutations derived from the captured nginx packets, raw sends that must end in a close, and resident memory
-//! of the master's worker processes read from /proc.
+//! mutations derived from the captured nginx packets, raw sends that must end in a close, and connections from a
+//! chosen loopback address.
 #![allow(dead_code)] // not every helper is used by every test
 
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::ferrule::{Addr, Ferrule, FerruleBuilder, Stream, apps_dir};
-use crate::common::uwsgi::{self, Raw, Response, Vars, nginx_vars, parse_response, read_to_close};
-
-/// The captured nginx packets (tests/fixtures/README.md says how they were recorded).
-pub const FIXTURES: [(&str, &[u8]); 6] = [
-    ("get_query", include_bytes!("../fixtures/get_query.bin")),
-    ("repeated_headers", include_bytes!("../fixtures/repeated_headers.bin")),
-    ("post_form", include_bytes!("../fixtures/post_form.bin")),
-    ("chunked_upload", include_bytes!("../fixtures/chunked_upload.bin")),
-    ("large_cookie", include_bytes!("../fixtures/large_cookie.bin")),
-    ("non_ascii_path", include_bytes!("../fixtures/non_ascii_path.bin")),
-];
+use crate::common::procs::poll_until;
+use crate::common::uwsgi::{
+    self, Raw, Response, Vars, datasize_of, length_offsets, nginx_vars, parse_response, read_to_close,
+};
 
 /// How long a connection the server should close may stay open: generous for a loaded 2-core CI box, but far
 /// below --read-timeout, so "closed" means the server decided to, not that a timeout cut it.
 pub const CLOSE_WITHIN: Duration = Duration::from_secs(10);
-/// How long a graceful stop at the end of a test may take before the harness kills the process.
+/// How long a fast stop at the end of a test may take before the harness kills the process.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Step of bounded polls of files and /proc, which have no readiness notification to wait on.
-pub const POLL: Duration = Duration::from_millis(20);
 
 /// ferrule running `hardening_app` and the file the app appends its events to.
 pub struct Server {
@@ -75,18 +66,9 @@ impl Server {
             .collect()
     }
 
-    /// Waits (bounded) for the app to record `event`.
+    /// Waits (bounded) for the app to record `event`; the file has no notification to wait on, so this polls.
     pub fn wait_event(&self, event: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.events().iter().any(|e| e == event) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(POLL);
-        }
+        poll_until(timeout, || self.events().iter().any(|e| e == event))
     }
 
     /// One GET with nginx-like vars; panics unless the server closes cleanly with a whole response.
@@ -142,10 +124,7 @@ impl Server {
 impl Drop for Server {
     /// A fast stop (SIGINT) so the worker is reaped with its master; the harness kills what is left.
     fn drop(&mut self) {
-        if self.ferrule.wait_exit(Duration::ZERO).is_none() {
-            self.ferrule.signal(libc::SIGINT);
-            let _ = self.ferrule.wait_exit(STOP_TIMEOUT);
-        }
+        self.ferrule.stop_fast(STOP_TIMEOUT);
     }
 }
 
@@ -199,18 +178,13 @@ impl Rng {
     }
 }
 
-/// Offsets of every u16 length prefix in a packet (the datasize at 1, then each key and value length in the
-/// vars block), walked here independently of the parser under test.
-pub fn length_offsets(packet: &[u8]) -> Vec<usize> {
-    let datasize = usize::from(u16::from_le_bytes([packet[1], packet[2]]));
-    let end = 4 + datasize;
-    let mut offsets = vec![1];
-    let mut pos = 4;
-    while pos + 2 <= end {
-        offsets.push(pos);
-        pos += 2 + usize::from(u16::from_le_bytes([packet[pos], packet[pos + 1]]));
-    }
-    offsets
+/// Offsets in a well-formed packet of every u16 length field: the datasize at 1, then each key and value length
+/// of the vars block (the targets of the length-field corruptions).
+pub fn packet_length_offsets(packet: &[u8]) -> Vec<usize> {
+    let block = &packet[4..4 + datasize_of(packet)];
+    std::iter::once(1)
+        .chain(length_offsets(block).into_iter().map(|at| 4 + at))
+        .collect()
 }
 
 /// One of several corruptions of a good packet, chosen by the PRNG; returns the bytes and what was done.
@@ -229,7 +203,7 @@ pub fn mutate(rng: &mut Rng, good: &[u8]) -> (Vec<u8>, String) {
         }
         2 => {
             // A flip in a length field: the interesting corruption for a length-prefixed format.
-            let offsets = length_offsets(&p);
+            let offsets = packet_length_offsets(&p);
             let at = offsets[rng.below(offsets.len())] + rng.below(2);
             let bit = rng.below(8);
             p[at] ^= 1 << bit;
@@ -286,34 +260,4 @@ pub fn assert_sane_answer(raw: &Raw, case: &str) -> String {
 /// A minimal vars list for a request to `uri` with `CONTENT_LENGTH` set verbatim.
 pub fn vars_with_length(uri: &str, content_length: &str) -> Vars {
     nginx_vars("POST", uri, b"").set("CONTENT_LENGTH", content_length)
-}
-
-/// Resident set size of one process, in KiB (VmRSS from /proc/PID/status); None once it is gone.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// The master's child processes (its workers), from /proc/PID/task/*/children.
-pub fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for task in tasks.flatten() {
-        if let Ok(text) = fs::read_to_string(task.path().join("children")) {
-            out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    out
-}
-
-/// Total VmRSS of the master's workers, in KiB.
-pub fn workers_rss_kib(master: u32) -> u64 {
-    children(master).into_iter().filter_map(rss_kib).sum()
 }
