@@ -174,6 +174,18 @@ def find_cycles(nodes, edges):
     return out
 
 
+def report_cycles(what, nodes, edges, why, show) -> bool:
+    """Prints each cycle among `nodes` with the references that close it; whether there was one."""
+    cycles = find_cycles(nodes, edges)
+    for comp in cycles:
+        print(f"import cycle between {what}: {', '.join(show(m) for m in comp)}")
+        for a in comp:
+            for b in sorted(edges.get(a, ())):
+                if b in comp:
+                    print(f"  {show(a)} -> {show(b)}   ({why[(a, b)]})")
+    return bool(cycles)
+
+
 def main() -> int:
     src = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "src"
     files = sorted(src.rglob("*.rs"))
@@ -207,20 +219,9 @@ def main() -> int:
         if here and here[0] not in PYTHON_BOUNDARY and re.search(r"\bpyo3\b", code):
             failed = True
             print(f"{name(here)} uses pyo3: only {', '.join(PYTHON_BOUNDARY)} may (the Python boundary)")
-    for comp in find_cycles({m[0] for m in modules if m}, layer_edges):
-        failed = True
-        print(f"import cycle between top-level modules: {', '.join(comp)}")
-        for a in comp:
-            for b in sorted(layer_edges.get(a, ())):
-                if b in comp:
-                    print(f"  {a} -> {b}   ({why[(a, b)]})")
-    for comp in find_cycles(set(modules), file_edges):
-        failed = True
-        print(f"import cycle between files: {', '.join(name(m) for m in comp)}")
-        for a in comp:
-            for b in sorted(file_edges.get(a, ())):
-                if b in comp:
-                    print(f"  {name(a)} -> {name(b)}   ({why[(a, b)]})")
+    layers = report_cycles("top-level modules", {m[0] for m in modules if m}, layer_edges, why, str)
+    files = report_cycles("files", set(modules), file_edges, why, name)
+    failed = failed or layers or files
     if failed:
         print("modules must import only those below them in the flow, and only app/ and entry touch pyo3")
         print("(../shared/STYLE.md; lib.rs lists the layers)")

@@ -430,6 +430,11 @@ mod tests {
         f
     }
 
+    const COMPLETE_200: Ending = Ending {
+        status: 200,
+        complete: true,
+    };
+
     fn text(b: &[u8]) -> &str {
         std::str::from_utf8(b).unwrap()
     }
@@ -443,16 +448,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\n"
         );
         assert_eq!(body, [&b"hello "[..], b"world"]);
-        assert_eq!(
-            f.finish().unwrap(),
-            (
-                None,
-                Ending {
-                    status: 200,
-                    complete: true
-                }
-            )
-        );
+        assert_eq!(f.finish().unwrap(), (None, COMPLETE_200));
         assert_eq!(f.body_bytes(), 11);
     }
 
@@ -475,16 +471,7 @@ mod tests {
         let Chunk { head, data } = f.chunk(b"cd").unwrap().unwrap();
         assert!(head.is_none());
         assert_eq!(data, b"cd");
-        assert_eq!(
-            f.finish().unwrap(),
-            (
-                None,
-                Ending {
-                    status: 200,
-                    complete: true
-                }
-            )
-        );
+        assert_eq!(f.finish().unwrap(), (None, COMPLETE_200));
         assert_eq!(f.body_bytes(), 4);
     }
 
@@ -546,13 +533,7 @@ mod tests {
         let mut f = started(false, "200 OK", &[], None);
         let (head, ending) = f.finish().unwrap();
         assert_eq!(text(&head.unwrap()), "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-        assert_eq!(
-            ending,
-            Ending {
-                status: 200,
-                complete: true
-            }
-        );
+        assert_eq!(ending, COMPLETE_200);
     }
 
     #[test]
