@@ -129,9 +129,14 @@ pub(crate) struct Options {
     #[arg(long, value_name = "M", env = "FERRULE_MAX_REQUESTS_JITTER", default_value_t = 0)]
     pub(crate) max_requests_jitter: u64,
 
-    /// Replace a worker whose resident memory passes this many MiB after a request (0: never)
+    /// Replace a worker whose resident memory passes this many MiB after a request (0: never); with --preload,
+    /// its private memory (what it does not share with the preloaded app)
     #[arg(long, value_name = "MIB", env = "FERRULE_RELOAD_ON_RSS", default_value_t = 0)]
     pub(crate) reload_on_rss: u64,
+
+    /// Import the app once, then fork the workers from it, so they share its memory (gc.freeze()d first)
+    #[arg(long, env = "FERRULE_PRELOAD", value_parser = BoolishValueParser::new())]
+    pub(crate) preload: bool,
 
     /// Length of the listen queue of each socket
     #[arg(long, value_name = "N", env = "FERRULE_LISTEN_BACKLOG", default_value_t = 4096)]
@@ -520,8 +525,10 @@ pub(crate) struct Config {
     pub(crate) log_level: String,
     pub(crate) max_requests: Option<u64>,
     pub(crate) max_requests_jitter: u64,
-    /// Resident memory limit in bytes.
+    /// Memory limit in bytes: resident memory, or private memory under `preload`.
     pub(crate) reload_on_rss: Option<u64>,
+    /// Import the app once and fork the workers from it.
+    pub(crate) preload: bool,
 }
 
 impl Config {
@@ -584,6 +591,7 @@ impl Config {
             max_requests: (o.max_requests > 0).then_some(o.max_requests),
             max_requests_jitter: o.max_requests_jitter,
             reload_on_rss: (o.reload_on_rss > 0).then(|| o.reload_on_rss.saturating_mul(1 << 20)),
+            preload: o.preload,
         })
     }
 }

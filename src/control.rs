@@ -2,12 +2,19 @@
 //! descriptors it inherits), the settings line the master writes first on the control socket, and the text
 //! lines a worker sends up (`ready`, `stats ...`, `retire REASON`); EOF means the other side is gone.
 //!
+//! Under `--preload` the master starts a zygote the same way (with [`ENV_ZYGOTE`] and one more descriptor,
+//! the fork channel), which says `ready` once the app is imported. The master then asks it for each worker on
+//! the fork channel: `fork ID WORKERS` with the new worker's control socket attached (SCM_RIGHTS), answered
+//! with `forked PID` or `failed REASON`.
+//!
 //! Below both the master and the worker in the flow, so neither imports the other.
 
-use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
 use crate::config::Config;
 use crate::lifecycle::RetireReason;
@@ -20,6 +27,8 @@ pub(crate) const EXIT_APP_LOAD: i32 = 3;
 /// Environment the master sets for a worker: its number, and how many listening sockets it inherits.
 pub(crate) const ENV_WORKER_ID: &str = "FERRULE_WORKER_ID";
 pub(crate) const ENV_WORKER_FDS: &str = "FERRULE_WORKER_FDS";
+/// Set (to `1`) for the zygote that `--preload` starts instead of a worker.
+pub(crate) const ENV_ZYGOTE: &str = "FERRULE_ZYGOTE";
 
 /// How long a new worker waits for its settings; the master writes them right after starting it.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,6 +76,11 @@ pub(crate) fn worker_id() -> Option<u32> {
     std::env::var(ENV_WORKER_ID).ok()?.parse().ok()
 }
 
+/// Whether a master started this process as the `--preload` zygote.
+pub(crate) fn is_zygote() -> bool {
+    std::env::var_os(ENV_ZYGOTE).is_some_and(|v| v == "1")
+}
+
 /// Why a worker could not take over from its master.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HandoffError {
@@ -78,11 +92,13 @@ pub(crate) enum HandoffError {
     Listen(#[from] ListenError),
 }
 
-/// What a worker gets from its master: the validated settings, the listening sockets and the control line.
+/// What a worker (or the zygote) gets from its master: the validated settings, the listening sockets and the
+/// control line; the zygote also gets the fork channel.
 pub(crate) struct Handoff {
     pub(crate) config: Config,
     pub(crate) sockets: Vec<BoundSocket>,
     pub(crate) control: ToMaster,
+    pub(crate) fork_channel: Option<UnixStream>,
 }
 
 impl Handoff {
@@ -98,9 +114,11 @@ impl Handoff {
         // run from the app would otherwise wait for a master).
         // SAFETY: this runs first thing in main, before any other thread exists, so no thread reads the
         // environment concurrently.
+        let zygote = is_zygote();
         unsafe {
             std::env::remove_var(ENV_WORKER_ID);
             std::env::remove_var(ENV_WORKER_FDS);
+            std::env::remove_var(ENV_ZYGOTE);
         }
         let sockets = (3..3 + count)
             .map(BoundSocket::inherit)
@@ -114,10 +132,13 @@ impl Handoff {
             .strip_prefix("config ")
             .ok_or_else(|| HandoffError::Settings("the first message is not the settings".into()))
             .and_then(|json| Config::decode(json).map_err(|e| HandoffError::Settings(e.to_string())))?;
+        // SAFETY: as above: the fork channel comes right after the control socket, for the zygote only.
+        let fork_channel = zygote.then(|| UnixStream::from(unsafe { OwnedFd::from_raw_fd(4 + count) }));
         Ok(Handoff {
             config,
             sockets,
             control: ToMaster { stream },
+            fork_channel,
         })
     }
 }
@@ -141,6 +162,135 @@ fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
     stream.set_read_timeout(None)?;
     line.pop();
     String::from_utf8(line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// How long the master waits for the zygote to answer a fork request: a fork takes milliseconds.
+const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The master's side of the fork channel: asks the zygote for a worker numbered `id`, one of `workers`, whose
+/// control socket is `control`; returns the new worker's pid.
+pub(crate) fn request_fork(
+    channel: &UnixStream,
+    id: u32,
+    workers: usize,
+    control: BorrowedFd<'_>,
+) -> std::io::Result<u32> {
+    let line = format!("fork {id} {workers}\n");
+    let fds = [control.as_raw_fd()];
+    let cmsgs = [ControlMessage::ScmRights(&fds)];
+    let iov = [IoSlice::new(line.as_bytes())];
+    // A signal (SIGCHLD, whenever a process exits) interrupts these calls: a socket call with a timeout is
+    // never restarted by the kernel, so it is retried here.
+    loop {
+        match sendmsg::<()>(channel.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            sent => break sent.map(drop)?,
+        };
+    }
+    let mut channel = channel;
+    channel.set_read_timeout(Some(FORK_TIMEOUT))?;
+    let answer = read_answer(&mut channel).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the zygote did not answer a fork request within {FORK_TIMEOUT:?}"),
+        ),
+        _ => e,
+    })?;
+    match answer.split_once(' ') {
+        Some(("forked", pid)) => pid
+            .parse()
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("zygote said {answer:?}"))),
+        Some(("failed", reason)) => Err(std::io::Error::other(format!("the zygote could not fork: {reason}"))),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("zygote said {answer:?}"),
+        )),
+    }
+}
+
+/// One short answer line, read a byte at a time so nothing after it is consumed.
+fn read_answer(channel: &mut &UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::with_capacity(32);
+    let mut byte = [0u8; 1];
+    loop {
+        match channel.read(&mut byte) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+        if line.len() > 512 {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+    }
+    String::from_utf8(line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// A worker the master asked the zygote for.
+pub(crate) struct ForkRequest {
+    pub(crate) id: u32,
+    /// How many workers there are to be, for `wsgi.multiprocess`.
+    pub(crate) workers: usize,
+    /// The new worker's end of its control line.
+    pub(crate) control: ToMaster,
+}
+
+/// The zygote's side of the fork channel: the next request, or `None` when the master closed the channel.
+pub(crate) fn receive_fork_request(channel: &UnixStream) -> std::io::Result<Option<ForkRequest>> {
+    let mut buf = [0u8; 128];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let (len, fd) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            channel.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        let mut fd = None;
+        for cmsg in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                for raw in fds {
+                    // SAFETY: the kernel just installed this descriptor in this process for us; nothing else owns it.
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    fd.get_or_insert(owned);
+                }
+            }
+        }
+        (msg.bytes, fd)
+    };
+    if len == 0 {
+        return Ok(None);
+    }
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let text = std::str::from_utf8(&buf[..len]).map_err(|_| invalid("fork request is not text"))?;
+    let mut words = text.trim_end().split(' ');
+    let (Some("fork"), Some(id), Some(workers), None) = (words.next(), words.next(), words.next(), words.next()) else {
+        return Err(invalid("malformed fork request"));
+    };
+    let id = id.parse().map_err(|_| invalid("bad worker number"))?;
+    let workers = workers.parse().map_err(|_| invalid("bad worker count"))?;
+    let control = fd.ok_or_else(|| invalid("fork request without a control socket"))?;
+    Ok(Some(ForkRequest {
+        id,
+        workers,
+        control: ToMaster {
+            stream: UnixStream::from(control),
+        },
+    }))
+}
+
+/// The zygote's answer to a fork request.
+pub(crate) fn answer_fork(channel: &UnixStream, result: Result<u32, String>) -> std::io::Result<()> {
+    let mut channel = channel;
+    match result {
+        Ok(pid) => writeln!(channel, "forked {pid}"),
+        Err(reason) => writeln!(channel, "failed {}", reason.replace('\n', " ")),
+    }
 }
 
 /// The worker's side of the control line: messages go up as text lines.

@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{self, Config, LogFormat, Options};
 use crate::control::{self, Handoff};
 use crate::master::{self, Launch};
-use crate::worker;
+use crate::{preload, worker};
 
 /// Exit status for a bad command line or configuration, as clap uses.
 const EXIT_USAGE: i32 = 2;
@@ -42,6 +42,9 @@ fn run(mut argv: Vec<OsString>, python: PathBuf) -> i32 {
     if let Some(id) = control::worker_id() {
         return run_worker(id);
     }
+    if control::is_zygote() {
+        return run_zygote();
+    }
     // argv[0] is the script or __main__.py: usage and errors say `ferrule`.
     match argv.first_mut() {
         Some(first) => *first = OsString::from("ferrule"),
@@ -55,7 +58,7 @@ fn run(mut argv: Vec<OsString>, python: PathBuf) -> i32 {
             return EXIT_USAGE;
         }
     };
-    if let Err(msg) = init_logging(&options.log_level, options.log_format, false) {
+    if let Err(msg) = init_logging(&options.log_level, options.log_format, Role::Master) {
         eprintln!("ferrule: {msg}");
         return EXIT_USAGE;
     }
@@ -87,7 +90,7 @@ fn run_worker(id: u32) -> i32 {
             return EXIT_USAGE;
         }
     };
-    if let Err(msg) = init_logging(&handoff.config.log_level, handoff.config.log_format, true) {
+    if let Err(msg) = init_logging(&handoff.config.log_level, handoff.config.log_format, Role::Worker) {
         eprintln!("ferrule: {msg}");
         return EXIT_USAGE;
     }
@@ -100,7 +103,35 @@ fn run_worker(id: u32) -> i32 {
     }
 }
 
-fn init_logging(level: &str, format: LogFormat, in_worker: bool) -> Result<(), String> {
+/// The `--preload` zygote: imports the app, then forks workers (see `preload`); a forked worker returns here
+/// too, with its exit status.
+fn run_zygote() -> i32 {
+    let handoff = match Handoff::receive() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("ferrule: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let format = handoff.config.log_format;
+    if let Err(msg) = init_logging(&handoff.config.log_level, format, Role::Zygote) {
+        eprintln!("ferrule: {msg}");
+        return EXIT_USAGE;
+    }
+    preload::run(handoff, format == LogFormat::Json)
+}
+
+/// Which process the log is for: with JSON logs, a worker wraps what the app prints into log lines with a
+/// capture thread; the zygote, which must not have threads, writes its log to a copy of stderr, so the
+/// workers forked from it can point stderr at their capture later.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Master,
+    Worker,
+    Zygote,
+}
+
+fn init_logging(level: &str, format: LogFormat, role: Role) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.is_empty() => EnvFilter::try_new(spec),
         _ => EnvFilter::try_new(level),
@@ -116,11 +147,18 @@ fn init_logging(level: &str, format: LogFormat, in_worker: bool) -> Result<(), S
         // and in a worker what the app prints is wrapped too.
         LogFormat::Json => {
             let builder = builder.json().flatten_event(true).with_current_span(true);
-            if in_worker {
-                let stderr = worker::capture_app_output().map_err(|e| format!("cannot capture app output: {e}"))?;
-                builder.with_writer(std::sync::Arc::new(stderr)).init();
-            } else {
-                builder.with_writer(std::io::stderr).init();
+            match role {
+                Role::Worker => {
+                    let stderr = worker::capture_app_output().map_err(|e| format!("cannot capture app output: {e}"))?;
+                    builder.with_writer(std::sync::Arc::new(stderr)).init();
+                }
+                Role::Zygote => {
+                    let stderr = nix::unistd::dup(std::io::stderr()).map_err(|e| format!("cannot copy stderr: {e}"))?;
+                    builder
+                        .with_writer(std::sync::Arc::new(std::fs::File::from(stderr)))
+                        .init();
+                }
+                Role::Master => builder.with_writer(std::io::stderr).init(),
             }
         }
     }

@@ -21,8 +21,9 @@
 //!    async side), implement the response sink, the `--timeout` watchdog and the access log.
 //! 6. `server`: the worker's intake (app threads accept; the async side reads the rest), the connection limit,
 //!    and the drain on stop.
-//! 7. `worker`: wires one worker together; `master`: supervision, signals and reload (it never imports the
-//!    app); `entry`: the command.
+//! 7. `worker`: wires one worker together; `preload`: the `--preload` zygote, which imports the app once and
+//!    forks workers from it; `master`: supervision, signals and reload (it never imports the app); `entry`:
+//!    the command.
 
 pub(crate) mod config;
 pub mod packet;
@@ -37,5 +38,6 @@ pub(crate) mod app;
 pub(crate) mod connection;
 pub(crate) mod server;
 pub(crate) mod worker;
+pub(crate) mod preload;
 pub(crate) mod master;
 mod entry;

@@ -38,6 +38,9 @@ pub(crate) struct Lifecycle {
     served: AtomicU64,
     max_requests: Option<u64>,
     rss_limit: Option<u64>,
+    /// Under `--preload` the limit is on private memory: a freshly forked worker's resident memory already
+    /// counts every page it shares with the preloaded app.
+    limit_private: bool,
     /// Past `rss_limit`: the worker accepts nothing more and waits for its replacement.
     over_memory: AtomicBool,
     retiring: AtomicBool,
@@ -55,6 +58,7 @@ impl Lifecycle {
             served: AtomicU64::new(0),
             max_requests: config.max_requests.map(|m| m.saturating_add(jitter)),
             rss_limit: config.reload_on_rss,
+            limit_private: config.preload,
             over_memory: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
             retire_tx,
@@ -73,17 +77,23 @@ impl Lifecycle {
     /// Checks `--reload-on-rss` before a response's last bytes go out: once the client has the whole answer it
     /// may send its next request at once, and this worker must have stopped accepting by then.
     pub(crate) fn check_memory(&self) {
-        if let Some(limit) = self.rss_limit {
-            if let Some(rss) = crate::metrics::process_rss(std::process::id()).filter(|&rss| rss > limit) {
-                if !self.over_memory.swap(true, Ordering::SeqCst) {
-                    tracing::warn!(
-                        rss_mib = rss >> 20,
-                        limit_mib = limit >> 20,
-                        "past --reload-on-rss: taking no new connections; finishing the requests in flight"
-                    );
-                }
-                self.retire(RetireReason::Memory);
+        let Some(limit) = self.rss_limit else { return };
+        let pid = std::process::id();
+        let (used, measure) = if self.limit_private {
+            (crate::metrics::process_private(pid), "private memory")
+        } else {
+            (crate::metrics::process_rss(pid), "resident memory")
+        };
+        if let Some(used) = used.filter(|&used| used > limit) {
+            if !self.over_memory.swap(true, Ordering::SeqCst) {
+                tracing::warn!(
+                    used_mib = used >> 20,
+                    limit_mib = limit >> 20,
+                    measure,
+                    "past --reload-on-rss: taking no new connections; finishing the requests in flight"
+                );
             }
+            self.retire(RetireReason::Memory);
         }
     }
 

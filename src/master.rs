@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::{Config, systemd_fds};
-use crate::control::{self, ENV_WORKER_FDS, ENV_WORKER_ID, EXIT_APP_LOAD, Message};
+use crate::control::{self, ENV_WORKER_FDS, ENV_WORKER_ID, ENV_ZYGOTE, EXIT_APP_LOAD, Message};
 use crate::lifecycle::RetireReason;
 use crate::listener::{self, BoundSocket, ListenError, Listener, Stream};
 use crate::metrics::{MasterMetrics, Snapshot};
@@ -203,6 +203,8 @@ fn check_descriptor_limit(config: &Config) -> Result<(), MasterError> {
     Ok(())
 }
 
+/// How often, under `--preload`, the master looks for adopted processes it does not know (see `reap_strays`).
+const STRAY_SWEEP: Duration = Duration::from_secs(5);
 /// A crash within this window of the previous ones counts towards the respawn back-off.
 const CRASH_WINDOW: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -275,6 +277,14 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
         return Err(e);
     }
     check_socket_dirs_writable(&sockets);
+    if config.preload {
+        // Workers forked by the zygote are its grandchildren; as a subreaper this process adopts them when
+        // their parent (the short-lived middle process) exits, and so gets their exit status.
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only sets a flag on this process.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            return Err(MasterError::Io(std::io::Error::last_os_error()));
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(async {
         let master = Master::new(Arc::new(config), launch, &sockets);
@@ -328,6 +338,20 @@ enum Event {
     Retire(u32, RetireReason),
     Exited(u32, ExitStatus),
     Respawn,
+    /// The zygote with this pid imported the app.
+    ZygoteReady(u32),
+    ZygoteExited(u32, ExitStatus),
+    /// Time to start the zygote again after it died.
+    RestartZygote,
+}
+
+/// Under `--preload`: the process that imported the app and forks the workers, and the master's end of its
+/// fork channel (closing it makes the zygote exit).
+struct Zygote {
+    pid: u32,
+    generation: u32,
+    channel: std::os::unix::net::UnixStream,
+    ready: bool,
 }
 
 struct Master<'s> {
@@ -343,6 +367,13 @@ struct Master<'s> {
     to_replace: VecDeque<u32>,
     crashes: VecDeque<Instant>,
     respawn_pending: bool,
+    /// Under `--preload`: the zygote the workers are forked from, and during a reload the one importing the
+    /// new code.
+    zygote: Option<Zygote>,
+    next_zygote: Option<Zygote>,
+    zygote_crashes: VecDeque<Instant>,
+    /// Every zygote still running (the current one, a reload's, and retired ones until they exit).
+    zygote_pids: std::collections::HashSet<u32>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     metrics: Arc<Mutex<MasterMetrics>>,
@@ -363,6 +394,10 @@ impl<'s> Master<'s> {
             to_replace: VecDeque::new(),
             crashes: VecDeque::new(),
             respawn_pending: false,
+            zygote: None,
+            next_zygote: None,
+            zygote_crashes: VecDeque::new(),
+            zygote_pids: std::collections::HashSet::new(),
             events_tx,
             events_rx,
             metrics: Arc::new(Mutex::new(MasterMetrics::default())),
@@ -381,6 +416,7 @@ impl<'s> Master<'s> {
         tracing::info!(workers = self.desired, pid = std::process::id(), "ready");
 
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut last_sweep = Instant::now();
         // The signal received, and the one the workers get: SIGINT (Ctrl-C) stops them fast, like SIGQUIT.
         let (received, stop_signal) = loop {
             tokio::select! {
@@ -394,7 +430,13 @@ impl<'s> Master<'s> {
                     self.spawn_or_log();
                 }
                 _ = ttou.recv() => self.one_fewer(),
-                _ = tick.tick() => self.kill_overdue(),
+                _ = tick.tick() => {
+                    self.kill_overdue();
+                    if self.config.preload && last_sweep.elapsed() >= STRAY_SWEEP {
+                        last_sweep = Instant::now();
+                        self.reap_strays();
+                    }
+                }
                 Some(event) = self.events_rx.recv() => self.on_event(event),
             }
         };
@@ -406,6 +448,9 @@ impl<'s> Master<'s> {
     /// Starts the first generation and waits for it: a worker that cannot load the app stops the master with
     /// its error instead of being respawned forever.
     async fn start_up(&mut self) -> Result<(), MasterError> {
+        if self.config.preload {
+            self.preload_first().await?;
+        }
         for _ in 0..self.desired {
             self.spawn().map_err(|error| self.spawn_error(error))?;
         }
@@ -439,7 +484,42 @@ impl<'s> Master<'s> {
         Ok(())
     }
 
+    /// `--preload` at start-up: starts the zygote and waits until it has imported the app. One that cannot
+    /// stops the master with its error, as a worker would without preload.
+    async fn preload_first(&mut self) -> Result<(), MasterError> {
+        let zygote = self.start_zygote(0).map_err(|error| self.spawn_error(error))?;
+        let pid = zygote.pid;
+        self.zygote = Some(zygote);
+        while let Some(event) = self.events_rx.recv().await {
+            match event {
+                Event::ZygoteReady(ready) if ready == pid => {
+                    if let Some(z) = &mut self.zygote {
+                        z.ready = true;
+                    }
+                    return Ok(());
+                }
+                Event::ZygoteExited(exited, status) if exited == pid => {
+                    self.zygote = None;
+                    return Err(if status.code() == Some(EXIT_APP_LOAD) {
+                        MasterError::AppLoad
+                    } else {
+                        MasterError::StartupCrash {
+                            pid,
+                            status: describe(status),
+                        }
+                    });
+                }
+                other => self.on_event(other),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts one worker: a new process, or under `--preload` a fork of the preloaded app.
     fn spawn(&mut self) -> std::io::Result<u32> {
+        if self.config.preload {
+            return self.fork_worker();
+        }
         let id = self.next_id;
         self.next_id += 1;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
@@ -448,24 +528,78 @@ impl<'s> Master<'s> {
         let mut config = (*self.config).clone();
         config.workers = config.workers.max(self.desired);
         control::send_settings(&ours, &config)?;
+        let child = self.start_process(&[(ENV_WORKER_ID, id.to_string())], &[theirs.as_raw_fd()])?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = wait_child(child).await {
+                let _ = tx.send(Event::Exited(id, status));
+            }
+        });
+        self.watch_worker(id, pid, ours)?;
+        Ok(id)
+    }
+
+    /// Starts `python -m ferrule` with the sockets at descriptors 3.. followed by `extra`, and `env`.
+    fn start_process(&self, env: &[(&str, String)], extra: &[RawFd]) -> std::io::Result<tokio::process::Child> {
         let mut cmd = tokio::process::Command::new(&self.launch.worker_program);
         cmd.args(&self.launch.worker_args)
-            .env(ENV_WORKER_ID, id.to_string())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env(ENV_WORKER_FDS, self.fds.len().to_string())
             .env_remove("LISTEN_FDS")
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES");
         let mut fds = self.fds.clone();
-        fds.push(theirs.as_raw_fd());
+        fds.extend_from_slice(extra);
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl, dup2 and close on
         // descriptors listed in `fds` (captured before the fork, so no allocation happens there); these are
         // async-signal-safe.
         unsafe {
             cmd.pre_exec(move || place_fds(&fds));
         }
-        let mut child = cmd.spawn()?;
+        cmd.spawn()
+    }
+
+    /// Under `--preload`: asks the zygote for a worker. Without a ready zygote (it is being started again) no
+    /// worker is made now: they are when it is ready.
+    fn fork_worker(&mut self) -> std::io::Result<u32> {
+        let Some(zygote) = self.zygote.as_ref().filter(|z| z.ready) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "the preloaded app is not ready yet",
+            ));
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let workers = self.config.workers.max(self.desired);
+        let pid = match control::request_fork(&zygote.channel, id, workers, theirs.as_fd()) {
+            Ok(pid) => pid,
+            Err(error) => {
+                // Unless the zygote answered that the fork failed, the channel may be out of step (a late
+                // answer would be taken for the next request's): start the zygote again.
+                if error.kind() != std::io::ErrorKind::Other {
+                    tracing::error!(pid = zygote.pid, %error, "the zygote does not answer properly; killing it");
+                    let _ = kill(Pid::from_raw(zygote.pid as i32), Signal::SIGKILL);
+                }
+                return Err(error);
+            }
+        };
         drop(theirs);
-        let pid = child.id().unwrap_or(0);
+        // The worker is the zygote's grandchild, re-parented to this process (a child subreaper) when the
+        // middle process exited, which happened before the zygote answered.
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let status = reap_adopted(pid).await;
+            let _ = tx.send(Event::Exited(id, status));
+        });
+        self.watch_worker(id, pid, ours)?;
+        Ok(id)
+    }
+
+    /// Registers a started worker and reads its control line.
+    fn watch_worker(&mut self, id: u32, pid: u32, ours: std::os::unix::net::UnixStream) -> std::io::Result<()> {
         self.metrics().worker_started(id, pid);
         self.workers.insert(
             id,
@@ -477,13 +611,6 @@ impl<'s> Master<'s> {
             },
         );
         tracing::info!(worker = id, pid, generation = self.generation, "worker started");
-
-        let tx = self.events_tx.clone();
-        tokio::spawn(async move {
-            if let Ok(status) = child.wait().await {
-                let _ = tx.send(Event::Exited(id, status));
-            }
-        });
         ours.set_nonblocking(true)?;
         let control = tokio::net::UnixStream::from_std(ours)?;
         let tx = self.events_tx.clone();
@@ -501,7 +628,51 @@ impl<'s> Master<'s> {
                 }
             }
         });
-        Ok(id)
+        Ok(())
+    }
+
+    /// Under `--preload`: starts a zygote that imports the app with the current settings, for `generation`.
+    fn start_zygote(&mut self, generation: u32) -> std::io::Result<Zygote> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let (fork_ours, fork_theirs) = std::os::unix::net::UnixStream::pair()?;
+        let mut config = (*self.config).clone();
+        config.workers = config.workers.max(self.desired);
+        control::send_settings(&ours, &config)?;
+        let child = self.start_process(
+            &[(ENV_ZYGOTE, "1".to_owned())],
+            &[theirs.as_raw_fd(), fork_theirs.as_raw_fd()],
+        )?;
+        drop((theirs, fork_theirs));
+        let pid = child.id().unwrap_or(0);
+        self.zygote_pids.insert(pid);
+        tracing::info!(
+            pid,
+            generation,
+            "zygote started: importing the app to fork the workers from"
+        );
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = wait_child(child).await {
+                let _ = tx.send(Event::ZygoteExited(pid, status));
+            }
+        });
+        ours.set_nonblocking(true)?;
+        let control = tokio::net::UnixStream::from_std(ours)?;
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(control).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if Message::parse(&line) == Some(Message::Ready) {
+                    let _ = tx.send(Event::ZygoteReady(pid));
+                }
+            }
+        });
+        Ok(Zygote {
+            pid,
+            generation,
+            channel: fork_ours,
+            ready: false,
+        })
     }
 
     fn spawn_error(&self, error: std::io::Error) -> MasterError {
@@ -525,8 +696,13 @@ impl<'s> Master<'s> {
     }
 
     fn spawn_or_log(&mut self) {
-        if let Err(error) = self.spawn() {
-            tracing::error!("{}", self.spawn_error(error));
+        match self.spawn() {
+            Ok(_) => {}
+            // Under --preload while the zygote imports the app again: the workers are forked once it is ready.
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                tracing::debug!(%error, "a worker waits for the zygote");
+            }
+            Err(error) => tracing::error!("{}", self.spawn_error(error)),
         }
     }
 
@@ -564,16 +740,133 @@ impl<'s> Master<'s> {
             Event::Exited(id, status) => self.on_exit(id, status),
             Event::Respawn => {
                 self.respawn_pending = false;
-                let active = self
-                    .workers
-                    .values()
-                    .filter(|w| !matches!(w.state, State::Stopping { .. }) && w.retiring.is_none())
-                    .count();
-                for _ in active..self.desired {
-                    self.spawn_or_log();
+                self.fill_up();
+            }
+            Event::ZygoteReady(pid) => self.on_zygote_ready(pid),
+            Event::ZygoteExited(pid, status) => self.on_zygote_exit(pid, status),
+            Event::RestartZygote => {
+                if self.zygote.is_none() {
+                    match self.start_zygote(self.generation) {
+                        Ok(zygote) => self.zygote = Some(zygote),
+                        Err(error) => {
+                            tracing::error!("{}", self.spawn_error(error));
+                            self.schedule_zygote_restart();
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Under `--preload`, reaps exited children this master never heard of: a worker forked for a request the
+    /// master gave up on (the zygote answered too late) is adopted all the same, and would stay a zombie.
+    /// Zygotes are left alone: they are the runtime's children, waited for by their own tasks.
+    fn reap_strays(&mut self) {
+        let me = std::process::id();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // After the command name in parentheses: state, then parent pid.
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let mut fields = rest.split(' ');
+            let (Some("Z"), Some(ppid)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let known = self.workers.values().any(|w| w.pid == pid) || self.zygote_pids.contains(&pid);
+            if ppid.parse::<u32>().ok() == Some(me) && !known {
+                let mut raw = 0;
+                // SAFETY: waitpid on a specific zombie child of this process, with a valid pointer.
+                if unsafe { libc::waitpid(pid as libc::pid_t, &mut raw, libc::WNOHANG) } == pid as libc::pid_t {
+                    tracing::warn!(pid, status = %describe(ExitStatus::from_raw(raw)), "reaped an unknown worker");
+                }
+            }
+        }
+    }
+
+    /// Starts workers until `desired` are serving or starting (not counting those on their way out).
+    fn fill_up(&mut self) {
+        let active = self
+            .workers
+            .values()
+            .filter(|w| !matches!(w.state, State::Stopping { .. }) && w.retiring.is_none())
+            .count();
+        for _ in active..self.desired {
+            self.spawn_or_log();
+        }
+    }
+
+    fn on_zygote_ready(&mut self, pid: u32) {
+        if let Some(mut next) = self.next_zygote.take_if(|z| z.pid == pid) {
+            // A reload's new code is imported: fork the new generation from it and retire the old one. The
+            // old zygote exits when its channel closes; its workers stop as the new ones become ready.
+            next.ready = true;
+            tracing::info!(
+                pid,
+                generation = next.generation,
+                "the new code is preloaded; replacing the workers"
+            );
+            self.zygote = Some(next);
+            self.replace_workers();
+        } else if let Some(zygote) = self.zygote.as_mut().filter(|z| z.pid == pid) {
+            zygote.ready = true;
+            tracing::info!(pid, "the app is preloaded again; forking the missing workers");
+            self.fill_up();
+        }
+    }
+
+    fn on_zygote_exit(&mut self, pid: u32, status: ExitStatus) {
+        self.zygote_pids.remove(&pid);
+        if self.next_zygote.take_if(|z| z.pid == pid).is_some() {
+            if status.code() == Some(EXIT_APP_LOAD) {
+                tracing::error!(
+                    pid,
+                    "reload failed: the new code could not be loaded; the previous workers keep serving"
+                );
+            } else {
+                tracing::error!(
+                    pid,
+                    status = %describe(status),
+                    "reload failed: the zygote importing the new code died; the previous workers keep serving"
+                );
+            }
+            return;
+        }
+        if self.zygote.take_if(|z| z.pid == pid).is_none() {
+            tracing::debug!(pid, status = %describe(status), "a retired zygote exited");
+            return;
+        }
+        tracing::error!(
+            pid,
+            status = %describe(status),
+            "the zygote died; starting it again (the workers keep serving; replacements wait for it)"
+        );
+        self.schedule_zygote_restart();
+    }
+
+    /// Starts the zygote again, backing off when it keeps dying.
+    fn schedule_zygote_restart(&mut self) {
+        let now = Instant::now();
+        self.zygote_crashes.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+        self.zygote_crashes.push_back(now);
+        let recent = self.zygote_crashes.len() as u32;
+        let delay = match recent {
+            0 | 1 => Duration::ZERO,
+            n => (Duration::from_millis(100) * 2u32.saturating_pow(n.min(10) - 1)).min(MAX_BACKOFF),
+        };
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Event::RestartZygote);
+        });
     }
 
     fn on_exit(&mut self, id: u32, status: ExitStatus) {
@@ -646,6 +939,33 @@ impl<'s> Master<'s> {
             }
         }
         self.generation += 1;
+        if self.config.preload {
+            // The new code is imported in a new zygote first; the workers are replaced only once it is ready,
+            // and if it fails the current workers and zygote stay.
+            if let Some(stale) = self.next_zygote.take() {
+                let _ = kill(Pid::from_raw(stale.pid as i32), Signal::SIGKILL);
+            }
+            tracing::info!(
+                generation = self.generation,
+                workers = self.desired,
+                "SIGHUP: reloading; importing the new code in a new zygote"
+            );
+            match self.start_zygote(self.generation) {
+                Ok(zygote) => self.next_zygote = Some(zygote),
+                Err(error) => tracing::error!("reload failed: {}", self.spawn_error(error)),
+            }
+            return;
+        }
+        tracing::info!(
+            generation = self.generation,
+            workers = self.desired,
+            "SIGHUP: reloading"
+        );
+        self.replace_workers();
+    }
+
+    /// Starts a new generation of workers; each old one stops as soon as a new one is ready.
+    fn replace_workers(&mut self) {
         let mut old: Vec<(u32, u32)> = self
             .workers
             .iter()
@@ -653,11 +973,6 @@ impl<'s> Master<'s> {
             .map(|(id, w)| (w.generation, *id))
             .collect();
         old.sort();
-        tracing::info!(
-            generation = self.generation,
-            workers = self.desired,
-            "SIGHUP: reloading"
-        );
         self.metrics().restarted("reload", old.len() as u64);
         self.to_replace.extend(old.into_iter().map(|(_, id)| id));
         for _ in 0..self.desired {
@@ -679,6 +994,7 @@ impl<'s> Master<'s> {
             ("metrics", new.metrics != old.metrics),
             ("uid", new.uid != old.uid),
             ("gid", new.gid != old.gid),
+            ("preload", new.preload != old.preload),
         ];
         for (option, changed) in fixed {
             if changed {
@@ -694,6 +1010,7 @@ impl<'s> Master<'s> {
         new.metrics.clone_from(&old.metrics);
         new.uid.clone_from(&old.uid);
         new.gid.clone_from(&old.gid);
+        new.preload = old.preload;
         Ok(new)
     }
 
@@ -772,6 +1089,9 @@ impl<'s> Master<'s> {
 
     /// Stops every worker and waits for all of them (killing the overdue).
     async fn stop_all(&mut self, sig: Signal) {
+        // A zygote exits when its fork channel closes.
+        self.zygote = None;
+        self.next_zygote = None;
         let ids: Vec<u32> = self.workers.keys().copied().collect();
         tracing::debug!(workers = ids.len(), signal = %sig, "signalling the workers");
         for id in ids {
@@ -827,6 +1147,43 @@ fn place_fds(fds: &[RawFd]) -> std::io::Result<()> {
         unsafe { libc::close(h) };
     }
     Ok(())
+}
+
+async fn wait_child(mut child: tokio::process::Child) -> std::io::Result<ExitStatus> {
+    child.wait().await
+}
+
+/// Waits for a worker this process adopted (under `--preload`) to exit, and reaps it. Adopted processes are
+/// not tokio's children: each SIGCHLD wakes this to try `waitpid` on the one pid (with a slow timer as well,
+/// in case a signal was missed).
+async fn reap_adopted(pid: u32) -> ExitStatus {
+    let mut sigchld = signal(SignalKind::child()).ok();
+    loop {
+        let mut raw = 0;
+        // SAFETY: waitpid on a specific pid with a valid pointer to an int; WNOHANG makes it return at once.
+        let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut raw, libc::WNOHANG) };
+        if reaped == pid as libc::pid_t {
+            return ExitStatus::from_raw(raw);
+        }
+        if reaped < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EINTR) {
+                tracing::error!(pid, %error, "cannot wait for a preloaded worker; counting it as exited");
+                return ExitStatus::from_raw(1 << 8);
+            }
+            continue;
+        }
+        let poll = tokio::time::sleep(Duration::from_secs(1));
+        match &mut sigchld {
+            Some(sigchld) => {
+                tokio::select! {
+                    _ = sigchld.recv() => {}
+                    () = poll => {}
+                }
+            }
+            None => poll.await,
+        }
+    }
 }
 
 fn describe(status: ExitStatus) -> String {

@@ -246,6 +246,23 @@ impl MasterMetrics {
             }
         }
         registry.register("worker_resident_memory_bytes", "Resident memory of each worker", rss);
+        let private = Family::<Vec<(String, String)>, Gauge>::default();
+        for (id, (pid, _)) in &self.live {
+            if let Some(bytes) = process_private(*pid) {
+                private
+                    .get_or_create(&vec![
+                        ("worker".into(), id.to_string()),
+                        ("pid".into(), pid.to_string()),
+                    ])
+                    .set(bytes as i64);
+            }
+        }
+        registry.register(
+            "worker_private_memory_bytes",
+            "Memory of each worker that no other process shares (with --preload, what it does not share with the \
+             preloaded app)",
+            private,
+        );
         let queue = Family::<Vec<(String, String)>, Gauge>::default();
         for (socket, depth) in queues {
             queue
@@ -290,9 +307,34 @@ pub(crate) fn process_rss(pid: u32) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
+/// Memory only this process maps (private clean and dirty pages; `/proc/PID/smaps_rollup`), in bytes. Pages
+/// shared with the process it was forked from, and not written since, are not in it.
+pub(crate) fn process_private(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    private_of_rollup(&rollup)
+}
+
+fn private_of_rollup(rollup: &str) -> Option<u64> {
+    let field = |name: &str| -> Option<u64> {
+        let line = rollup.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].split_whitespace().next()?.parse::<u64>().ok()
+    };
+    Some((field("Private_Clean:")? + field("Private_Dirty:")?) * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_memory_is_clean_plus_dirty_private_pages() {
+        let rollup = "55d0c000-7ffc000 ---p 00000000 00:00 0                          [rollup]\n\
+                      Rss:               30000 kB\nPss:               12000 kB\nShared_Clean:      20000 kB\n\
+                      Shared_Dirty:       1000 kB\nPrivate_Clean:       500 kB\nPrivate_Dirty:      8500 kB\n";
+        assert_eq!(private_of_rollup(rollup), Some(9000 * 1024));
+        assert_eq!(private_of_rollup("Rss: 1 kB\n"), None);
+        assert!(process_private(std::process::id()).is_some_and(|b| b > 0));
+    }
 
     #[test]
     fn snapshot_round_trip() {

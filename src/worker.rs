@@ -5,9 +5,11 @@
 use std::sync::Arc;
 
 use crate::app::{self, App};
+use crate::config::Config;
 use crate::connection::WorkerContext;
-use crate::control::{EXIT_APP_LOAD, Handoff};
+use crate::control::{EXIT_APP_LOAD, Handoff, ToMaster};
 use crate::lifecycle::Lifecycle;
+use crate::listener::BoundSocket;
 
 /// With JSON logs, the app's own prints and Python's `logging` to stderr become log lines too, so every line
 /// on stderr stays valid JSON: stdout and stderr are pointed at a pipe whose lines are logged by a thread.
@@ -32,13 +34,44 @@ pub(crate) fn capture_app_output() -> std::io::Result<std::fs::File> {
     Ok(std::fs::File::from(original))
 }
 
+/// Runs `f` with stdout and stderr pointed at an unlinked temporary file, then logs what it wrote as app
+/// output lines: [`capture_app_output`] for the `--preload` zygote, which must not start a thread of its own
+/// (it forks). The log itself is written to a copy of stderr taken before.
+pub(crate) fn log_app_output_of<T>(f: impl FnOnce() -> T) -> T {
+    use std::io::{BufRead, Seek};
+    let saved = (nix::unistd::dup(std::io::stdout()), nix::unistd::dup(std::io::stderr()));
+    let (Ok(stdout), Ok(stderr), Ok(mut file)) = (saved.0, saved.1, tempfile::tempfile()) else {
+        return f();
+    };
+    let redirected = nix::unistd::dup2_stdout(&file).is_ok() && nix::unistd::dup2_stderr(&file).is_ok();
+    let result = f();
+    let _ = nix::unistd::dup2_stdout(&stdout);
+    let _ = nix::unistd::dup2_stderr(&stderr);
+    if redirected && file.rewind().is_ok() {
+        for line in std::io::BufReader::new(file).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line);
+            tracing::info!(target: "ferrule::app_output", line = %line.trim_end_matches('\r'), "app output");
+        }
+    }
+    result
+}
+
+/// Tunes glibc's malloc for a worker, before its threads start.
+///
 /// Keeps request-sized allocations (a body of up to --body-buffer-size, the bytes Python makes of it) in the
 /// malloc heap, where the next request reuses them. By default glibc gives each one fresh pages from mmap and
 /// unmaps them on free, so every large request paid page faults and page clearing twice (measured: about 8%
 /// of a worker's CPU on the 1 MiB echo). The price is up to `TRIM` bytes of freed heap a worker may keep.
-fn keep_large_allocations() {
+///
+/// Caps malloc arenas at `ARENAS`: glibc gives each new thread its own arena (up to 8 per core), and each
+/// keeps its own free pages, about 2 MiB per app thread once the app has run. The app threads take turns on
+/// the GIL, and Python allocates most of its objects with its own allocator, so they hardly contend for an
+/// arena. `MALLOC_ARENA_MAX` in the environment, when set, is left to glibc.
+fn tune_malloc() {
     const MMAP_THRESHOLD: libc::c_int = 8 << 20;
     const TRIM: libc::c_int = 32 << 20;
+    const ARENAS: libc::c_int = 2;
     // SAFETY: mallopt only sets allocator tunables; it is called before the app threads start, and glibc
     // applies the values to later allocations only.
     let ok = unsafe {
@@ -46,6 +79,10 @@ fn keep_large_allocations() {
     };
     if !ok {
         tracing::debug!("mallopt refused the heap tunables; large allocations use mmap");
+    }
+    // SAFETY: as above.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() && unsafe { libc::mallopt(libc::M_ARENA_MAX, ARENAS) } != 1 {
+        tracing::debug!("mallopt refused the arena limit");
     }
 }
 
@@ -56,23 +93,24 @@ pub(crate) enum WorkerError {
     Runtime(#[from] std::io::Error),
 }
 
-/// Runs a worker to its end: loads the app, starts the app threads and the async side, and serves until told to
-/// stop. Does not return on success: the process exits without finalising Python.
+/// Runs a worker to its end: loads the app, then serves it (see [`serve`]). Does not return on success.
 pub(crate) fn run(handoff: Handoff, id: u32) -> Result<(), WorkerError> {
-    let Handoff {
-        config,
-        sockets,
-        control,
-    } = handoff;
     let _span = tracing::info_span!("worker", id, pid = std::process::id()).entered();
-    keep_large_allocations();
-    let app = match App::load(&config) {
+    let app = match App::load(&handoff.config) {
         Ok(app) => app,
         Err(error) => {
             tracing::error!("{error}");
             std::process::exit(EXIT_APP_LOAD);
         }
     };
+    serve(app, handoff.config, handoff.sockets, handoff.control)
+}
+
+/// Serves a loaded app (imported here, or by the zygote this process was forked from): starts the app threads
+/// and the async side, and serves until told to stop. The caller has entered the worker's span. Does not return on success: the process exits without
+/// finalising Python.
+pub(crate) fn serve(app: App, config: Config, sockets: Vec<BoundSocket>, control: ToMaster) -> Result<(), WorkerError> {
+    tune_malloc();
     let (lifecycle, retire_rx) = Lifecycle::new(&config);
     let ctx = Arc::new(WorkerContext::new(config, lifecycle));
     // One thread for the async side: the app threads serve most requests end to end, so it only reads slow

@@ -69,6 +69,33 @@ impl App {
     }
 }
 
+impl App {
+    /// Readies the loaded app to be shared by forked workers: `gc.collect()` compacts the heap the import left,
+    /// then `gc.freeze()` moves every object into the permanent generation, so a worker's garbage collector
+    /// never walks them and never writes to (and so copies) the pages they live on.
+    pub(crate) fn freeze(&self) -> Result<(), AppError> {
+        Python::attach(|py| -> PyResult<()> {
+            let gc = py.import("gc")?;
+            gc.call_method0("collect")?;
+            gc.call_method0("freeze")?;
+            Ok(())
+        })
+        .map_err(|e| AppError::Interpreter(format!("cannot freeze the preloaded objects: {e}")))
+    }
+}
+
+/// Forks this process the way `os.fork()` does, so Python's fork hooks run: `os.register_at_fork` handlers
+/// (`random` reseeds, `logging` renews its locks) and CPython's own reinitialisation of the child. Returns
+/// `None` in the child and the child's pid in the parent. The caller must be the only thread.
+pub(crate) fn fork_process() -> std::io::Result<Option<u32>> {
+    let pid = Python::attach(|py| -> PyResult<i64> { py.import("os")?.call_method0("fork")?.extract() })
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(match pid {
+        0 => None,
+        pid => Some(u32::try_from(pid).map_err(|_| std::io::Error::other("os.fork() returned a bad pid"))?),
+    })
+}
+
 /// `--check-config`: prepares the interpreter and imports the app exactly as a worker would, without serving.
 pub(crate) fn check_app_loads(config: &Config) -> Result<(), AppError> {
     App::load(config).map(drop)

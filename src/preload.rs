@@ -1,0 +1,196 @@
+//! `--preload`: the zygote. The master starts it the way it starts a worker; it imports the app once, freezes
+//! what the import made (`gc.collect()`, `gc.freeze()`), says `ready`, and then forks a worker each time the
+//! master asks on the fork channel. Forking it is safe because it has no thread but its main one and no
+//! runtime: the workers start theirs after the fork. A replacement worker is a fork of the preloaded state,
+//! which takes milliseconds, not a new import.
+//!
+//! Each worker is forked twice: the zygote forks a short-lived middle process, which forks the worker through
+//! `os.fork()` (so Python's fork hooks run in the worker itself) and exits at once. The worker, orphaned, is
+//! adopted by the master (a child subreaper), which so sees its exit status as it does for a worker it started
+//! itself, and supervises it the same way.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, fork};
+
+use crate::app::{self, App};
+use crate::config::Config;
+use crate::control::{self, EXIT_APP_LOAD, ForkRequest, Handoff, Message, ToMaster};
+use crate::listener::BoundSocket;
+use crate::worker;
+
+/// Runs the zygote until the master closes the fork channel (then it exits 0), or returns the exit status of a
+/// forked worker, in which this function returns too.
+pub(crate) fn run(handoff: Handoff, json_logs: bool) -> i32 {
+    let Handoff {
+        config,
+        sockets,
+        mut control,
+        fork_channel,
+    } = handoff;
+    let Some(channel) = fork_channel else {
+        tracing::error!("the zygote has no fork channel: this process was not started by a ferrule master");
+        return 1;
+    };
+    let span = tracing::info_span!("zygote", pid = std::process::id()).entered();
+    set_stop_signals(libc::SIG_IGN);
+    // The app's output at import becomes log lines too, without the capture thread a worker uses.
+    let loaded = if json_logs {
+        worker::log_app_output_of(|| App::load(&config))
+    } else {
+        App::load(&config)
+    };
+    let app = match loaded {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::error!("{error}");
+            return EXIT_APP_LOAD;
+        }
+    };
+    if let Err(error) = app.freeze() {
+        tracing::warn!(%error, "forking without gc.freeze()");
+    }
+    warn_about_threads();
+    tracing::info!("app preloaded; forking the workers from it");
+    control.send(&Message::Ready);
+    drop(span);
+
+    loop {
+        let request = match control::receive_fork_request(&channel) {
+            Ok(Some(request)) => request,
+            // The master closed the channel: this generation is over (or the master is gone).
+            Ok(None) => return 0,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the master's fork request; the zygote stops");
+                return 1;
+            }
+        };
+        match fork_twice(request) {
+            Forked::Zygote(result) => {
+                if let Err(error) = control::answer_fork(&channel, result) {
+                    tracing::error!(%error, "cannot answer the master; the zygote stops");
+                    return 1;
+                }
+            }
+            Forked::Worker(request) => {
+                // The zygote's lines to the master are the zygote's: the worker has its own.
+                drop(channel);
+                drop(control);
+                return run_worker(app, config, sockets, request, json_logs);
+            }
+        }
+    }
+}
+
+/// Where a double fork left this process.
+enum Forked {
+    /// Still the zygote: the new worker's pid, or why there is none.
+    Zygote(Result<u32, String>),
+    /// The new worker.
+    Worker(ForkRequest),
+}
+
+fn fork_twice(request: ForkRequest) -> Forked {
+    let (mut read, write) = match std::os::unix::net::UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(error) => return Forked::Zygote(Err(format!("cannot make a pipe: {error}"))),
+    };
+    // SAFETY: the zygote has a single thread (it starts none, and warned if the app did), so the child may run
+    // anything the parent could.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            drop(read);
+            middle(write, request)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(write);
+            // The middle process writes the worker's pid and exits at once.
+            let mut pid = [0u8; 4];
+            let got = read.read_exact(&mut pid);
+            while let Err(nix::errno::Errno::EINTR) = waitpid(child, None) {}
+            // The zygote's copy of the worker's control line.
+            drop(request);
+            Forked::Zygote(match got.map(|()| u32::from_le_bytes(pid)) {
+                Ok(0) | Err(_) => Err("the fork of the worker failed (see the log)".to_owned()),
+                Ok(pid) => Ok(pid),
+            })
+        }
+        Err(error) => Forked::Zygote(Err(format!("fork: {error}"))),
+    }
+}
+
+/// The middle process: forks the worker the way `os.fork()` does, tells the zygote its pid, and exits, so the
+/// worker is orphaned and adopted by the master.
+fn middle(mut to_zygote: UnixStream, request: ForkRequest) -> Forked {
+    match app::fork_process() {
+        Ok(None) => {
+            drop(to_zygote);
+            Forked::Worker(request)
+        }
+        Ok(Some(pid)) => {
+            let _ = to_zygote.write_all(&pid.to_le_bytes());
+            // SAFETY: _exit ends this process at once, without running the Python or Rust clean-up the zygote
+            // still needs; nothing here is left to flush.
+            unsafe { libc::_exit(0) }
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot fork a worker");
+            let _ = to_zygote.write_all(&0u32.to_le_bytes());
+            // SAFETY: as above.
+            unsafe { libc::_exit(1) }
+        }
+    }
+}
+
+/// The forked worker: serves the preloaded app with the zygote's settings and sockets.
+fn run_worker(app: App, mut config: Config, sockets: Vec<BoundSocket>, request: ForkRequest, json_logs: bool) -> i32 {
+    let ForkRequest { id, workers, control } = request;
+    config.workers = workers;
+    // The worker stops on signals as any worker does (its runtime installs the handlers).
+    set_stop_signals(libc::SIG_DFL);
+    let _span = tracing::info_span!("worker", id, pid = std::process::id()).entered();
+    if json_logs {
+        if let Err(error) = worker::capture_app_output() {
+            tracing::warn!(%error, "cannot capture the app's output");
+        }
+    }
+    serve(app, config, sockets, control)
+}
+
+fn serve(app: App, config: Config, sockets: Vec<BoundSocket>, control: ToMaster) -> i32 {
+    match worker::serve(app, config, sockets, control) {
+        Ok(()) => 0,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            1
+        }
+    }
+}
+
+/// The zygote ignores the stop signals: its life is its fork channel, which the master closes when it stops.
+/// A service manager signals the whole group at once (systemd's `KillMode=control-group`), and a zygote killed
+/// by that before the master handled its own signal would look like a crash to be repaired.
+fn set_stop_signals(disposition: libc::sighandler_t) {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP] {
+        // SAFETY: setting a signal's disposition to SIG_IGN or SIG_DFL installs no handler code; this process
+        // has one thread at this point.
+        unsafe { libc::signal(signal, disposition) };
+    }
+}
+
+/// Threads alive in the zygote after the import (the app's, or a C library's, which `threading` does not
+/// list) are not carried into the forked workers, and whatever they were doing is left half done there.
+fn warn_about_threads() {
+    let threads = std::fs::read_dir("/proc/self/task").map_or(1, |tasks| tasks.count());
+    if threads > 1 {
+        tracing::warn!(
+            threads,
+            "the app started threads while it was imported; a forked worker gets none of them, and a lock one \
+             held stays locked there: start threads after the fork, for example on the first request (see the \
+             README's --preload section)"
+        );
+    }
+}
