@@ -1,0 +1,11 @@
+"""A small but realistic Django site for benches/memory.py: what a typical deployment imports and renders.
+
+    /admin/books/book/   the admin's changelist of the Book model (logged in with a session cookie)
+    /api/books/          a Django REST framework ModelViewSet's list: all ~100 books as JSON
+    /page/               a Django template with a loop over the books
+
+INSTALLED_APPS has admin, auth, contenttypes, sessions, messages, staticfiles, rest_framework and djsite.books;
+the sqlite database lives in $DJSITE_DIR, which `python -m djsite.prepare` fills (migrate, 100 books, an admin
+user and a logged-in session) before any server starts. Every response carries `X-Worker-Pid`, the pid of the
+process that rendered it, so the benchmark's driver knows which workers have answered.
+"""
