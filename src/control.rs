@@ -126,6 +126,7 @@ impl Handoff {
         // SAFETY: the master places the control socket right after the listening sockets and nothing else in
         // this process uses that descriptor; `inherit` above has already checked the ones before it.
         let control = unsafe { OwnedFd::from_raw_fd(3 + count) };
+        close_on_exec(&control)?;
         let mut stream = UnixStream::from(control);
         let line = read_line(&mut stream).map_err(|e| HandoffError::Settings(e.to_string()))?;
         let config = line
@@ -133,7 +134,13 @@ impl Handoff {
             .ok_or_else(|| HandoffError::Settings("the first message is not the settings".into()))
             .and_then(|json| Config::decode(json).map_err(|e| HandoffError::Settings(e.to_string())))?;
         // SAFETY: as above: the fork channel comes right after the control socket, for the zygote only.
-        let fork_channel = zygote.then(|| UnixStream::from(unsafe { OwnedFd::from_raw_fd(4 + count) }));
+        let fork_channel = if zygote {
+            let channel = unsafe { OwnedFd::from_raw_fd(4 + count) };
+            close_on_exec(&channel)?;
+            Some(UnixStream::from(channel))
+        } else {
+            None
+        };
         Ok(Handoff {
             config,
             sockets,
@@ -141,6 +148,15 @@ impl Handoff {
             fork_channel,
         })
     }
+}
+
+/// Inherited without close-on-exec (that is how they got here): a program the app runs must not inherit the
+/// control line or the fork channel, or the master would not see this side close.
+fn close_on_exec(fd: &OwnedFd) -> Result<(), HandoffError> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+        .map(drop)
+        .map_err(|e| HandoffError::Settings(format!("cannot set close-on-exec on the control socket: {e}")))
 }
 
 /// Reads the settings line. The master writes nothing after it on this socket (the channel carries the
@@ -174,7 +190,7 @@ pub(crate) fn request_fork(
     id: u32,
     workers: usize,
     control: BorrowedFd<'_>,
-) -> std::io::Result<u32> {
+) -> Result<u32, ForkError> {
     let line = format!("fork {id} {workers}\n");
     let fds = [control.as_raw_fd()];
     let cmsgs = [ControlMessage::ScmRights(&fds)];
@@ -184,28 +200,34 @@ pub(crate) fn request_fork(
     loop {
         match sendmsg::<()>(channel.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None) {
             Err(nix::errno::Errno::EINTR) => continue,
-            sent => break sent.map(drop)?,
+            sent => break sent.map(drop).map_err(std::io::Error::from)?,
         };
     }
     let mut channel = channel;
     channel.set_read_timeout(Some(FORK_TIMEOUT))?;
     let answer = read_answer(&mut channel).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock => std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("the zygote did not answer a fork request within {FORK_TIMEOUT:?}"),
-        ),
-        _ => e,
+        std::io::ErrorKind::WouldBlock => ForkError::Silent(FORK_TIMEOUT),
+        _ => ForkError::Channel(e),
     })?;
     match answer.split_once(' ') {
-        Some(("forked", pid)) => pid
-            .parse()
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("zygote said {answer:?}"))),
-        Some(("failed", reason)) => Err(std::io::Error::other(format!("the zygote could not fork: {reason}"))),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("zygote said {answer:?}"),
-        )),
+        Some(("forked", pid)) => pid.parse().map_err(|_| ForkError::Garbled(answer.clone())),
+        Some(("failed", reason)) => Err(ForkError::Refused(reason.to_owned())),
+        _ => Err(ForkError::Garbled(answer)),
     }
+}
+
+/// Why the zygote gave no worker.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ForkError {
+    /// The zygote tried and says why it could not; it is fine otherwise.
+    #[error("the zygote could not fork a worker: {0}")]
+    Refused(String),
+    #[error("the zygote did not answer a fork request within {0:?}")]
+    Silent(Duration),
+    #[error("the zygote answered a fork request with {0:?}")]
+    Garbled(String),
+    #[error("the fork channel to the zygote failed: {0}")]
+    Channel(#[from] std::io::Error),
 }
 
 /// One short answer line, read a byte at a time so nothing after it is consumed.

@@ -79,10 +79,16 @@ impl Lifecycle {
     pub(crate) fn check_memory(&self) {
         let Some(limit) = self.rss_limit else { return };
         let pid = std::process::id();
+        let rss = crate::metrics::process_rss(pid);
+        // Private memory is part of resident memory: below the limit, there is nothing more to read.
+        if rss.is_none_or(|rss| rss <= limit) {
+            return;
+        }
         let (used, measure) = if self.limit_private {
+            // Only while resident memory is over the limit: reading smaps_rollup walks the page tables.
             (crate::metrics::process_private(pid), "private memory")
         } else {
-            (crate::metrics::process_rss(pid), "resident memory")
+            (rss, "resident memory")
         };
         if let Some(used) = used.filter(|&used| used > limit) {
             if !self.over_memory.swap(true, Ordering::SeqCst) {

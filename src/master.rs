@@ -48,6 +48,10 @@ pub(crate) enum MasterError {
     DescriptorLimit { limit: u64, needed: u64 },
     #[error("the app could not be loaded (see the error above); not starting")]
     AppLoad,
+    #[error(transparent)]
+    Fork(#[from] control::ForkError),
+    #[error("the preloaded app is not ready to fork workers from")]
+    NotPreloaded,
     #[error("worker {pid} exited during start-up ({status})")]
     StartupCrash { pid: u32, status: String },
     #[error("cannot switch to {what}: {reason}")]
@@ -326,6 +330,8 @@ enum State {
 
 struct Worker {
     pid: u32,
+    /// Forked by a zygote and adopted: this master reaps it itself, when it forgets it (see `forget`).
+    adopted: bool,
     generation: u32,
     state: State,
     /// Set when the worker asked to be replaced; it is stopped once its replacement is ready.
@@ -345,6 +351,23 @@ enum Event {
     RestartZygote,
 }
 
+/// Why no worker was started.
+#[derive(Debug)]
+enum SpawnError {
+    /// Starting a process failed.
+    Process(std::io::Error),
+    /// The zygote gave no worker.
+    Fork(control::ForkError),
+    /// Under `--preload`, no zygote is ready (one is importing the app): the worker is forked once it is.
+    NotPreloaded,
+}
+
+impl From<std::io::Error> for SpawnError {
+    fn from(error: std::io::Error) -> SpawnError {
+        SpawnError::Process(error)
+    }
+}
+
 /// Under `--preload`: the process that imported the app and forks the workers, and the master's end of its
 /// fork channel (closing it makes the zygote exit).
 struct Zygote {
@@ -352,6 +375,17 @@ struct Zygote {
     generation: u32,
     channel: std::os::unix::net::UnixStream,
     ready: bool,
+    /// Asks the task that waits for the zygote to kill it.
+    killer: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Zygote {
+    /// Kills the zygote (SIGKILL) and forgets it; its exit still arrives as an event.
+    fn kill(mut self) {
+        if let Some(killer) = self.killer.take() {
+            let _ = killer.send(());
+        }
+    }
 }
 
 struct Master<'s> {
@@ -452,7 +486,12 @@ impl<'s> Master<'s> {
             self.preload_first().await?;
         }
         for _ in 0..self.desired {
-            self.spawn().map_err(|error| self.spawn_error(error))?;
+            if let Err(error) = self.spawn() {
+                let error = self.spawn_error(error);
+                // The workers already started (or forked) must not be left to notice the master is gone.
+                self.stop_all(Signal::SIGQUIT).await;
+                return Err(error);
+            }
         }
         while self.workers.values().any(|w| w.state == State::Starting) {
             let Some(event) = self.events_rx.recv().await else {
@@ -461,7 +500,7 @@ impl<'s> Master<'s> {
             match event {
                 Event::Ready(id) => self.on_event(Event::Ready(id)),
                 Event::Exited(id, status) => {
-                    let pid = self.workers.remove(&id).map_or(0, |w| w.pid);
+                    let pid = self.forget(id).map_or(0, |w| w.pid);
                     if !self.workers.is_empty() {
                         tracing::info!(
                             workers = self.workers.len(),
@@ -487,7 +526,7 @@ impl<'s> Master<'s> {
     /// `--preload` at start-up: starts the zygote and waits until it has imported the app. One that cannot
     /// stops the master with its error, as a worker would without preload.
     async fn preload_first(&mut self) -> Result<(), MasterError> {
-        let zygote = self.start_zygote(0).map_err(|error| self.spawn_error(error))?;
+        let zygote = self.start_zygote(0).map_err(|error| self.process_error(error))?;
         let pid = zygote.pid;
         self.zygote = Some(zygote);
         while let Some(event) = self.events_rx.recv().await {
@@ -516,7 +555,7 @@ impl<'s> Master<'s> {
     }
 
     /// Starts one worker: a new process, or under `--preload` a fork of the preloaded app.
-    fn spawn(&mut self) -> std::io::Result<u32> {
+    fn spawn(&mut self) -> Result<u32, SpawnError> {
         if self.config.preload {
             return self.fork_worker();
         }
@@ -530,14 +569,17 @@ impl<'s> Master<'s> {
         control::send_settings(&ours, &config)?;
         let child = self.start_process(&[(ENV_WORKER_ID, id.to_string())], &[theirs.as_raw_fd()])?;
         drop(theirs);
-        let pid = child.id().unwrap_or(0);
+        // A child that was just spawned and not yet waited for always has its pid.
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the worker exited at once"))?;
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
             if let Ok(status) = wait_child(child).await {
                 let _ = tx.send(Event::Exited(id, status));
             }
         });
-        self.watch_worker(id, pid, ours)?;
+        self.watch_worker(id, pid, false, ours)?;
         Ok(id)
     }
 
@@ -563,12 +605,9 @@ impl<'s> Master<'s> {
 
     /// Under `--preload`: asks the zygote for a worker. Without a ready zygote (it is being started again) no
     /// worker is made now: they are when it is ready.
-    fn fork_worker(&mut self) -> std::io::Result<u32> {
+    fn fork_worker(&mut self) -> Result<u32, SpawnError> {
         let Some(zygote) = self.zygote.as_ref().filter(|z| z.ready) else {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WouldBlock,
-                "the preloaded app is not ready yet",
-            ));
+            return Err(SpawnError::NotPreloaded);
         };
         let id = self.next_id;
         self.next_id += 1;
@@ -578,12 +617,16 @@ impl<'s> Master<'s> {
             Ok(pid) => pid,
             Err(error) => {
                 // Unless the zygote answered that the fork failed, the channel may be out of step (a late
-                // answer would be taken for the next request's): start the zygote again.
-                if error.kind() != std::io::ErrorKind::Other {
-                    tracing::error!(pid = zygote.pid, %error, "the zygote does not answer properly; killing it");
-                    let _ = kill(Pid::from_raw(zygote.pid as i32), Signal::SIGKILL);
+                // answer would be taken for the next request's), and each further request could wait out the
+                // timeout: this zygote is done; another one is started.
+                if !matches!(error, control::ForkError::Refused(_)) {
+                    tracing::error!(pid = zygote.pid, %error, "the zygote does not answer properly; replacing it");
+                    if let Some(broken) = self.zygote.take() {
+                        broken.kill();
+                    }
+                    self.schedule_zygote_restart();
                 }
-                return Err(error);
+                return Err(SpawnError::Fork(error));
             }
         };
         drop(theirs);
@@ -594,17 +637,24 @@ impl<'s> Master<'s> {
             let status = reap_adopted(pid).await;
             let _ = tx.send(Event::Exited(id, status));
         });
-        self.watch_worker(id, pid, ours)?;
+        self.watch_worker(id, pid, true, ours)?;
         Ok(id)
     }
 
     /// Registers a started worker and reads its control line.
-    fn watch_worker(&mut self, id: u32, pid: u32, ours: std::os::unix::net::UnixStream) -> std::io::Result<()> {
+    fn watch_worker(
+        &mut self,
+        id: u32,
+        pid: u32,
+        adopted: bool,
+        ours: std::os::unix::net::UnixStream,
+    ) -> std::io::Result<()> {
         self.metrics().worker_started(id, pid);
         self.workers.insert(
             id,
             Worker {
                 pid,
+                adopted,
                 generation: self.generation,
                 state: State::Starting,
                 retiring: None,
@@ -643,7 +693,9 @@ impl<'s> Master<'s> {
             &[theirs.as_raw_fd(), fork_theirs.as_raw_fd()],
         )?;
         drop((theirs, fork_theirs));
-        let pid = child.id().unwrap_or(0);
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the zygote exited at once"))?;
         self.zygote_pids.insert(pid);
         tracing::info!(
             pid,
@@ -651,8 +703,19 @@ impl<'s> Master<'s> {
             "zygote started: importing the app to fork the workers from"
         );
         let tx = self.events_tx.clone();
+        let (killer, kill_rx) = tokio::sync::oneshot::channel::<()>();
+        // The zygote is killed through its `Child`, which knows whether it was reaped, so a reused pid is
+        // never signalled.
         tokio::spawn(async move {
-            if let Ok(status) = wait_child(child).await {
+            let mut child = child;
+            let status = tokio::select! {
+                status = child.wait() => status,
+                Ok(()) = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            if let Ok(status) = status {
                 let _ = tx.send(Event::ZygoteExited(pid, status));
             }
         });
@@ -672,10 +735,20 @@ impl<'s> Master<'s> {
             generation,
             channel: fork_ours,
             ready: false,
+            killer: Some(killer),
         })
     }
 
-    fn spawn_error(&self, error: std::io::Error) -> MasterError {
+    fn spawn_error(&self, error: SpawnError) -> MasterError {
+        match error {
+            SpawnError::Process(error) => self.process_error(error),
+            SpawnError::Fork(error) => MasterError::Fork(error),
+            SpawnError::NotPreloaded => MasterError::NotPreloaded,
+        }
+    }
+
+    /// A new process (a worker, or the zygote) could not be started.
+    fn process_error(&self, error: std::io::Error) -> MasterError {
         let hint = match error.kind() {
             std::io::ErrorKind::PermissionDenied if self.config.uid.is_some() || self.config.gid.is_some() => {
                 " (the --uid/--gid user cannot run this Python: a venv of a Python under a home directory, such \
@@ -699,9 +772,7 @@ impl<'s> Master<'s> {
         match self.spawn() {
             Ok(_) => {}
             // Under --preload while the zygote imports the app again: the workers are forked once it is ready.
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                tracing::debug!(%error, "a worker waits for the zygote");
-            }
+            Err(SpawnError::NotPreloaded) => tracing::debug!("a worker waits for the zygote"),
             Err(error) => tracing::error!("{}", self.spawn_error(error)),
         }
     }
@@ -749,7 +820,7 @@ impl<'s> Master<'s> {
                     match self.start_zygote(self.generation) {
                         Ok(zygote) => self.zygote = Some(zygote),
                         Err(error) => {
-                            tracing::error!("{}", self.spawn_error(error));
+                            tracing::error!("{}", self.process_error(error));
                             self.schedule_zygote_restart();
                         }
                     }
@@ -790,6 +861,20 @@ impl<'s> Master<'s> {
                 }
             }
         }
+    }
+
+    /// Removes an exited worker. An adopted one is reaped only now: its exit was seen without reaping it
+    /// (`WNOWAIT`), so until here its pid could not be reused, and signalling it was safe.
+    fn forget(&mut self, id: u32) -> Option<Worker> {
+        let w = self.workers.remove(&id)?;
+        if w.adopted {
+            let mut raw = 0;
+            // SAFETY: waitpid on our own exited (zombie) child, with a valid pointer.
+            while unsafe { libc::waitpid(w.pid as libc::pid_t, &mut raw, 0) } < 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+            {}
+        }
+        Some(w)
     }
 
     /// Starts workers until `desired` are serving or starting (not counting those on their way out).
@@ -871,7 +956,7 @@ impl<'s> Master<'s> {
 
     fn on_exit(&mut self, id: u32, status: ExitStatus) {
         self.metrics().worker_exited(id);
-        let Some(w) = self.workers.remove(&id) else { return };
+        let Some(w) = self.forget(id) else { return };
         self.to_replace.retain(|&old| old != id);
         let expected = matches!(w.state, State::Stopping { .. });
         if expected {
@@ -943,7 +1028,7 @@ impl<'s> Master<'s> {
             // The new code is imported in a new zygote first; the workers are replaced only once it is ready,
             // and if it fails the current workers and zygote stay.
             if let Some(stale) = self.next_zygote.take() {
-                let _ = kill(Pid::from_raw(stale.pid as i32), Signal::SIGKILL);
+                stale.kill();
             }
             tracing::info!(
                 generation = self.generation,
@@ -952,7 +1037,7 @@ impl<'s> Master<'s> {
             );
             match self.start_zygote(self.generation) {
                 Ok(zygote) => self.next_zygote = Some(zygote),
-                Err(error) => tracing::error!("reload failed: {}", self.spawn_error(error)),
+                Err(error) => tracing::error!("reload failed: {}", self.process_error(error)),
             }
             return;
         }
@@ -1089,9 +1174,13 @@ impl<'s> Master<'s> {
 
     /// Stops every worker and waits for all of them (killing the overdue).
     async fn stop_all(&mut self, sig: Signal) {
-        // A zygote exits when its fork channel closes.
-        self.zygote = None;
-        self.next_zygote = None;
+        // A zygote exits when its fork channel closes; one still importing the app is not reading it, and is
+        // killed.
+        for zygote in [self.zygote.take(), self.next_zygote.take()].into_iter().flatten() {
+            if !zygote.ready {
+                zygote.kill();
+            }
+        }
         let ids: Vec<u32> = self.workers.keys().copied().collect();
         tracing::debug!(workers = ids.len(), signal = %sig, "signalling the workers");
         for id in ids {
@@ -1108,7 +1197,7 @@ impl<'s> Master<'s> {
                 Some(event) = self.events_rx.recv() => {
                     if let Event::Exited(id, status) = event {
                         self.metrics().worker_exited(id);
-                        if let Some(w) = self.workers.remove(&id) {
+                        if let Some(w) = self.forget(id) {
                             tracing::info!(worker = id, pid = w.pid, status = %describe(status), "worker exited");
                         }
                     }
@@ -1153,25 +1242,21 @@ async fn wait_child(mut child: tokio::process::Child) -> std::io::Result<ExitSta
     child.wait().await
 }
 
-/// Waits for a worker this process adopted (under `--preload`) to exit, and reaps it. Adopted processes are
-/// not tokio's children: each SIGCHLD wakes this to try `waitpid` on the one pid (with a slow timer as well,
-/// in case a signal was missed).
+/// Waits for a worker this process adopted (under `--preload`) to exit, and returns its status without reaping
+/// it (`WNOWAIT`: the master reaps it when it forgets the worker, so the pid stays its own until then).
+/// Adopted processes are not tokio's children: each SIGCHLD wakes this to look at the one pid (with a slow
+/// timer as well, in case a signal was missed).
 async fn reap_adopted(pid: u32) -> ExitStatus {
     let mut sigchld = signal(SignalKind::child()).ok();
     loop {
-        let mut raw = 0;
-        // SAFETY: waitpid on a specific pid with a valid pointer to an int; WNOHANG makes it return at once.
-        let reaped = unsafe { libc::waitpid(pid as libc::pid_t, &mut raw, libc::WNOHANG) };
-        if reaped == pid as libc::pid_t {
-            return ExitStatus::from_raw(raw);
-        }
-        if reaped < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.raw_os_error() != Some(libc::EINTR) {
+        match exit_status_of(pid) {
+            Ok(Some(status)) => return status,
+            Ok(None) => {}
+            Err(error) if error.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(error) => {
                 tracing::error!(pid, %error, "cannot wait for a preloaded worker; counting it as exited");
                 return ExitStatus::from_raw(1 << 8);
             }
-            continue;
         }
         let poll = tokio::time::sleep(Duration::from_secs(1));
         match &mut sigchld {
@@ -1184,6 +1269,38 @@ async fn reap_adopted(pid: u32) -> ExitStatus {
             None => poll.await,
         }
     }
+}
+
+/// The exit status of the child `pid` if it has exited, leaving it unreaped (`WNOWAIT`).
+fn exit_status_of(pid: u32) -> std::io::Result<Option<ExitStatus>> {
+    // SAFETY: an all-zero siginfo_t is a valid value to be filled in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on a specific pid with a valid siginfo_t; WNOHANG returns at once, WNOWAIT leaves the
+    // child waitable.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: after a successful waitid, si_pid is 0 if no child exited, else the fields for CLD_EXITED,
+    // CLD_KILLED and CLD_DUMPED are set.
+    let (exited, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+    if exited != pid as libc::pid_t {
+        return Ok(None);
+    }
+    // Back to the wait(2) status encoding that ExitStatus reads.
+    let raw = match code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_DUMPED => status | 0x80,
+        _ => status,
+    };
+    Ok(Some(ExitStatus::from_raw(raw)))
 }
 
 fn describe(status: ExitStatus) -> String {

@@ -13,7 +13,6 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
 use nix::sys::wait::waitpid;
-use nix::unistd::{ForkResult, fork};
 
 use crate::app::{self, App};
 use crate::config::Config;
@@ -35,6 +34,7 @@ pub(crate) fn run(handoff: Handoff, json_logs: bool) -> i32 {
         return 1;
     };
     let span = tracing::info_span!("zygote", pid = std::process::id()).entered();
+    die_with_the_master();
     set_stop_signals(libc::SIG_IGN);
     // The app's output at import becomes log lines too, without the capture thread a worker uses.
     let loaded = if json_logs {
@@ -98,14 +98,15 @@ fn fork_twice(request: ForkRequest) -> Forked {
         Ok(pair) => pair,
         Err(error) => return Forked::Zygote(Err(format!("cannot make a pipe: {error}"))),
     };
-    // SAFETY: the zygote has a single thread (it starts none, and warned if the app did), so the child may run
-    // anything the parent could.
-    match unsafe { fork() } {
-        Ok(ForkResult::Child) => {
+    // Both forks are os.fork(): it takes the GIL and Python's fork locks first, so a thread the app started at
+    // import (it was warned about) cannot hold them across the fork and leave the child stuck.
+    match app::fork_process() {
+        Ok(None) => {
             drop(read);
             middle(write, request)
         }
-        Ok(ForkResult::Parent { child }) => {
+        Ok(Some(child)) => {
+            let child = nix::unistd::Pid::from_raw(child as i32);
             drop(write);
             // The middle process writes the worker's pid and exits at once.
             let mut pid = [0u8; 4];
@@ -119,6 +120,21 @@ fn fork_twice(request: ForkRequest) -> Forked {
             })
         }
         Err(error) => Forked::Zygote(Err(format!("fork: {error}"))),
+    }
+}
+
+/// Ties the zygote's life to the master's: it ignores stop signals (see `set_stop_signals`), so if the master
+/// dies, even by SIGKILL, the kernel kills the zygote, wherever it is (a hung import included). Forked
+/// processes do not inherit this.
+fn die_with_the_master() {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot tie the zygote to the master");
+    }
+    // The master may have died before the flag was set: then this process was already re-parented.
+    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+        // SAFETY: ends this process at once; nothing was started that needs cleaning up.
+        unsafe { libc::_exit(1) };
     }
 }
 
@@ -149,6 +165,8 @@ fn middle(mut to_zygote: UnixStream, request: ForkRequest) -> Forked {
 fn run_worker(app: App, mut config: Config, sockets: Vec<BoundSocket>, request: ForkRequest, json_logs: bool) -> i32 {
     let ForkRequest { id, workers, control } = request;
     config.workers = workers;
+    let mut app = app;
+    app.set_multiprocess(workers > 1);
     // The worker stops on signals as any worker does (its runtime installs the handlers).
     set_stop_signals(libc::SIG_DFL);
     let _span = tracing::info_span!("worker", id, pid = std::process::id()).entered();

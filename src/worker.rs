@@ -45,6 +45,10 @@ pub(crate) fn log_app_output_of<T>(f: impl FnOnce() -> T) -> T {
     };
     let redirected = nix::unistd::dup2_stdout(&file).is_ok() && nix::unistd::dup2_stderr(&file).is_ok();
     let result = f();
+    // What C code wrote with stdio is still in libc's buffers: out to the file before it is read, or every
+    // forked worker would flush a copy of it.
+    // SAFETY: fflush(NULL) flushes every open stdio stream; this process has one thread.
+    unsafe { libc::fflush(std::ptr::null_mut()) };
     let _ = nix::unistd::dup2_stdout(&stdout);
     let _ = nix::unistd::dup2_stderr(&stderr);
     if redirected && file.rewind().is_ok() {

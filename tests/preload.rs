@@ -95,6 +95,8 @@ struct Info {
     /// `random.random()` as the app wrote it.
     random: String,
     version: String,
+    /// `wsgi.multiprocess` as the worker's environ had it.
+    multiprocess: bool,
 }
 
 fn parse_info(body: &str) -> Info {
@@ -134,6 +136,10 @@ fn parse_info(body: &str) -> Info {
             .and_then(Json::as_str)
             .unwrap_or_else(|| panic!("no version in {body}"))
             .to_owned(),
+        multiprocess: v
+            .get("multiprocess")
+            .and_then(Json::as_bool)
+            .unwrap_or_else(|| panic!("no boolean multiprocess in {body}")),
     }
 }
 
@@ -723,6 +729,92 @@ fn the_zygote_ignores_stop_signals_and_ends_with_the_master() {
     assert!(
         poll_until(STOP_TIMEOUT, || !common::procs::alive(zygote)),
         "the zygote outlived the master"
+    );
+}
+
+/// A worker forked for SIGTTIN sees `wsgi.multiprocess` true, as a worker started afresh would: the zygote
+/// imported the app when there was one worker, and each fork learns the count then.
+#[test]
+fn a_worker_forked_for_sigttin_sees_wsgi_multiprocess() {
+    let server = Server::start(app(1).arg("--preload"), 1);
+    let first = server.info("/info");
+    assert!(
+        !first.multiprocess,
+        "one worker: wsgi.multiprocess is false\n{}",
+        server.log()
+    );
+    let offset = server.log_offset();
+    server.signal(libc::SIGTTIN);
+    let added = server.replacement_since(offset);
+    let infos = server.collect_until("an answer from the worker SIGTTIN added", |infos| {
+        infos.iter().any(|i| i.pid == added)
+    });
+    let from_added: Vec<&Info> = infos.iter().filter(|i| i.pid == added).collect();
+    assert!(
+        from_added.iter().all(|i| i.multiprocess),
+        "{from_added:?}\n--- log ---\n{}",
+        server.log()
+    );
+    assert_eq!(server.imports().len(), 1, "{:?}", server.imports());
+}
+
+/// If the master dies outright (SIGKILL: no chance to close anything), its zygote dies with it, even in the
+/// middle of importing the app (it ignores stop signals, so only the kernel's parent-death signal ends it), and
+/// its workers stop once they see their master gone; nothing is left holding the sockets.
+#[test]
+fn a_killed_master_takes_its_zygote_and_workers_with_it() {
+    // Ready first: the zygote waits on its channel, the workers serve.
+    let mut server = Server::start(app(2).arg("--preload"), 2);
+    let zygote = server.first_zygote();
+    let workers = server.wait_workers(2, WORKER_TIMEOUT);
+    server.0.signal(libc::SIGKILL);
+    let _ = server.0.wait_exit(STOP_TIMEOUT);
+    for pid in std::iter::once(zygote).chain(workers.iter().copied()) {
+        assert!(
+            poll_until(WORKER_TIMEOUT, || !alive(pid)),
+            "process {pid} outlived the killed master\n--- log ---\n{}",
+            server.log()
+        );
+    }
+
+    // Still importing: the zygote sleeps in the import. (Started by hand: the harness's spawn waits for ready.)
+    let dir = temp_dir();
+    let log_path = dir.path().join("ferrule.log");
+    let log = std::fs::File::create(&log_path).expect("create the log file");
+    let apps = apps_dir();
+    let mut master = std::process::Command::new(common::ferrule::bin())
+        .args(["--socket", &format!("unix:{}", dir.path().join("app.sock").display())])
+        .args([
+            "--pythonpath",
+            &apps.display().to_string(),
+            "--workers",
+            "2",
+            "--preload",
+        ])
+        .arg("preload_app:application")
+        .env("PRELOAD_IMPORT_SLEEP", "60")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start ferrule");
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut zygote = None;
+    let started = poll_until(WORKER_TIMEOUT, || {
+        zygote = read_log()
+            .lines()
+            .find(|l| l.contains(ZYGOTE_STARTED))
+            .and_then(|l| field(l, "pid")?.parse::<u32>().ok());
+        zygote.is_some()
+    });
+    let killed = master.kill();
+    let _ = master.wait();
+    assert!(started, "no zygote started\n--- log ---\n{}", read_log());
+    killed.expect("SIGKILL the master");
+    let zygote = zygote.unwrap_or_default();
+    assert!(
+        poll_until(WORKER_TIMEOUT, || !alive(zygote)),
+        "the importing zygote outlived the killed master\n--- log ---\n{}",
+        read_log()
     );
 }
 

@@ -70,9 +70,18 @@ impl App {
 }
 
 impl App {
-    /// Readies the loaded app to be shared by forked workers: `gc.collect()` compacts the heap the import left,
-    /// then `gc.freeze()` moves every object into the permanent generation, so a worker's garbage collector
-    /// never walks them and never writes to (and so copies) the pages they live on.
+    /// `wsgi.multiprocess` for a worker forked from a preloaded app, which learns the worker count only then.
+    /// Call before the threads start.
+    pub(crate) fn set_multiprocess(&mut self, multiprocess: bool) {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.multiprocess = multiprocess;
+        }
+    }
+
+    /// Readies the loaded app to be shared by forked workers: `gc.collect()` clears the garbage the import left
+    /// (the collector moves nothing, so this is not to compact but so garbage is not kept for good), then
+    /// `gc.freeze()` moves every object into the permanent generation, so a worker's garbage collector never
+    /// walks them and never writes to (and so copies) the pages they live on.
     pub(crate) fn freeze(&self) -> Result<(), AppError> {
         Python::attach(|py| -> PyResult<()> {
             let gc = py.import("gc")?;

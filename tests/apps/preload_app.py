@@ -6,6 +6,7 @@ Environment, read at import:
 - PRELOAD_START_THREAD=1: start a daemon thread while importing (what --preload warns about).
 - PRELOAD_IMPORT_MIB=N: allocate and touch N MiB while importing, and keep them (shared with every fork).
 - PRELOAD_PRINT=1: print a line to stdout and one to stderr while importing.
+- PRELOAD_IMPORT_SLEEP=S: sleep S seconds while importing (a slow import, to act during it).
 
 The module `preload_version`, if it is on the path, gives VERSION ("none" without it); the tests write it into a
 directory they pass with --pythonpath, and a version module that raises makes the import of this app fail.
@@ -30,6 +31,8 @@ if _import_log:
     # O_APPEND: concurrent imports (one per worker without --preload) each add a whole line.
     with open(_import_log, "a", encoding="utf-8") as f:
         f.write(f"import pid={IMPORT_PID}\n")
+
+time.sleep(float(os.environ.get("PRELOAD_IMPORT_SLEEP", "0")))
 
 # Python's fork hooks: under --preload they must run in each worker, with the worker's own pid.
 AFTER_FORK = []
@@ -87,6 +90,7 @@ def info(environ, start_response):
             "freeze_count": gc.get_freeze_count(),
             "random": random.random(),
             "version": VERSION,
+            "multiprocess": environ["wsgi.multiprocess"],
         }
     )
     start_response("200 OK", [("Content-Type", "application/json")])
