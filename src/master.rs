@@ -508,14 +508,7 @@ impl<'s> Master<'s> {
                         );
                     }
                     self.stop_all(Signal::SIGQUIT).await;
-                    return Err(if status.code() == Some(EXIT_APP_LOAD) {
-                        MasterError::AppLoad
-                    } else {
-                        MasterError::StartupCrash {
-                            pid,
-                            status: describe(status),
-                        }
-                    });
+                    return Err(startup_failure(pid, status));
                 }
                 other => self.on_event(other),
             }
@@ -539,14 +532,7 @@ impl<'s> Master<'s> {
                 }
                 Event::ZygoteExited(exited, status) if exited == pid => {
                     self.zygote = None;
-                    return Err(if status.code() == Some(EXIT_APP_LOAD) {
-                        MasterError::AppLoad
-                    } else {
-                        MasterError::StartupCrash {
-                            pid,
-                            status: describe(status),
-                        }
-                    });
+                    return Err(startup_failure(pid, status));
                 }
                 other => self.on_event(other),
             }
@@ -661,19 +647,27 @@ impl<'s> Master<'s> {
             },
         );
         tracing::info!(worker = id, pid, generation = self.generation, "worker started");
+        self.read_control_line(ours, move |message| match message {
+            Message::Ready => Event::Ready(id),
+            Message::Stats(s) => Event::Stats(id, s),
+            Message::Retire(r) => Event::Retire(id, r),
+        })
+    }
+
+    /// Reads a child's control line, turning each message it knows into an event for the master.
+    fn read_control_line(
+        &self,
+        ours: std::os::unix::net::UnixStream,
+        event: impl Fn(Message) -> Event + Send + 'static,
+    ) -> std::io::Result<()> {
         ours.set_nonblocking(true)?;
         let control = tokio::net::UnixStream::from_std(ours)?;
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(control).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let event = match Message::parse(&line) {
-                    Some(Message::Ready) => Event::Ready(id),
-                    Some(Message::Stats(s)) => Event::Stats(id, s),
-                    Some(Message::Retire(r)) => Event::Retire(id, r),
-                    None => continue,
-                };
-                if tx.send(event).is_err() {
+                let Some(message) = Message::parse(&line) else { continue };
+                if tx.send(event(message)).is_err() {
                     break;
                 }
             }
@@ -719,17 +713,8 @@ impl<'s> Master<'s> {
                 let _ = tx.send(Event::ZygoteExited(pid, status));
             }
         });
-        ours.set_nonblocking(true)?;
-        let control = tokio::net::UnixStream::from_std(ours)?;
-        let tx = self.events_tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(control).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if Message::parse(&line) == Some(Message::Ready) {
-                    let _ = tx.send(Event::ZygoteReady(pid));
-                }
-            }
-        });
+        // The zygote only ever says it is ready.
+        self.read_control_line(ours, move |_| Event::ZygoteReady(pid))?;
         Ok(Zygote {
             pid,
             generation,
@@ -1301,6 +1286,19 @@ fn exit_status_of(pid: u32) -> std::io::Result<Option<ExitStatus>> {
         _ => status,
     };
     Ok(Some(ExitStatus::from_raw(raw)))
+}
+
+/// What a worker (or the zygote) that exited during start-up means for the master: the app could not be
+/// loaded, or the process crashed.
+fn startup_failure(pid: u32, status: ExitStatus) -> MasterError {
+    if status.code() == Some(EXIT_APP_LOAD) {
+        MasterError::AppLoad
+    } else {
+        MasterError::StartupCrash {
+            pid,
+            status: describe(status),
+        }
+    }
 }
 
 fn describe(status: ExitStatus) -> String {

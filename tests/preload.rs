@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::ferrule::{Ferrule, FerruleBuilder, apps_dir, temp_dir};
-use common::json::{Json, parse_json};
+use common::json::{Json, log_objects, parse_json};
 use common::log::{count, field, worker_lines};
 use common::procs::{alive, live_children, poll_until, rss_kib};
 use common::uwsgi::{self, Response, encode_request, nginx_vars, parse_response};
@@ -1130,15 +1130,7 @@ fn json_log_under_preload_wraps_the_zygotes_output() {
     );
 
     let log = server.log();
-    let mut objects = Vec::new();
-    let mut bad = Vec::new();
-    for line in log.lines() {
-        match parse_json(line) {
-            Ok(v @ Json::Object(_)) => objects.push(v),
-            Ok(other) => bad.push(format!("not an object: {other:?} in {line:?}")),
-            Err(e) => bad.push(format!("{e}: {line:?}")),
-        }
-    }
+    let (objects, bad) = log_objects(&log);
     assert!(
         bad.is_empty(),
         "every log line must be one JSON object:\n{}\n--- log ---\n{log}",

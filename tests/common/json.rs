@@ -265,3 +265,17 @@ impl JsonParser<'_> {
         String::from_utf8(out).map_err(|_| self.err("string is not UTF-8"))
     }
 }
+
+/// Each line of a JSON log as one object, and a description of every line that is not one.
+pub fn log_objects(log: &str) -> (Vec<Json>, Vec<String>) {
+    let mut objects = Vec::new();
+    let mut bad = Vec::new();
+    for line in log.lines() {
+        match parse_json(line) {
+            Ok(v @ Json::Object(_)) => objects.push(v),
+            Ok(other) => bad.push(format!("not an object: {other:?} in {line:?}")),
+            Err(e) => bad.push(format!("{e}: {line:?}")),
+        }
+    }
+    (objects, bad)
+}
