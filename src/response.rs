@@ -256,7 +256,9 @@ impl Framing {
         let len = self.declared_length.map_or(len, |limit| len.min(limit));
         let head = self.head(self.may_add_length().then_some(len))?;
         self.head_sent = true;
-        let send = if self.is_head { 0 } else { len };
+        // As for any body: none for HEAD, and none at all for a 1xx, 204 or 304.
+        let bodiless = !status_has_body(self.status_code());
+        let send = if self.is_head || bodiless { 0 } else { len };
         self.body_bytes = send;
         Ok((head, send))
     }
@@ -537,7 +539,7 @@ mod tests {
     }
 
     #[test]
-    fn framing_a_file_honours_the_declared_length_and_head() {
+    fn framing_a_file_honours_the_declared_length_head_and_bodiless_statuses() {
         let mut f = started(false, "200 OK", &[], None);
         let (head, send) = f.file(10).unwrap();
         assert!(text(&head).contains("Content-Length: 10"));
@@ -548,6 +550,13 @@ mod tests {
         let (bytes, send) = head.file(10).unwrap();
         assert!(!text(&bytes).contains("Content-Length"));
         assert_eq!(send, 0);
+        for status in ["204 No Content", "304 Not Modified"] {
+            let mut f = started(false, status, &[], None);
+            let (bytes, send) = f.file(10).unwrap();
+            assert!(!text(&bytes).contains("Content-Length"), "{status}");
+            assert_eq!(send, 0, "{status}: a file is no body for a status that has none");
+            assert!(f.finish().unwrap().1.complete, "{status}");
+        }
     }
 
     #[test]
