@@ -16,7 +16,7 @@ use nix::sys::wait::waitpid;
 
 use crate::app::{self, App};
 use crate::config::Config;
-use crate::control::{self, EXIT_APP_LOAD, ForkRequest, Handoff, Message, ToMaster};
+use crate::control::{self, EXIT_APP_LOAD, ForkRequest, Handoff, Message};
 use crate::listener::BoundSocket;
 use crate::worker;
 
@@ -162,10 +162,15 @@ fn middle(mut to_zygote: UnixStream, request: ForkRequest) -> Forked {
 }
 
 /// The forked worker: serves the preloaded app with the zygote's settings and sockets.
-fn run_worker(app: App, mut config: Config, sockets: Vec<BoundSocket>, request: ForkRequest, json_logs: bool) -> i32 {
+fn run_worker(
+    mut app: App,
+    mut config: Config,
+    sockets: Vec<BoundSocket>,
+    request: ForkRequest,
+    json_logs: bool,
+) -> i32 {
     let ForkRequest { id, workers, control } = request;
     config.workers = workers;
-    let mut app = app;
     app.set_multiprocess(workers > 1);
     // The worker stops on signals as any worker does (its runtime installs the handlers).
     set_stop_signals(libc::SIG_DFL);
@@ -175,10 +180,6 @@ fn run_worker(app: App, mut config: Config, sockets: Vec<BoundSocket>, request: 
             tracing::warn!(%error, "cannot capture the app's output");
         }
     }
-    serve(app, config, sockets, control)
-}
-
-fn serve(app: App, config: Config, sockets: Vec<BoundSocket>, control: ToMaster) -> i32 {
     match worker::serve(app, config, sockets, control) {
         Ok(()) => 0,
         Err(error) => {

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::ferrule::{Ferrule, FerruleBuilder, apps_dir, temp_dir};
-use common::json::{Json, log_objects, parse_json};
+use common::json::{Json, json_log_objects, parse_json};
 use common::log::{count, field, worker_lines};
 use common::procs::{alive, live_children, poll_until, rss_kib};
 use common::uwsgi::{self, Response, encode_request, nginx_vars, parse_response};
@@ -225,6 +225,11 @@ impl Server {
                 self.0.log()
             );
         }
+    }
+
+    /// `collect_until` the worker `pid` has answered.
+    fn collect_until_answered_by(&self, what: &str, pid: u32) -> Vec<Info> {
+        self.collect_until(what, |infos| infos.iter().any(|i| i.pid == pid))
     }
 
     /// The lines of the import log: one per import of the app.
@@ -514,9 +519,7 @@ fn a_sigkilled_preloaded_worker_is_replaced_by_a_fork() {
         server.log_since(offset)
     );
 
-    let infos = server.collect_until("an answer from the replacement", |infos| {
-        infos.iter().any(|i| i.pid == new_pid)
-    });
+    let infos = server.collect_until_answered_by("an answer from the replacement", new_pid);
     assert!(!pids(&infos).contains(&victim), "the killed worker answered: {infos:?}");
     assert_forked_from(&server, &infos, zygote);
     assert_eq!(
@@ -587,9 +590,7 @@ fn a_timed_out_preloaded_worker_is_replaced_by_a_fork() {
     );
     let new_pid = server.replacement_since(offset);
     assert_ne!(new_pid, worker);
-    let infos = server.collect_until("an answer from the replacement", |infos| {
-        infos.iter().any(|i| i.pid == new_pid)
-    });
+    let infos = server.collect_until_answered_by("an answer from the replacement", new_pid);
     assert!(
         !pids(&infos).contains(&worker),
         "the timed-out worker took new requests: {infos:?}"
@@ -616,9 +617,7 @@ fn sigttin_and_sigttou_under_preload_fork_and_stop_workers() {
         &first | &BTreeSet::from([added]),
         "the first worker and the added one"
     );
-    let infos = server.collect_until("an answer from the added worker", |infos| {
-        infos.iter().any(|i| i.pid == added)
-    });
+    let infos = server.collect_until_answered_by("an answer from the added worker", added);
     assert_forked_from(&server, &infos, zygote);
     assert_eq!(
         server.imports().len(),
@@ -682,9 +681,7 @@ fn a_killed_zygote_is_started_again_and_the_workers_serve_on() {
     let offset = server.log_offset();
     common::procs::signal(victim, libc::SIGKILL);
     let new_pid = server.replacement_since(offset);
-    let infos = server.collect_until("an answer from the replacement", |infos| {
-        infos.iter().any(|i| i.pid == new_pid)
-    });
+    let infos = server.collect_until_answered_by("an answer from the replacement", new_pid);
     let replacement: Vec<Info> = infos.into_iter().filter(|i| i.pid == new_pid).collect();
     assert_forked_from(&server, &replacement, second_zygote);
     assert_eq!(server.imports().len(), 2, "{:?}", server.imports());
@@ -746,9 +743,7 @@ fn a_worker_forked_for_sigttin_sees_wsgi_multiprocess() {
     let offset = server.log_offset();
     server.signal(libc::SIGTTIN);
     let added = server.replacement_since(offset);
-    let infos = server.collect_until("an answer from the worker SIGTTIN added", |infos| {
-        infos.iter().any(|i| i.pid == added)
-    });
+    let infos = server.collect_until_answered_by("an answer from the worker SIGTTIN added", added);
     let from_added: Vec<&Info> = infos.iter().filter(|i| i.pid == added).collect();
     assert!(
         from_added.iter().all(|i| i.multiprocess),
@@ -920,9 +915,7 @@ fn sighup_under_preload_imports_once_and_survives_broken_code() {
     let offset = server.log_offset();
     common::procs::signal(victim, libc::SIGKILL);
     let new_pid = server.replacement_since(offset);
-    let infos = server.collect_until("an answer from the replacement", |infos| {
-        infos.iter().any(|i| i.pid == new_pid)
-    });
+    let infos = server.collect_until_answered_by("an answer from the replacement", new_pid);
     assert_forked_from(&server, &infos, second_zygote);
     for info in &infos {
         assert_eq!(info.version, "v22", "{info:?}");
@@ -1130,13 +1123,7 @@ fn json_log_under_preload_wraps_the_zygotes_output() {
     );
 
     let log = server.log();
-    let (objects, bad) = log_objects(&log);
-    assert!(
-        bad.is_empty(),
-        "every log line must be one JSON object:\n{}\n--- log ---\n{log}",
-        bad.join("\n")
-    );
-    assert!(log.ends_with('\n'), "the log ends with a complete line");
+    let objects = json_log_objects(&log);
 
     let str_of = |o: &Json, k: &str| o.get(k).and_then(Json::as_str).map(str::to_owned);
     for stream in ["stdout", "stderr"] {

@@ -266,8 +266,9 @@ impl JsonParser<'_> {
     }
 }
 
-/// Each line of a JSON log as one object, and a description of every line that is not one.
-pub fn log_objects(log: &str) -> (Vec<Json>, Vec<String>) {
+/// Each line of a JSON log as one object; panics (with the log) unless every line is one and the log ends
+/// with a complete line.
+pub fn json_log_objects(log: &str) -> Vec<Json> {
     let mut objects = Vec::new();
     let mut bad = Vec::new();
     for line in log.lines() {
@@ -277,5 +278,11 @@ pub fn log_objects(log: &str) -> (Vec<Json>, Vec<String>) {
             Err(e) => bad.push(format!("{e}: {line:?}")),
         }
     }
-    (objects, bad)
+    assert!(
+        bad.is_empty(),
+        "every log line must be one JSON object:\n{}\n--- log ---\n{log}",
+        bad.join("\n")
+    );
+    assert!(log.ends_with('\n'), "the log ends with a complete line");
+    objects
 }
