@@ -30,6 +30,8 @@ pub mod packet;
 pub mod environ;
 pub(crate) mod body;
 pub(crate) mod response;
+#[allow(dead_code)] // groundwork for issue 14 (TLS sockets), not wired to a socket yet
+pub(crate) mod tls;
 pub(crate) mod metrics;
 pub(crate) mod lifecycle;
 pub(crate) mod listener;
