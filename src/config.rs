@@ -142,6 +142,18 @@ pub(crate) struct Options {
     #[arg(long, value_name = "N", env = "FERRULE_LISTEN_BACKLOG", default_value_t = 4096)]
     pub(crate) listen_backlog: i32,
 
+    /// Certificate for tls:// sockets: PEM, the server's first, then its chain
+    #[arg(long, value_name = "FILE", env = "FERRULE_TLS_CERT")]
+    pub(crate) tls_cert: Option<PathBuf>,
+
+    /// Private key for tls:// sockets: PEM (PKCS#8, PKCS#1 RSA or SEC1 EC), readable by the --uid user
+    #[arg(long, value_name = "FILE", env = "FERRULE_TLS_KEY")]
+    pub(crate) tls_key: Option<PathBuf>,
+
+    /// On tls:// sockets, require a client certificate from one of these CAs (PEM)
+    #[arg(long, value_name = "FILE", env = "FERRULE_TLS_CLIENT_CA")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+
     /// Serve Prometheus metrics on this address (uwsgi protocol, like the app; expose it through nginx)
     #[arg(long, value_name = "ADDR", env = "FERRULE_METRICS")]
     pub(crate) metrics: Option<String>,
@@ -194,6 +206,8 @@ pub(crate) const DEFAULT_SOCKET: &str = "127.0.0.1:3031";
 pub(crate) enum SocketSpec {
     Unix(PathBuf),
     Tcp(SocketAddr),
+    /// uwsgi over TLS (nginx's `suwsgi://`) on a TCP address.
+    Tls(SocketAddr),
     /// An already listening socket inherited from whoever started ferrule (`fd://N`, systemd).
     Fd(i32),
 }
@@ -203,6 +217,7 @@ impl std::fmt::Display for SocketSpec {
         match self {
             SocketSpec::Unix(p) => write!(f, "unix:{}", p.display()),
             SocketSpec::Tcp(a) => write!(f, "{a}"),
+            SocketSpec::Tls(a) => write!(f, "tls://{a}"),
             SocketSpec::Fd(n) => write!(f, "fd://{n}"),
         }
     }
@@ -233,6 +248,12 @@ pub(crate) enum ConfigError {
     UnknownKey { file: PathBuf, key: String },
     #[error("config file {file}: key `{key}`: {error}")]
     BadValue { file: PathBuf, key: String, error: String },
+    #[error("--socket {0}: a tls:// socket needs --tls-cert and --tls-key")]
+    TlsWithoutFiles(String),
+    #[error("--tls-cert, --tls-key and --tls-client-ca are for tls:// sockets, and no --socket is one")]
+    TlsFilesWithoutSocket,
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Parses the command line and the environment, then fills in what neither set from the `--config` file.
@@ -465,6 +486,12 @@ impl Cidr {
 
 /// Parses one `--socket` value.
 pub(crate) fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
+    if let Some(addr) = s.strip_prefix("tls://") {
+        return match parse_socket(addr)? {
+            SocketSpec::Tcp(addr) => Ok(SocketSpec::Tls(addr)),
+            _ => Err(ConfigError::BadSocket(s.to_owned())),
+        };
+    }
     if let Some(fd) = s.strip_prefix("fd://") {
         return match fd.parse::<i32>() {
             Ok(n) if n >= 0 => Ok(SocketSpec::Fd(n)),
@@ -491,12 +518,42 @@ pub(crate) fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
     }
 }
 
+/// The TLS files when a tls:// socket is given, checked now (readable, a certificate valid today, the key
+/// that matches it, usable client CAs), so a bad file stops start-up (and `--check-config`) with its name.
+fn tls_files(
+    sockets: &[SocketSpec],
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<crate::tls::TlsFiles>, ConfigError> {
+    let tls_socket = sockets.iter().find(|s| matches!(s, SocketSpec::Tls(_)));
+    let Some(socket) = tls_socket else {
+        return match (&cert, &key, &client_ca) {
+            (None, None, None) => Ok(None),
+            _ => Err(ConfigError::TlsFilesWithoutSocket),
+        };
+    };
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Err(ConfigError::TlsWithoutFiles(socket.to_string()));
+    };
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let files = crate::tls::TlsFiles {
+        cert: absolute(cert),
+        key: absolute(key),
+        client_ca: client_ca.map(absolute),
+    };
+    crate::tls::check_files(&files)?;
+    Ok(Some(files))
+}
+
 /// The validated configuration. The master validates it once and hands it to each worker as it is (see
 /// [`Config::encode`]), so a worker never reads the command line, the environment or the file itself.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Config {
     pub(crate) app: String,
     pub(crate) sockets: Vec<SocketSpec>,
+    /// The certificate, key and client CAs of the tls:// sockets, when there are any.
+    pub(crate) tls: Option<crate::tls::TlsFiles>,
     pub(crate) socket_mode: Option<u32>,
     pub(crate) threads: usize,
     pub(crate) workers: usize,
@@ -541,6 +598,7 @@ impl Config {
         if let Some(format) = &o.access_log_format {
             check_access_log_format(format)?;
         }
+        let tls = tls_files(&sockets, o.tls_cert, o.tls_key, o.tls_client_ca)?;
         let chdir = match o.chdir {
             Some(dir) => Some(dir.canonicalize().map_err(|e| ConfigError::BadChdir(dir, e))?),
             None => None,
@@ -564,6 +622,7 @@ impl Config {
             log_format: o.log_format,
             log_level: o.log_level,
             sockets,
+            tls,
             socket_mode: o.socket_mode,
             threads: o.threads as usize,
             workers: o.workers as usize,
@@ -665,6 +724,44 @@ mod tests {
         for bad in ["10.0.0.0/33", "nope", "::1/129", "1.2.3.4/x"] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn tls_sockets_need_their_files_and_the_files_need_a_tls_socket() {
+        assert_eq!(
+            parse_socket("tls://127.0.0.1:3443").unwrap(),
+            SocketSpec::Tls("127.0.0.1:3443".parse().unwrap())
+        );
+        assert_eq!(
+            parse_socket("tls://127.0.0.1:3443").unwrap().to_string(),
+            "tls://127.0.0.1:3443"
+        );
+        assert!(
+            parse_socket("tls:///run/a.sock").is_err(),
+            "TLS over a Unix socket is not a thing nginx does"
+        );
+        let options = |args: &[&str]| {
+            let mut argv = vec!["ferrule".to_owned(), "app:application".to_owned()];
+            argv.extend(args.iter().map(|a| a.to_string()));
+            load_options(argv.into_iter().map(OsString::from).collect()).unwrap()
+        };
+        let err = Config::from_options(options(&["--socket", "tls://127.0.0.1:3443"])).unwrap_err();
+        assert!(err.to_string().contains("needs --tls-cert and --tls-key"), "{err}");
+        let err = Config::from_options(options(&["--socket", "127.0.0.1:3031", "--tls-cert", "/x.pem"])).unwrap_err();
+        assert!(matches!(err, ConfigError::TlsFilesWithoutSocket), "{err}");
+        let err = Config::from_options(options(&[
+            "--socket",
+            "tls://127.0.0.1:3443",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/cert.pem: cannot read it"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub(crate) fn bind(
     let err = |e| ListenError::Bind(spec.clone(), e);
     match spec {
         SocketSpec::Fd(fd) => BoundSocket::inherit(*fd),
-        SocketSpec::Tcp(addr) => {
+        SocketSpec::Tcp(addr) | SocketSpec::Tls(addr) => {
             let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None).map_err(err)?;
             // Restarting must not wait out TIME_WAIT connections of the previous process.
             socket.set_reuse_address(true).map_err(err)?;

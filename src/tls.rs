@@ -18,7 +18,7 @@ use rustls::server::{ProducesTickets, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
 
 /// The files a `tls://` socket needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct TlsFiles {
     /// PEM, the server's certificate first, then its chain.
     pub(crate) cert: PathBuf,
@@ -147,6 +147,11 @@ pub(crate) fn server_config(files: &TlsFiles, tickets: Arc<SharedTickets>) -> Re
     config.ticketer = tickets;
     // nginx speaks no ALPN to a uwsgi upstream; nothing to negotiate.
     Ok(Arc::new(config))
+}
+
+/// Checks the files as a worker will use them (the master does this before any worker starts).
+pub(crate) fn check_files(files: &TlsFiles) -> Result<(), TlsError> {
+    server_config(files, Arc::new(SharedTickets::new(Vec::new()))).map(drop)
 }
 
 /// How long one ticket key seals new tickets; a ticket opens for one more such period after that.
