@@ -1,0 +1,235 @@
+//! A TLS connection as the response side drives it (work in progress, issue 14): rustls over the connection's
+//! non-blocking socket, written by the app thread without the GIL like a plain `Wire`. Plaintext goes into
+//! rustls, which seals it into records; records go to the socket as it takes them. A complete response ends
+//! with close_notify; an aborted one with a reset and no close_notify, so nginx sees the truncation.
+
+use std::io::{self, IoSlice, Write};
+use std::time::Duration;
+
+use socket2::Socket;
+
+/// The TLS side of a response's connection.
+pub(crate) struct TlsWire {
+    socket: Socket,
+    conn: rustls::ServerConnection,
+}
+
+/// `io::Write` for rustls's `write_tls`, over the socket without needing `&mut Socket`.
+struct SocketSink<'a>(&'a Socket);
+
+impl Write for SocketSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.send_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TlsWire {
+    /// Takes over a connection whose handshake is done; `socket` is non-blocking.
+    pub(crate) fn new(socket: Socket, conn: rustls::ServerConnection) -> TlsWire {
+        TlsWire { socket, conn }
+    }
+
+    /// Sends sealed records until none is pending or the socket is full (`WouldBlock`).
+    fn push_records(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut SocketSink(&self.socket))?;
+        }
+        Ok(())
+    }
+
+    /// Gives rustls as much of `bufs` as it takes (its buffer is bounded), and sends records: the number of
+    /// plaintext bytes taken, or `WouldBlock` when the socket is full and rustls takes nothing more, so the
+    /// caller waits for room (as for a plain socket) and tries again.
+    pub(crate) fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self.push_records() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => other?,
+        }
+        let taken = self.conn.writer().write_vectored(bufs)?;
+        match self.push_records() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => other?,
+        }
+        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
+        if taken == 0 && wanted > 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(taken)
+    }
+
+    /// Whether sealed records still wait for the socket.
+    pub(crate) fn pending(&self) -> bool {
+        self.conn.wants_write()
+    }
+
+    /// Sends what is pending and then close_notify, waiting for room with `wait` (at most its timeout each
+    /// time; false when it ran out): the ordinary end of a complete response.
+    pub(crate) fn finish(&mut self, mut wait: impl FnMut(&Socket) -> io::Result<bool>) -> io::Result<()> {
+        self.conn.send_close_notify();
+        loop {
+            match self.push_records() {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !wait(&self.socket)? {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Makes the close that follows (dropping the wire) a TCP reset with no close_notify: nginx takes the
+    /// response as broken, whatever its TLS library does with a bare end of stream.
+    pub(crate) fn reset(&self) {
+        let _ = self.socket.set_linger(Some(Duration::ZERO));
+    }
+
+    /// The socket, to wait for room on.
+    pub(crate) fn socket(&self) -> &Socket {
+        &self.socket
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+    use std::sync::Arc;
+
+    use nix::poll::PollFlags;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    /// A server config and a client config that trusts it, for 127.0.0.1.
+    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_cert.pem().as_bytes()).unwrap())
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// The client thread: what it read, and how the stream ended.
+    type Client = std::thread::JoinHandle<(Vec<u8>, io::Result<()>)>;
+
+    /// A connected pair after the handshake: the server side as a non-blocking `TlsWire` with a small send
+    /// buffer (so writes fill it and have to wait), and a client thread reading everything, slowly at first.
+    fn pair(body_len: usize) -> (TlsWire, Client) {
+        let (server_config, client_config) = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let conn =
+                rustls::ClientConnection::new(client_config, ServerName::try_from("127.0.0.1").unwrap()).unwrap();
+            let tcp = TcpStream::connect(addr).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            std::thread::sleep(Duration::from_millis(50));
+            let mut got = Vec::with_capacity(body_len);
+            let end = tls.read_to_end(&mut got).map(drop);
+            (got, end)
+        });
+        let (tcp, _) = listener.accept().unwrap();
+        let mut conn = rustls::ServerConnection::new(server_config).unwrap();
+        let mut tcp = tcp;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        let socket = Socket::from(tcp);
+        socket.set_send_buffer_size(16 * 1024).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        (TlsWire::new(socket, conn), client)
+    }
+
+    fn wait_writable(socket: &Socket) -> io::Result<bool> {
+        crate::listener::wait_ready(socket.as_fd(), PollFlags::POLLOUT, Duration::from_secs(5))
+    }
+
+    /// Writes all of `body` the way the responder does: write, and wait for room on `WouldBlock`.
+    fn write_all(wire: &mut TlsWire, body: &[u8]) {
+        let mut rest = body;
+        while !rest.is_empty() {
+            match wire.write_vectored(&[IoSlice::new(&rest[..rest.len().min(100_000)])]) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(wait_writable(wire.socket()).unwrap(), "no room within 5 s");
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_complete_response_arrives_whole_and_ends_with_close_notify() {
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut wire, client) = pair(body.len());
+        write_all(&mut wire, &body);
+        wire.finish(wait_writable).unwrap();
+        assert!(!wire.pending());
+        drop(wire);
+        let (got, end) = client.join().unwrap();
+        end.expect("a clean end: close_notify, then EOF");
+        assert_eq!(got.len(), body.len());
+        assert!(got == body, "the bytes arrive in order, unchanged");
+    }
+
+    #[test]
+    fn an_aborted_response_is_a_reset_without_close_notify() {
+        let (mut wire, client) = pair(1000);
+        write_all(&mut wire, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial");
+        while wire.pending() {
+            match wire.write_vectored(&[]) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_writable(wire.socket()).unwrap();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        wire.reset();
+        drop(wire);
+        let (got, end) = client.join().unwrap();
+        // A reset may discard what the client had not read yet: what matters is that it is not a clean end.
+        assert!(got.len() < 1000, "{:?}", String::from_utf8_lossy(&got));
+        assert!(
+            end.is_err(),
+            "the client must see the end as an error, not a clean close"
+        );
+    }
+}
