@@ -23,7 +23,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::config::{Config, SocketSpec, systemd_fds};
+use crate::config::{Config, systemd_fds};
 use crate::control::{self, ENV_WORKER_FDS, ENV_WORKER_ID, ENV_ZYGOTE, EXIT_APP_LOAD, Message};
 use crate::lifecycle::RetireReason;
 use crate::listener::{self, BoundSocket, ListenError, Listener, Stream};
@@ -52,8 +52,7 @@ pub(crate) enum MasterError {
     Fork(#[from] control::ForkError),
     #[error("the preloaded app is not ready to fork workers from")]
     NotPreloaded,
-    #[error("--socket {0}: tls:// sockets are not served yet (work in progress on this branch)")]
-    TlsNotServed(String),
+
     #[error("worker {pid} exited during start-up ({status})")]
     StartupCrash { pid: u32, status: String },
     #[error("cannot switch to {what}: {reason}")]
@@ -230,11 +229,6 @@ pub(crate) struct Launch {
 
 /// Binds every socket, runs the workers until a stop signal, and removes the socket files.
 pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
-    // Work in progress (issue 14): the files are checked, the sockets are not served yet. A tls:// socket must
-    // not answer plain uwsgi, so it is refused here until the connection side speaks TLS.
-    if let Some(socket) = config.sockets.iter().find(|s| matches!(s, SocketSpec::Tls(_))) {
-        return Err(MasterError::TlsNotServed(socket.to_string()));
-    }
     check_descriptor_limit(&config)?;
     let identity = resolve_identity(&config)?;
     let owner = identity.socket_owner();

@@ -108,7 +108,7 @@ pub(crate) async fn run(
 /// side has read for the next free app thread, the connection limit and the stop.
 struct Acceptor {
     /// The listening sockets, with the names the log uses for them.
-    listeners: Vec<(OwnedFd, String)>,
+    listeners: Vec<(OwnedFd, String, bool)>,
     ctx: Arc<WorkerContext>,
     /// Requests the async side has read, waiting for an app thread.
     ready_tx: crossbeam_channel::Sender<Request>,
@@ -131,11 +131,18 @@ struct Acceptor {
 
 impl Acceptor {
     fn new(sockets: Vec<BoundSocket>, ctx: Arc<WorkerContext>) -> std::io::Result<Acceptor> {
+        // The sockets come in the order of the configured ones (systemd's after them): that says which are TLS.
         let listeners = sockets
             .into_iter()
-            .map(|b| {
-                let name = b.display_addr();
-                (b.fd, name)
+            .enumerate()
+            .map(|(i, b)| {
+                let tls = matches!(ctx.config.sockets.get(i), Some(crate::config::SocketSpec::Tls(_)));
+                let name = if tls {
+                    format!("tls://{}", b.display_addr())
+                } else {
+                    b.display_addr()
+                };
+                (b.fd, name, tls)
             })
             .collect();
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
@@ -193,6 +200,20 @@ impl Acceptor {
         let reading = self.reading.enter();
         let read = async move {
             if let Some(request) = connection::read_pending(socket, tcp, Arc::clone(&acceptor.ctx)).await {
+                acceptor.queue(request);
+            }
+            drop((reading, in_flight));
+        };
+        self.runtime.spawn(read.instrument(span));
+    }
+
+    /// Hands a tls:// connection to the async side: handshake, then the request, within --read-timeout.
+    fn read_later_tls(self: &Arc<Self>, socket: Socket, span: tracing::Span) {
+        let acceptor = Arc::clone(self);
+        let in_flight = self.ctx.in_flight.enter();
+        let reading = self.reading.enter();
+        let read = async move {
+            if let Some(request) = connection::read_pending_tls(socket, Arc::clone(&acceptor.ctx)).await {
                 acceptor.queue(request);
             }
             drop((reading, in_flight));
@@ -285,7 +306,7 @@ impl AppThreadFeed {
     fn new(acceptor: &Arc<Acceptor>) -> std::io::Result<AppThreadFeed> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let one = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-        for (fd, _) in &acceptor.listeners {
+        for (fd, _, _) in &acceptor.listeners {
             epoll.add(fd, EpollEvent::new(one, LISTENER_EVENT))?;
         }
         epoll.add(&acceptor.ready_signal, EpollEvent::new(one, OTHER_EVENT))?;
@@ -300,7 +321,7 @@ impl AppThreadFeed {
     /// Accepts on each listener until one gives a connection.
     fn accept(&self) -> Accepted {
         let acceptor = &self.acceptor;
-        for (fd, name) in &acceptor.listeners {
+        for (fd, name, tls) in &acceptor.listeners {
             let (socket, peer) = match listener::accept_now(fd) {
                 Ok(Some(accepted)) => accepted,
                 Ok(None) => continue,
@@ -316,6 +337,11 @@ impl AppThreadFeed {
             }
             let span = connection::conn_span(peer, name);
             let tcp = peer.is_some();
+            // No peek-and-run for TLS: the handshake and the request are read on the async side.
+            if *tls {
+                acceptor.read_later_tls(socket, span);
+                return Accepted::Handled;
+            }
             return match connection::read_if_whole(socket, tcp, span.clone(), &acceptor.ctx) {
                 Arrival::Whole(request) => Accepted::Request(request),
                 Arrival::Pending(socket) => {

@@ -116,7 +116,24 @@ pub(crate) fn run(handoff: Handoff, id: u32) -> Result<(), WorkerError> {
 pub(crate) fn serve(app: App, config: Config, sockets: Vec<BoundSocket>, control: ToMaster) -> Result<(), WorkerError> {
     tune_malloc();
     let (lifecycle, retire_rx) = Lifecycle::new(&config);
-    let ctx = Arc::new(WorkerContext::new(config, lifecycle));
+    // The files were checked by the master; a worker started later (a reload picked up a renewed certificate)
+    // loads them again.
+    let tls = match &config.tls {
+        None => None,
+        Some(files) => {
+            // Work in progress: each worker seals tickets with its own key for now (issue 14 wants the master's).
+            let key = crate::tls::TicketKey::generate(crate::tls::current_period());
+            let tickets = Arc::new(crate::tls::SharedTickets::new(key.into_iter().collect()));
+            match crate::tls::server_config(files, tickets) {
+                Ok(tls) => Some(tls),
+                Err(error) => {
+                    tracing::error!("{error}");
+                    std::process::exit(EXIT_APP_LOAD);
+                }
+            }
+        }
+    };
+    let ctx = Arc::new(WorkerContext::new(config, lifecycle, tls));
     // One thread for the async side: the app threads serve most requests end to end, so it only reads slow
     // peers, answers refusals and keeps time; a second runtime thread would compete for the same cores.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

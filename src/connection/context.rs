@@ -17,11 +17,14 @@ pub(crate) struct WorkerContext {
     /// Requests and connections in progress: each counts itself out when it ends, and a stop waits for none
     /// to be left.
     pub(crate) in_flight: Arc<InFlight>,
+    /// For tls:// sockets: the server configuration (certificate, key, client CAs, tickets).
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl WorkerContext {
-    pub(crate) fn new(config: Config, lifecycle: Lifecycle) -> WorkerContext {
+    pub(crate) fn new(config: Config, lifecycle: Lifecycle, tls: Option<Arc<rustls::ServerConfig>>) -> WorkerContext {
         WorkerContext {
+            tls,
             watchdog: config.timeout.map(Watchdog::new),
             config,
             lifecycle,

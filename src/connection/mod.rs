@@ -17,14 +17,13 @@ mod context;
 mod read;
 mod responder;
 mod watchdog;
-#[allow(dead_code)] // groundwork for issue 14, not wired to the responder yet
 mod tls_wire;
 mod wire;
 
 use std::sync::Arc;
 
 pub(crate) use context::WorkerContext;
-pub(crate) use read::{Arrival, conn_span, read_if_whole, read_pending};
+pub(crate) use read::{Arrival, conn_span, read_if_whole, read_pending, read_pending_tls};
 
 /// Answers the requests that run past `--timeout`, for the life of the worker (returns at once without one).
 pub(crate) async fn watch_timeouts(ctx: Arc<WorkerContext>) {

@@ -487,3 +487,177 @@ async fn refuse(
     .await;
     Ok(())
 }
+
+/// The async side of a tls:// connection: the handshake, then the whole request, within `--read-timeout`.
+/// Nothing can be peeked through TLS, so the request is read whole, and the response ends with close_notify
+/// (complete) or a reset without it (aborted).
+pub(crate) async fn read_pending_tls(socket: Socket, ctx: Arc<WorkerContext>) -> Option<Request> {
+    let started = Instant::now();
+    let Some(tls_config) = ctx.tls.clone() else {
+        tracing::error!("a tls:// connection, but this worker has no TLS configuration");
+        return None;
+    };
+    let tcp = std::net::TcpStream::from(std::os::fd::OwnedFd::from(socket));
+    let tcp = match tokio::net::TcpStream::from_std(tcp) {
+        Ok(tcp) => tcp,
+        Err(error) => {
+            tracing::error!(%error, "cannot register a connection with the runtime");
+            return None;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + ctx.config.read_timeout;
+    let accept = tokio_rustls::TlsAcceptor::from(tls_config).accept(tcp);
+    let tls = match tokio::time::timeout_at(deadline, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "TLS handshake failed; closing");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?ctx.config.read_timeout, "TLS handshake not done within --read-timeout; closing");
+            return None;
+        }
+    };
+    let read = read_tls_request(tls, &ctx, started);
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(ConnError::Io(error))) if is_disconnect(&error) => {
+            tracing::debug!(%error, "peer went away");
+            None
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "closing connection");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?ctx.config.read_timeout, "the peer did not send its request in time; closing");
+            None
+        }
+    }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+async fn read_tls_request(
+    mut tls: TlsStream,
+    ctx: &Arc<WorkerContext>,
+    started: Instant,
+) -> Result<Option<Request>, ConnError> {
+    use tokio::io::AsyncReadExt;
+    let config = &ctx.config;
+    let mut buf = Vec::with_capacity(INITIAL_PEEK);
+    loop {
+        if tls.read_buf(&mut buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(ConnError::Truncated(buf.len()))
+            };
+        }
+        match packet::decode(&buf, config.max_vars_size).map_err(ConnError::Malformed)? {
+            Decoded::Incomplete { .. } => {}
+            Decoded::Request { .. } => break,
+            Decoded::Ping { .. } | Decoded::Unsupported { .. } => {
+                tracing::warn!("not a uwsgi request on a tls:// socket; closing");
+                return Ok(None);
+            }
+            Decoded::TooLarge { datasize, limit } => {
+                tracing::warn!(
+                    datasize,
+                    limit,
+                    "uwsgi vars block larger than --buffer-size; answering 431"
+                );
+                refuse_tls(&mut tls, ctx, 431, &RequestInfo::unknown(), started).await?;
+                return Ok(None);
+            }
+        }
+    }
+    let seen = Bytes::from(buf);
+    let (environ, packet_len) = match open(&seen, config).map_err(ConnError::Malformed)? {
+        Opening::Request { environ, packet_len } => (environ, packet_len),
+        Opening::BadEnviron { error, request } => {
+            tracing::warn!(%error, "refusing request");
+            refuse_tls(&mut tls, ctx, 400, &request, started).await?;
+            return Ok(None);
+        }
+        // `decode` is a pure function, and these very bytes decoded as a whole request packet just above.
+        Opening::NotARequest => unreachable!("a whole request packet decodes the same way twice"),
+    };
+    warn_about_defaults(&environ);
+    if let Some(limit) = config.max_body_size.filter(|&limit| environ.content_length > limit) {
+        tracing::warn!(
+            content_length = environ.content_length,
+            limit,
+            "request body larger than --max-body-size; answering 413"
+        );
+        refuse_tls(
+            &mut tls,
+            ctx,
+            413,
+            &RequestInfo::of(&environ, config.access_log),
+            started,
+        )
+        .await?;
+        return Ok(None);
+    }
+    let total = packet_len as u64 + environ.content_length;
+    let body = if environ.content_length <= config.body_buffer_size {
+        let total = usize::try_from(total).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let mut all = seen.to_vec();
+        while all.len() < total {
+            let want = total - all.len();
+            if tls.read_buf(&mut (&mut all).limit(want)).await? == 0 {
+                return Err(ConnError::Truncated(all.len()));
+            }
+        }
+        all.truncate(total);
+        Body::Memory(Bytes::from(all).slice(packet_len..))
+    } else {
+        let mut file = tokio::fs::File::from_std(tempfile::tempfile().map_err(ConnError::Spool)?);
+        let already = &seen[packet_len.min(seen.len())..];
+        file.write_all(already).await.map_err(ConnError::Spool)?;
+        let mut left = environ.content_length - already.len() as u64;
+        let mut scratch = vec![0u8; SPOOL_CHUNK];
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(SPOOL_CHUNK);
+            let n = tls.read(&mut scratch[..want]).await?;
+            if n == 0 {
+                return Err(ConnError::Truncated((total - left) as usize));
+            }
+            file.write_all(&scratch[..n]).await.map_err(ConnError::Spool)?;
+            left -= n as u64;
+        }
+        file.flush().await.map_err(ConnError::Spool)?;
+        Body::Spooled {
+            file: file.into_std().await,
+            len: environ.content_length,
+        }
+    };
+    ctx.metrics.received(total);
+    let request = RequestInfo::of(&environ, config.access_log);
+    let span = request_span(&environ);
+    let (tcp, conn) = tls.into_inner();
+    let socket = Socket::from(std::os::fd::OwnedFd::from(tcp.into_std()?));
+    let sink = Responder::new(Wire::tls(socket, conn), Arc::clone(ctx), request, started, &span);
+    Ok(Some(Request {
+        environ,
+        body,
+        span,
+        sink: Box::new(sink),
+    }))
+}
+
+/// Answers a request the server refuses itself through TLS, and ends the session with close_notify.
+async fn refuse_tls(
+    tls: &mut TlsStream,
+    ctx: &WorkerContext,
+    status: u16,
+    request: &RequestInfo,
+    started: Instant,
+) -> Result<(), ConnError> {
+    let (bytes, body_len) = crate::response::server_response(status);
+    record(&ctx.config, &ctx.metrics, request, status, body_len, started);
+    tls.write_all(&bytes).await?;
+    tls.shutdown().await?;
+    Ok(())
+}

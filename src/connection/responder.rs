@@ -75,7 +75,7 @@ impl Responder {
             return Ok(());
         }
         if complete {
-            if let Err(error) = self.wire.finish() {
+            if let Err(error) = self.wire.finish(self.ctx.config.write_timeout) {
                 tracing::debug!(%error, "cannot read the rest of the request");
             }
         } else {

@@ -4,15 +4,8 @@
 //! with close_notify; an aborted one with a reset and no close_notify, so nginx sees the truncation.
 
 use std::io::{self, IoSlice, Write};
-use std::time::Duration;
 
 use socket2::Socket;
-
-/// The TLS side of a response's connection.
-pub(crate) struct TlsWire {
-    socket: Socket,
-    conn: rustls::ServerConnection,
-}
 
 /// `io::Write` for rustls's `write_tls`, over the socket without needing `&mut Socket`.
 struct SocketSink<'a>(&'a Socket);
@@ -31,71 +24,56 @@ impl Write for SocketSink<'_> {
     }
 }
 
-impl TlsWire {
-    /// Takes over a connection whose handshake is done; `socket` is non-blocking.
-    pub(crate) fn new(socket: Socket, conn: rustls::ServerConnection) -> TlsWire {
-        TlsWire { socket, conn }
+/// Sends sealed records until none is pending or the socket is full (`WouldBlock`).
+fn push_records(conn: &mut rustls::ServerConnection, socket: &Socket) -> io::Result<()> {
+    while conn.wants_write() {
+        conn.write_tls(&mut SocketSink(socket))?;
     }
+    Ok(())
+}
 
-    /// Sends sealed records until none is pending or the socket is full (`WouldBlock`).
-    fn push_records(&mut self) -> io::Result<()> {
-        while self.conn.wants_write() {
-            self.conn.write_tls(&mut SocketSink(&self.socket))?;
-        }
-        Ok(())
+/// Gives rustls as much of `bufs` as it takes (its buffer is bounded), and sends records: the number of
+/// plaintext bytes taken, or `WouldBlock` when the socket is full and rustls takes nothing more, so the caller
+/// waits for room (as for a plain socket) and tries again.
+pub(crate) fn write_vectored(
+    conn: &mut rustls::ServerConnection,
+    socket: &Socket,
+    bufs: &[IoSlice<'_>],
+) -> io::Result<usize> {
+    match push_records(conn, socket) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        other => other?,
     }
-
-    /// Gives rustls as much of `bufs` as it takes (its buffer is bounded), and sends records: the number of
-    /// plaintext bytes taken, or `WouldBlock` when the socket is full and rustls takes nothing more, so the
-    /// caller waits for room (as for a plain socket) and tries again.
-    pub(crate) fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self.push_records() {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            other => other?,
-        }
-        let taken = self.conn.writer().write_vectored(bufs)?;
-        match self.push_records() {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            other => other?,
-        }
-        let wanted: usize = bufs.iter().map(|b| b.len()).sum();
-        if taken == 0 && wanted > 0 {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(taken)
+    let taken = conn.writer().write_vectored(bufs)?;
+    match push_records(conn, socket) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        other => other?,
     }
-
-    /// Whether sealed records still wait for the socket.
-    pub(crate) fn pending(&self) -> bool {
-        self.conn.wants_write()
+    let wanted: usize = bufs.iter().map(|b| b.len()).sum();
+    if taken == 0 && wanted > 0 {
+        return Err(io::ErrorKind::WouldBlock.into());
     }
+    Ok(taken)
+}
 
-    /// Sends what is pending and then close_notify, waiting for room with `wait` (at most its timeout each
-    /// time; false when it ran out): the ordinary end of a complete response.
-    pub(crate) fn finish(&mut self, mut wait: impl FnMut(&Socket) -> io::Result<bool>) -> io::Result<()> {
-        self.conn.send_close_notify();
-        loop {
-            match self.push_records() {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !wait(&self.socket)? {
-                        return Err(io::ErrorKind::TimedOut.into());
-                    }
+/// Sends what is pending and then close_notify, waiting for room with `wait` (false when its time ran out):
+/// the ordinary end of a complete response.
+pub(crate) fn finish(
+    conn: &mut rustls::ServerConnection,
+    socket: &Socket,
+    mut wait: impl FnMut(&Socket) -> io::Result<bool>,
+) -> io::Result<()> {
+    conn.send_close_notify();
+    loop {
+        match push_records(conn, socket) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !wait(socket)? {
+                    return Err(io::ErrorKind::TimedOut.into());
                 }
-                Err(e) => return Err(e),
             }
+            Err(e) => return Err(e),
         }
-    }
-
-    /// Makes the close that follows (dropping the wire) a TCP reset with no close_notify: nginx takes the
-    /// response as broken, whatever its TLS library does with a bare end of stream.
-    pub(crate) fn reset(&self) {
-        let _ = self.socket.set_linger(Some(Duration::ZERO));
-    }
-
-    /// The socket, to wait for room on.
-    pub(crate) fn socket(&self) -> &Socket {
-        &self.socket
     }
 }
 
@@ -106,6 +84,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd;
     use std::sync::Arc;
+    use std::time::Duration;
 
     use nix::poll::PollFlags;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -151,6 +130,12 @@ mod tests {
 
     /// A connected pair after the handshake: the server side as a non-blocking `TlsWire` with a small send
     /// buffer (so writes fill it and have to wait), and a client thread reading everything, slowly at first.
+    /// The server side of a test connection.
+    struct TlsWire {
+        socket: Socket,
+        conn: rustls::ServerConnection,
+    }
+
     fn pair(body_len: usize) -> (TlsWire, Client) {
         let (server_config, client_config) = configs();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -174,7 +159,7 @@ mod tests {
         let socket = Socket::from(tcp);
         socket.set_send_buffer_size(16 * 1024).unwrap();
         socket.set_nonblocking(true).unwrap();
-        (TlsWire::new(socket, conn), client)
+        (TlsWire { socket, conn }, client)
     }
 
     fn wait_writable(socket: &Socket) -> io::Result<bool> {
@@ -185,10 +170,14 @@ mod tests {
     fn write_all(wire: &mut TlsWire, body: &[u8]) {
         let mut rest = body;
         while !rest.is_empty() {
-            match wire.write_vectored(&[IoSlice::new(&rest[..rest.len().min(100_000)])]) {
+            match write_vectored(
+                &mut wire.conn,
+                &wire.socket,
+                &[IoSlice::new(&rest[..rest.len().min(100_000)])],
+            ) {
                 Ok(n) => rest = &rest[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    assert!(wait_writable(wire.socket()).unwrap(), "no room within 5 s");
+                    assert!(wait_writable(&wire.socket).unwrap(), "no room within 5 s");
                 }
                 Err(e) => panic!("write: {e}"),
             }
@@ -200,8 +189,8 @@ mod tests {
         let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let (mut wire, client) = pair(body.len());
         write_all(&mut wire, &body);
-        wire.finish(wait_writable).unwrap();
-        assert!(!wire.pending());
+        finish(&mut wire.conn, &wire.socket, wait_writable).unwrap();
+        assert!(!wire.conn.wants_write());
         drop(wire);
         let (got, end) = client.join().unwrap();
         end.expect("a clean end: close_notify, then EOF");
@@ -213,16 +202,17 @@ mod tests {
     fn an_aborted_response_is_a_reset_without_close_notify() {
         let (mut wire, client) = pair(1000);
         write_all(&mut wire, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial");
-        while wire.pending() {
-            match wire.write_vectored(&[]) {
+        while wire.conn.wants_write() {
+            match write_vectored(&mut wire.conn, &wire.socket, &[]) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_writable(wire.socket()).unwrap();
+                    wait_writable(&wire.socket).unwrap();
                 }
                 Err(e) => panic!("{e}"),
             }
         }
-        wire.reset();
+        // What Wire::reset does for a TCP connection: a reset, and no close_notify.
+        let _ = wire.socket.set_linger(Some(Duration::ZERO));
         drop(wire);
         let (got, end) = client.join().unwrap();
         // A reset may discard what the client had not read yet: what matters is that it is not a clean end.

@@ -6,6 +6,7 @@
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::poll::PollFlags;
@@ -28,21 +29,65 @@ pub(crate) struct Wire {
     tcp: bool,
     /// Request bytes still queued unread, consumed when the response is complete.
     unread: usize,
+    /// On a tls:// socket, the session the response is sealed by (shared with the watchdog's takeover).
+    tls: Option<Tls>,
 }
+
+/// A TLS session, locked for each write.
+pub(crate) type Tls = Arc<Mutex<rustls::ServerConnection>>;
+
+/// Most plaintext read from a file per write through TLS (no sendfile through TLS).
+const TLS_FILE_CHUNK: usize = 64 * 1024;
 
 impl Wire {
     pub(crate) fn new(socket: Socket, tcp: bool, unread: usize) -> Wire {
-        Wire { socket, tcp, unread }
+        Wire {
+            socket,
+            tcp,
+            unread,
+            tls: None,
+        }
     }
 
-    /// One non-blocking writev.
+    /// A TLS connection whose handshake and request reading are done: everything was read (nothing is left
+    /// to peek), and the response is sealed by `conn`.
+    pub(crate) fn tls(socket: Socket, conn: rustls::ServerConnection) -> Wire {
+        Wire {
+            socket,
+            tcp: true,
+            unread: 0,
+            tls: Some(Arc::new(Mutex::new(conn))),
+        }
+    }
+
+    fn session(tls: &Tls) -> std::sync::MutexGuard<'_, rustls::ServerConnection> {
+        tls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One non-blocking writev (through TLS: the plaintext taken).
     pub(crate) fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.socket.send_vectored(bufs)
+        match &self.tls {
+            None => self.socket.send_vectored(bufs),
+            Some(tls) => super::tls_wire::write_vectored(&mut Self::session(tls), &self.socket, bufs),
+        }
     }
 
-    /// One non-blocking sendfile(2) of up to `count` bytes of `file` from `offset`, which it advances.
+    /// One non-blocking sendfile(2) of up to `count` bytes of `file` from `offset`, which it advances. Through
+    /// TLS the bytes must pass through this process: up to `TLS_FILE_CHUNK` is read and sealed.
     pub(crate) fn send_file(&self, file: &File, offset: &mut u64, count: usize) -> io::Result<usize> {
-        listener::sendfile(&self.socket, file, offset, count)
+        let Some(tls) = &self.tls else {
+            return listener::sendfile(&self.socket, file, offset, count);
+        };
+        use std::os::unix::fs::FileExt;
+        let mut chunk = vec![0u8; count.min(TLS_FILE_CHUNK)];
+        let read = file.read_at(&mut chunk, *offset)?;
+        if read == 0 {
+            return Ok(0);
+        }
+        let taken =
+            super::tls_wire::write_vectored(&mut Self::session(tls), &self.socket, &[IoSlice::new(&chunk[..read])])?;
+        *offset += taken as u64;
+        Ok(taken)
     }
 
     /// Waits for room to write, at most `timeout`; false when the time ran out.
@@ -52,8 +97,14 @@ impl Wire {
 
     /// The response is complete: consumes the rest of the request, so the close that follows is an ordinary
     /// end of the response. It was peeked earlier, so it is queued and this returns at once.
-    pub(crate) fn finish(&self) -> io::Result<()> {
-        listener::discard(&self.socket, self.unread)
+    pub(crate) fn finish(&self, stall: Duration) -> io::Result<()> {
+        match &self.tls {
+            None => listener::discard(&self.socket, self.unread),
+            // Through TLS: the sealed records still pending, then close_notify.
+            Some(tls) => super::tls_wire::finish(&mut Self::session(tls), &self.socket, |socket| {
+                listener::wait_ready(socket.as_fd(), PollFlags::POLLOUT, stall)
+            }),
+        }
     }
 
     /// Makes the close that follows (dropping the wire) an error for the peer: an RST on TCP, ECONNRESET on a
@@ -70,6 +121,7 @@ impl Wire {
             fd: self.socket.as_raw_fd(),
             tcp: self.tcp,
             unread: self.unread,
+            tls: self.tls.clone(),
         }
     }
 }
@@ -82,6 +134,20 @@ pub(crate) struct Takeover {
     fd: RawFd,
     tcp: bool,
     unread: usize,
+    tls: Option<Tls>,
+}
+
+/// `io::Write` over a borrowed socket, for rustls's `write_tls`.
+struct SockWriter<'a, 'b>(&'a SockRef<'b>);
+
+impl std::io::Write for SockWriter<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Takeover {
@@ -94,9 +160,24 @@ impl Takeover {
         // SAFETY: the caller guarantees the descriptor is open.
         let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
         let socket = SockRef::from(&fd);
-        // Nothing was written yet, so the empty socket buffer takes the short answer whole.
-        let _ = socket.send(answer);
-        let _ = listener::discard(&socket, self.unread);
+        match &self.tls {
+            // Nothing was written yet, so the empty socket buffer takes the short answer whole.
+            None => {
+                let _ = socket.send(answer);
+                let _ = listener::discard(&socket, self.unread);
+            }
+            // Sealed, then close_notify, as far as the socket takes them now (they are small).
+            Some(tls) => {
+                let mut conn = Wire::session(tls);
+                let _ = std::io::Write::write_all(&mut conn.writer(), answer);
+                conn.send_close_notify();
+                while conn.wants_write() {
+                    if conn.write_tls(&mut SockWriter(&socket)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
         // SAFETY: as above.
         unsafe { self.close_under() }
     }
