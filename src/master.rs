@@ -247,16 +247,24 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
             }
         }
     }
-    if let Some(addr) = sockets
-        .iter()
-        .find(|s| !s.is_unix() && !is_loopback(s))
-        .map(BoundSocket::display_addr)
-    {
-        tracing::warn!(
-            address = %addr,
-            "listening beyond loopback: the uwsgi protocol has no authentication, so anyone who can reach this \
-             address can send requests as any client"
-        );
+    let is_tls = |s: &BoundSocket| matches!(s.spec, crate::config::SocketSpec::Tls(_));
+    let client_ca = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    for socket in sockets.iter().filter(|s| !s.is_unix() && !is_loopback(s)) {
+        let address = socket.display_addr();
+        if !is_tls(socket) {
+            tracing::warn!(
+                %address,
+                "listening beyond loopback: the uwsgi protocol has no authentication, so anyone who can reach \
+                 this address can send requests as any client (a tls:// socket with --tls-client-ca can require \
+                 nginx's certificate)"
+            );
+        } else if !client_ca {
+            tracing::warn!(
+                %address,
+                "a tls:// socket beyond loopback without --tls-client-ca: traffic is encrypted, but any client \
+                 may connect and send requests as any client; give nginx a certificate and ferrule its CA"
+            );
+        }
     }
     let metrics_socket = match &config.metrics {
         Some(spec) => match listener::bind(spec, config.socket_mode, owner, config.listen_backlog) {

@@ -506,6 +506,25 @@ pub(crate) async fn read_pending_tls(socket: Socket, ctx: Arc<WorkerContext>) ->
         }
     };
     let deadline = tokio::time::Instant::now() + ctx.config.read_timeout;
+    // What is not TLS at all gets one line saying what it is (plain uwsgi, HTTP), not a handshake error.
+    let mut first = [0u8; 16];
+    if let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        let first = &first[..n];
+        let handshake = first.len() >= 2 && first[0] == 0x16 && first[1] == 0x03;
+        if !first.is_empty() && !handshake {
+            let what = match packet::sniff_foreign_protocol(first) {
+                Some(protocol) => protocol,
+                None if first[0] == packet::MODIFIER_WSGI => "plain uwsgi",
+                None => "something other than TLS",
+            };
+            tracing::warn!(
+                received = what,
+                "this tls:// socket got {what}: point nginx at it with uwsgi_pass suwsgi://host:port (and the \
+                 uwsgi_ssl_* settings); closing"
+            );
+            return None;
+        }
+    }
     let accept = tokio_rustls::TlsAcceptor::from(tls_config).accept(tcp);
     let tls = match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(tls)) => tls,
