@@ -1,6 +1,8 @@
 //! The line between the master and a worker, both ends: how a worker is started (its environment and the
-//! descriptors it inherits), the settings line the master writes first on the control socket, and the text
-//! lines a worker sends up (`ready`, `stats ...`, `retire REASON`); EOF means the other side is gone.
+//! descriptors it inherits), the settings line the master writes first on the control socket, the text lines
+//! a worker sends up (`ready`, `stats ...`, `retire REASON`), and the one line the master sends down later:
+//! the session-ticket keys for tls:// sockets (`tickets PERIOD:HEX ...`), written before the worker starts and
+//! again whenever the keys rotate. EOF means the other side is gone.
 //!
 //! Under `--preload` the master starts a zygote the same way (with [`ENV_ZYGOTE`] and one more descriptor,
 //! the fork channel), which says `ready` once the app is imported. The master then asks it for each worker on
@@ -12,6 +14,7 @@
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
@@ -20,6 +23,7 @@ use crate::config::Config;
 use crate::lifecycle::RetireReason;
 use crate::listener::{BoundSocket, ListenError};
 use crate::metrics::Snapshot;
+use crate::tls::{SharedTickets, TicketKey};
 
 /// Exit status of a worker that could not load the app: the master stops instead of respawning it.
 pub(crate) const EXIT_APP_LOAD: i32 = 3;
@@ -39,7 +43,7 @@ pub(crate) enum Message {
     /// The app is imported and the worker serves.
     Ready,
     /// The worker's counters, once a second.
-    Stats(Snapshot),
+    Stats(Box<Snapshot>),
     /// The worker wants a replacement.
     Retire(RetireReason),
 }
@@ -57,7 +61,7 @@ impl Message {
     pub(crate) fn parse(line: &str) -> Option<Message> {
         match line.split_once(' ') {
             None if line == "ready" => Some(Message::Ready),
-            Some(("stats", numbers)) => Snapshot::parse(numbers).map(Message::Stats),
+            Some(("stats", numbers)) => Snapshot::parse(numbers).map(|s| Message::Stats(Box::new(s))),
             Some(("retire", reason)) => RetireReason::parse(reason).map(Message::Retire),
             _ => None,
         }
@@ -69,6 +73,26 @@ impl Message {
 pub(crate) fn send_settings(stream: &UnixStream, config: &Config) -> std::io::Result<()> {
     let mut stream = stream;
     writeln!(stream, "config {}", config.encode())
+}
+
+/// The master's side: writes the session-ticket keys every worker seals and opens tickets with. The socket is
+/// a local one with room for far more than this line; a worker too stuck to read it is replaced anyway, so a
+/// full socket (`WouldBlock`) is reported and the line dropped.
+pub(crate) fn send_ticket_keys(stream: &UnixStream, keys: &[TicketKey]) -> std::io::Result<()> {
+    let mut line = String::from("tickets");
+    for key in keys {
+        line.push(' ');
+        line.push_str(&key.encode());
+    }
+    line.push('\n');
+    let mut stream = stream;
+    stream.write_all(line.as_bytes())
+}
+
+/// The keys of a `tickets` line; `None` for any other line.
+fn parse_ticket_keys(line: &str) -> Option<Vec<TicketKey>> {
+    let keys = line.strip_prefix("tickets")?;
+    keys.split_whitespace().map(TicketKey::parse).collect()
 }
 
 /// This process's worker number, when a master started it as a worker.
@@ -128,7 +152,8 @@ impl Handoff {
         let control = unsafe { OwnedFd::from_raw_fd(3 + count) };
         close_on_exec(&control)?;
         let mut stream = UnixStream::from(control);
-        let line = read_line(&mut stream).map_err(|e| HandoffError::Settings(e.to_string()))?;
+        let mut pending = Vec::new();
+        let line = read_line(&mut stream, &mut pending).map_err(|e| HandoffError::Settings(e.to_string()))?;
         let config = line
             .strip_prefix("config ")
             .ok_or_else(|| HandoffError::Settings("the first message is not the settings".into()))
@@ -144,7 +169,7 @@ impl Handoff {
         Ok(Handoff {
             config,
             sockets,
-            control: ToMaster { stream },
+            control: ToMaster { stream, pending },
             fork_channel,
         })
     }
@@ -159,23 +184,23 @@ fn close_on_exec(fd: &OwnedFd) -> Result<(), HandoffError> {
         .map_err(|e| HandoffError::Settings(format!("cannot set close-on-exec on the control socket: {e}")))
 }
 
-/// Reads the settings line. The master writes nothing after it on this socket (the channel carries the
-/// worker's messages up from then on), so reading in chunks cannot consume anything else.
-fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
+/// Reads one line the master wrote before the worker started (the settings, the ticket keys), within
+/// `HANDOFF_TIMEOUT`. It reads in chunks: what it read past the line stays in `pending` for the next one.
+fn read_line(stream: &mut UnixStream, pending: &mut Vec<u8>) -> std::io::Result<String> {
     stream.set_read_timeout(Some(HANDOFF_TIMEOUT))?;
-    let mut line = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
-    loop {
+    let end = loop {
+        if let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            break end;
+        }
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        line.extend_from_slice(&chunk[..n]);
-        if line.last() == Some(&b'\n') {
-            break;
-        }
-    }
+        pending.extend_from_slice(&chunk[..n]);
+    };
     stream.set_read_timeout(None)?;
+    let mut line: Vec<u8> = pending.drain(..=end).collect();
     line.pop();
     String::from_utf8(line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
@@ -300,9 +325,7 @@ pub(crate) fn receive_fork_request(channel: &UnixStream) -> std::io::Result<Opti
     Ok(Some(ForkRequest {
         id,
         workers,
-        control: ToMaster {
-            stream: UnixStream::from(control),
-        },
+        control: ToMaster::new(UnixStream::from(control)),
     }))
 }
 
@@ -318,9 +341,31 @@ pub(crate) fn answer_fork(channel: &UnixStream, result: Result<u32, String>) -> 
 /// The worker's side of the control line: messages go up as text lines.
 pub(crate) struct ToMaster {
     stream: UnixStream,
+    /// What was read past the last line taken before the worker started serving.
+    pending: Vec<u8>,
 }
 
 impl ToMaster {
+    /// The other end of a control line the master made (a worker forked by the zygote gets it attached to its
+    /// fork request).
+    pub(crate) fn new(stream: UnixStream) -> ToMaster {
+        ToMaster {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    /// For a worker with tls:// sockets: the session-ticket keys the master wrote before the worker started.
+    pub(crate) fn receive_ticket_keys(&mut self) -> std::io::Result<Vec<TicketKey>> {
+        let line = read_line(&mut self.stream, &mut self.pending)?;
+        parse_ticket_keys(&line).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the master sent no session-ticket keys",
+            )
+        })
+    }
+
     pub(crate) fn send(&mut self, message: &Message) {
         // Tiny messages on a local socket: a blocking write cannot stall for long.
         if let Err(error) = writeln!(self.stream, "{}", message.encode()) {
@@ -328,18 +373,44 @@ impl ToMaster {
         }
     }
 
-    /// A future that resolves when the master closes its end (it exited or was killed).
-    pub(crate) fn master_gone(&self) -> std::io::Result<impl Future<Output = ()> + use<>> {
-        let stream = tokio::net::UnixStream::from_std(self.stream.try_clone()?)?;
+    /// A future that reads what the master sends (new session-ticket keys, installed into `tickets`) and
+    /// resolves when the master closes its end (it exited or was killed).
+    pub(crate) fn listen_to_master(
+        &mut self,
+        tickets: Option<Arc<SharedTickets>>,
+    ) -> std::io::Result<impl Future<Output = ()> + use<>> {
+        let stream = self.stream.try_clone()?;
+        stream.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(stream)?;
+        let mut pending = std::mem::take(&mut self.pending);
         Ok(async move {
-            let mut buf = [0u8; 64];
+            let mut buf = [0u8; 1024];
             loop {
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let keys = std::str::from_utf8(&line)
+                        .ok()
+                        .and_then(|l| parse_ticket_keys(l.trim_end()));
+                    match (keys, &tickets) {
+                        (Some(keys), Some(tickets)) => {
+                            tracing::debug!(keys = keys.len(), "new session-ticket keys from the master");
+                            tickets.set_keys(keys);
+                        }
+                        (Some(_), None) => {}
+                        (None, _) => tracing::warn!("an unknown line from the master; ignored"),
+                    }
+                }
+                // Lines are short; a line this long is not one of the master's.
+                if pending.len() > 64 * 1024 {
+                    pending.clear();
+                }
                 let _ = stream.readable().await;
                 match stream.try_read(&mut buf) {
                     Ok(0) => return,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
-                    Ok(_) => continue,
                 }
             }
         })
@@ -352,11 +423,28 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let stats = Message::Stats(Snapshot::default());
+        let stats = Message::Stats(Box::default());
         for message in [Message::Ready, Message::Retire(RetireReason::Memory), stats] {
             assert_eq!(Message::parse(&message.encode()), Some(message));
         }
         assert_eq!(Message::parse("retire bored"), None);
         assert_eq!(Message::parse("hello"), None);
+    }
+
+    #[test]
+    fn ticket_keys_go_down_the_line_after_the_settings() {
+        let (master, worker) = UnixStream::pair().unwrap();
+        let keys: Vec<_> = (7..10).map(|p| TicketKey::generate(p).unwrap()).collect();
+        // Both lines are written before the worker reads either, as when the master starts a worker.
+        (&master).write_all(b"config {}\n").unwrap();
+        send_ticket_keys(&master, &keys).unwrap();
+        let mut control = ToMaster::new(worker);
+        assert_eq!(
+            read_line(&mut control.stream, &mut control.pending).unwrap(),
+            "config {}"
+        );
+        assert_eq!(control.receive_ticket_keys().unwrap(), keys);
+        assert_eq!(parse_ticket_keys("tickets 1:zz"), None);
+        assert_eq!(parse_ticket_keys("stats 1 2"), None);
     }
 }

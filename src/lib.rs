@@ -8,8 +8,9 @@
 //! -> socket. The modules are layered: each imports only those listed before it (`.ci/import_cycles.py`
 //! checks that no import runs the other way).
 //!
-//! 1. Pure, no I/O: `config` (the options, validated once and handed to workers), `packet` (the uwsgi wire
-//!    format: one `decode` for every read path), `environ` (packet vars to the PEP 3333 environ), `body` (the
+//! 1. Pure, no I/O: `packet` (the uwsgi wire format: one `decode` for every read path), `tls` (the files of
+//!    tls:// sockets checked, the rustls configuration, the shared session tickets), `config` (the options,
+//!    validated once and handed to workers), `environ` (packet vars to the PEP 3333 environ), `body` (the
 //!    request body), `response` (HTTP/1.1 heads, response framing, the server's own answers), `metrics`
 //!    (counters and their exposition), `lifecycle` (when a worker retires, and the count of work in flight
 //!    that a stop drains).
@@ -25,13 +26,12 @@
 //!    forks workers from it; `master`: supervision, signals and reload (it never imports the app); `entry`:
 //!    the command.
 
-pub(crate) mod config;
 pub mod packet;
+pub(crate) mod tls;
+pub(crate) mod config;
 pub mod environ;
 pub(crate) mod body;
 pub(crate) mod response;
-#[allow(dead_code)] // groundwork for issue 14 (TLS sockets), not wired to a socket yet
-pub(crate) mod tls;
 pub(crate) mod metrics;
 pub(crate) mod lifecycle;
 pub(crate) mod listener;

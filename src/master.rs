@@ -28,6 +28,7 @@ use crate::control::{self, ENV_WORKER_FDS, ENV_WORKER_ID, ENV_ZYGOTE, EXIT_APP_L
 use crate::lifecycle::RetireReason;
 use crate::listener::{self, BoundSocket, ListenError, Listener, Stream};
 use crate::metrics::{MasterMetrics, Snapshot};
+use crate::tls::TicketKeyRing;
 
 /// Why the master could not run.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +53,6 @@ pub(crate) enum MasterError {
     Fork(#[from] control::ForkError),
     #[error("the preloaded app is not ready to fork workers from")]
     NotPreloaded,
-
     #[error("worker {pid} exited during start-up ({status})")]
     StartupCrash { pid: u32, status: String },
     #[error("cannot switch to {what}: {reason}")]
@@ -345,11 +345,13 @@ struct Worker {
     state: State,
     /// Set when the worker asked to be replaced; it is stopped once its replacement is ready.
     retiring: Option<RetireReason>,
+    /// The master's end of the worker's control line, for the session-ticket keys when they rotate.
+    control: Option<std::os::unix::net::UnixStream>,
 }
 
 enum Event {
     Ready(u32),
-    Stats(u32, Snapshot),
+    Stats(u32, Box<Snapshot>),
     Retire(u32, RetireReason),
     Exited(u32, ExitStatus),
     Respawn,
@@ -420,6 +422,8 @@ struct Master<'s> {
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     metrics: Arc<Mutex<MasterMetrics>>,
+    /// The session-ticket keys every worker of a tls:// socket shares (a session resumes on any worker).
+    tickets: TicketKeyRing,
 }
 
 impl<'s> Master<'s> {
@@ -444,6 +448,7 @@ impl<'s> Master<'s> {
             events_tx,
             events_rx,
             metrics: Arc::new(Mutex::new(MasterMetrics::default())),
+            tickets: TicketKeyRing::default(),
         }
     }
 
@@ -475,6 +480,7 @@ impl<'s> Master<'s> {
                 _ = ttou.recv() => self.one_fewer(),
                 _ = tick.tick() => {
                     self.kill_overdue();
+                    self.rotate_ticket_keys();
                     if self.config.preload && last_sweep.elapsed() >= STRAY_SWEEP {
                         last_sweep = Instant::now();
                         self.reap_strays();
@@ -562,6 +568,7 @@ impl<'s> Master<'s> {
         let mut config = (*self.config).clone();
         config.workers = config.workers.max(self.desired);
         control::send_settings(&ours, &config)?;
+        self.send_ticket_keys(&ours)?;
         let child = self.start_process(&[(ENV_WORKER_ID, id.to_string())], &[theirs.as_raw_fd()])?;
         drop(theirs);
         // A child that was just spawned and not yet waited for always has its pid.
@@ -601,12 +608,17 @@ impl<'s> Master<'s> {
     /// Under `--preload`: asks the zygote for a worker. Without a ready zygote (it is being started again) no
     /// worker is made now: they are when it is ready.
     fn fork_worker(&mut self) -> Result<u32, SpawnError> {
-        let Some(zygote) = self.zygote.as_ref().filter(|z| z.ready) else {
+        if !self.zygote.as_ref().is_some_and(|z| z.ready) {
+            return Err(SpawnError::NotPreloaded);
+        }
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        // Waiting on the line when the forked worker starts to read it.
+        self.send_ticket_keys(&ours)?;
+        let Some(zygote) = self.zygote.as_ref() else {
             return Err(SpawnError::NotPreloaded);
         };
         let id = self.next_id;
         self.next_id += 1;
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let workers = self.config.workers.max(self.desired);
         let pid = match control::request_fork(&zygote.channel, id, workers, theirs.as_fd()) {
             Ok(pid) => pid,
@@ -653,6 +665,7 @@ impl<'s> Master<'s> {
                 generation: self.generation,
                 state: State::Starting,
                 retiring: None,
+                control: ours.try_clone().ok(),
             },
         );
         tracing::info!(worker = id, pid, generation = self.generation, "worker started");
@@ -661,6 +674,31 @@ impl<'s> Master<'s> {
             Message::Stats(s) => Event::Stats(id, s),
             Message::Retire(r) => Event::Retire(id, r),
         })
+    }
+
+    /// With tls:// sockets: writes the current session-ticket keys on a new worker's control line, where the
+    /// worker reads them before it serves.
+    fn send_ticket_keys(&mut self, ours: &std::os::unix::net::UnixStream) -> std::io::Result<()> {
+        if self.config.tls.is_none() {
+            return Ok(());
+        }
+        self.tickets.advance(crate::tls::current_period());
+        control::send_ticket_keys(ours, self.tickets.keys())
+    }
+
+    /// With tls:// sockets: when a new ticket period has begun, makes its keys and sends them to every worker.
+    /// Each worker already holds the key of the period that just began, so nothing waits for this.
+    fn rotate_ticket_keys(&mut self) {
+        if self.config.tls.is_none() || !self.tickets.advance(crate::tls::current_period()) {
+            return;
+        }
+        tracing::info!("session-ticket keys rotated");
+        for (id, worker) in &self.workers {
+            let Some(line) = &worker.control else { continue };
+            if let Err(error) = control::send_ticket_keys(line, self.tickets.keys()) {
+                tracing::warn!(worker = id, %error, "cannot send the new session-ticket keys");
+            }
+        }
     }
 
     /// Reads a child's control line, turning each message it knows into an event for the master.
@@ -801,7 +839,7 @@ impl<'s> Master<'s> {
                 self.to_replace.push_back(id);
                 self.spawn_or_log();
             }
-            Event::Stats(id, snapshot) => self.metrics().update(id, snapshot),
+            Event::Stats(id, snapshot) => self.metrics().update(id, *snapshot),
             Event::Exited(id, status) => self.on_exit(id, status),
             Event::Respawn => {
                 self.respawn_pending = false;

@@ -14,9 +14,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::tls::HandshakeFailure;
+
 /// Upper bounds of the request duration histogram, in seconds (the last bucket, +Inf, is implicit).
 pub(crate) const DURATION_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const NBUCKETS: usize = DURATION_BUCKETS.len() + 1;
+/// Reasons a TLS handshake fails, counted apart.
+const NFAILURES: usize = HandshakeFailure::ALL.len();
 
 /// A worker's own counters.
 #[derive(Debug, Default)]
@@ -30,6 +34,10 @@ pub(crate) struct WorkerMetrics {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     timeouts: AtomicU64,
+    /// TLS handshakes done: full, resumed.
+    tls_handshakes: [AtomicU64; 2],
+    /// TLS handshakes failed, by [`HandshakeFailure`].
+    tls_failures: [AtomicU64; NFAILURES],
 }
 
 impl WorkerMetrics {
@@ -62,6 +70,14 @@ impl WorkerMetrics {
         self.timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn tls_handshake_done(&self, resumed: bool) {
+        self.tls_handshakes[usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn tls_handshake_failed(&self, why: HandshakeFailure) {
+        self.tls_failures[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> Snapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Snapshot {
@@ -72,6 +88,8 @@ impl WorkerMetrics {
             bytes_in: load(&self.bytes_in),
             bytes_out: load(&self.bytes_out),
             timeouts: load(&self.timeouts),
+            tls_handshakes: self.tls_handshakes.each_ref().map(load),
+            tls_failures: self.tls_failures.each_ref().map(load),
         }
     }
 }
@@ -86,6 +104,8 @@ pub(crate) struct Snapshot {
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
     pub(crate) timeouts: u64,
+    pub(crate) tls_handshakes: [u64; 2],
+    pub(crate) tls_failures: [u64; NFAILURES],
 }
 
 impl Snapshot {
@@ -98,13 +118,15 @@ impl Snapshot {
         for n in [self.duration_sum_us, self.bytes_in, self.bytes_out, self.timeouts] {
             parts.push(n.to_string());
         }
+        parts.extend(self.tls_handshakes.iter().map(u64::to_string));
+        parts.extend(self.tls_failures.iter().map(u64::to_string));
         parts.join(" ")
     }
 
     /// Parses the numbers after `stats`.
     pub(crate) fn parse(numbers: &str) -> Option<Snapshot> {
         let n: Vec<i64> = numbers.split(' ').map(|x| x.parse().ok()).collect::<Option<_>>()?;
-        if n.len() != 5 + 1 + NBUCKETS + 4 || n.iter().any(|&x| x < 0) {
+        if n.len() != 5 + 1 + NBUCKETS + 4 + 2 + NFAILURES || n.iter().any(|&x| x < 0) {
             return None;
         }
         let u = |i: usize| n[i] as u64;
@@ -123,6 +145,12 @@ impl Snapshot {
         s.bytes_in = u(rest + 1);
         s.bytes_out = u(rest + 2);
         s.timeouts = u(rest + 3);
+        for i in 0..2 {
+            s.tls_handshakes[i] = u(rest + 4 + i);
+        }
+        for i in 0..NFAILURES {
+            s.tls_failures[i] = u(rest + 6 + i);
+        }
         Some(s)
     }
 
@@ -138,6 +166,12 @@ impl Snapshot {
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
         self.timeouts += other.timeouts;
+        for i in 0..2 {
+            self.tls_handshakes[i] += other.tls_handshakes[i];
+        }
+        for i in 0..NFAILURES {
+            self.tls_failures[i] += other.tls_failures[i];
+        }
     }
 }
 
@@ -225,6 +259,26 @@ impl MasterMetrics {
             "request_timeouts",
             "Requests answered 504 after --timeout",
             counter(total.timeouts),
+        );
+        let handshakes = Family::<Vec<(String, String)>, Counter>::default();
+        for (kind, n) in ["full", "resumed"].into_iter().zip(total.tls_handshakes) {
+            handshakes.get_or_create(&vec![("kind".into(), kind.into())]).inc_by(n);
+        }
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes done on tls:// sockets: full, or resumed from a session ticket",
+            handshakes,
+        );
+        let failures = Family::<Vec<(String, String)>, Counter>::default();
+        for (why, n) in HandshakeFailure::ALL.into_iter().zip(total.tls_failures) {
+            failures
+                .get_or_create(&vec![("reason".into(), why.as_str().into())])
+                .inc_by(n);
+        }
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed on tls:// sockets, by reason",
+            failures,
         );
         let restarts = Family::<Vec<(String, String)>, Counter>::default();
         for reason in RESTART_REASONS {
@@ -345,6 +399,10 @@ mod tests {
         m.answered(413, 5, Duration::from_secs(20));
         m.received(100);
         m.timed_out();
+        m.tls_handshake_done(false);
+        m.tls_handshake_done(true);
+        m.tls_handshake_done(true);
+        m.tls_handshake_failed(HandshakeFailure::UnknownCa);
         let snap = m.snapshot();
         let line = snap.encode();
         let parsed = Snapshot::parse(line.strip_prefix("stats ").unwrap()).unwrap();
@@ -352,7 +410,25 @@ mod tests {
         assert_eq!(snap.requests, [0, 1, 0, 1, 0]);
         assert_eq!(snap.buckets[1], 1); // 3 ms is in the 5 ms bucket
         assert_eq!(snap.buckets[NBUCKETS - 1], 1); // 20 s is past every bound
+        assert_eq!(snap.tls_handshakes, [1, 2]);
+        assert_eq!(snap.tls_failures[HandshakeFailure::UnknownCa.index()], 1);
         assert!(Snapshot::parse("1 2 3").is_none());
+        let mut master = MasterMetrics::default();
+        master.worker_started(1, 100);
+        master.update(1, snap);
+        let text = master.render(&[]);
+        assert!(
+            text.contains("ferrule_tls_handshakes_total{kind=\"resumed\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ferrule_tls_handshake_failures_total{reason=\"unknown-ca\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ferrule_tls_handshake_failures_total{reason=\"timeout\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::connection::{self, Arrival, WorkerContext};
 use crate::control::{Message, ToMaster};
 use crate::lifecycle::{InFlight, RetireReason};
 use crate::listener::{self, BoundSocket};
+use crate::tls::SharedTickets;
 
 /// How the worker was asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +49,13 @@ pub(crate) async fn run(
     ctx: Arc<WorkerContext>,
     mut retire_rx: mpsc::UnboundedReceiver<RetireReason>,
     mut control: ToMaster,
+    tickets: Option<Arc<SharedTickets>>,
 ) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;
-    let master_gone = control.master_gone()?;
+    // The master's lines: new session-ticket keys as they rotate; the end of the line when it is gone.
+    let master_gone = control.listen_to_master(tickets)?;
     tokio::pin!(master_gone);
 
     let acceptor = Arc::new(Acceptor::new(sockets, Arc::clone(&ctx))?);
@@ -68,7 +71,7 @@ pub(crate) async fn run(
     let mut report = tokio::time::interval(Duration::from_secs(1));
     let stop = loop {
         tokio::select! {
-            _ = report.tick() => control.send(&Message::Stats(ctx.metrics.snapshot())),
+            _ = report.tick() => control.send(&Message::Stats(Box::new(ctx.metrics.snapshot()))),
             _ = term.recv() => break Stop::Graceful,
             _ = int.recv() => break Stop::Fast,
             _ = quit.recv() => break Stop::Fast,
@@ -99,7 +102,7 @@ pub(crate) async fn run(
     if tokio::time::timeout(limit, in_flight.emptied()).await.is_err() {
         tracing::warn!(cut_off = in_flight.count(), timeout = ?limit, "stop cut off requests still in flight");
     }
-    control.send(&Message::Stats(ctx.metrics.snapshot()));
+    control.send(&Message::Stats(Box::new(ctx.metrics.snapshot())));
     tracing::info!(served = ctx.lifecycle.served(), "worker stopped");
     Ok(())
 }

@@ -1,10 +1,9 @@
-//! TLS for `tls://` sockets (what nginx's `uwsgi_pass suwsgi://` speaks), groundwork for issue 14: the
-//! certificate, key and client-CA files read and checked once, with one clear error naming the file and the
-//! problem; the rustls server configuration built from them (ring as the crypto provider: no C compiler or
-//! system library is needed to build the wheels with zig, and it serves TLS 1.2 and 1.3); and session
-//! tickets sealed with keys every worker shares, so a session nginx resumes on any worker is accepted.
-//!
-//! Not wired to a socket yet (see the closing note of the session that wrote it).
+//! TLS for `tls://` sockets (what nginx's `uwsgi_pass suwsgi://` speaks): the certificate, key and client-CA
+//! files read and checked, with one clear error naming the file and the problem; the rustls server
+//! configuration built from them (ring as the crypto provider: no C compiler or system library is needed to
+//! build the wheels with zig, and it serves TLS 1.2 and 1.3); session tickets sealed with keys the master makes
+//! and hands to every worker, so a session nginx resumes on any worker is accepted; and the name of what made
+//! a handshake fail, for the log line and the metrics.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -184,6 +183,31 @@ impl TicketKey {
     fn aead(&self) -> Option<LessSafeKey> {
         Some(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.secret).ok()?))
     }
+
+    /// `PERIOD:HEX`, for the master's line to a worker.
+    pub(crate) fn encode(&self) -> String {
+        let mut text = format!("{}:", self.period);
+        for byte in self.secret {
+            text.push_str(&format!("{byte:02x}"));
+        }
+        text
+    }
+
+    /// The inverse of [`TicketKey::encode`]; `None` for anything else.
+    pub(crate) fn parse(text: &str) -> Option<TicketKey> {
+        let (period, hex) = text.split_once(':')?;
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut secret = [0u8; 32];
+        for (i, byte) in secret.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(TicketKey {
+            period: period.parse().ok()?,
+            secret,
+        })
+    }
 }
 
 /// The current ticket period.
@@ -193,9 +217,49 @@ pub(crate) fn current_period() -> u64 {
         .map_or(0, |d| d.as_secs() / TICKET_KEY_PERIOD_SECS)
 }
 
-/// Session tickets sealed with keys shared by every worker: the newest key seals, it and the one before open
-/// (a ticket names its key's period in its first 8 bytes). The keys are replaced as periods pass, and erased
-/// with them, so an old ticket stops opening: tickets do not weaken forward secrecy beyond two periods.
+/// The master's ticket keys: one for the previous period (its tickets still open), the current one (it seals)
+/// and the next one (so a worker has it when the period turns, before the master's new keys reach it). Keys of
+/// older periods are dropped, and with them the tickets they sealed.
+#[derive(Debug, Default)]
+pub(crate) struct TicketKeyRing {
+    keys: Vec<TicketKey>,
+}
+
+impl TicketKeyRing {
+    /// Brings the ring to `period`, making the keys that are missing; true when the keys changed (the workers
+    /// need the new set). A key that cannot be made (no randomness) is left out and tried again next time.
+    pub(crate) fn advance(&mut self, period: u64) -> bool {
+        let before = self.keys.len();
+        let oldest = period.saturating_sub(1);
+        self.keys.retain(|k| k.period >= oldest && k.period <= period + 1);
+        let mut changed = self.keys.len() != before;
+        for wanted in oldest..=period + 1 {
+            if self.keys.iter().any(|k| k.period == wanted) {
+                continue;
+            }
+            // A previous period's key made now would open no ticket: only the master's start makes it, so a
+            // worker can still tell "too old" from "unknown".
+            if wanted < period && !self.keys.is_empty() {
+                continue;
+            }
+            if let Some(key) = TicketKey::generate(wanted) {
+                self.keys.push(key);
+                changed = true;
+            }
+        }
+        self.keys.sort_by_key(|k| k.period);
+        changed
+    }
+
+    pub(crate) fn keys(&self) -> &[TicketKey] {
+        &self.keys
+    }
+}
+
+/// Session tickets sealed with keys shared by every worker: the key of the current period seals, it and the
+/// previous period's open (a ticket names its key's period in its first 8 bytes). The master replaces the keys
+/// as periods pass, and an old key is erased with them, so tickets do not weaken forward secrecy beyond two
+/// periods.
 pub(crate) struct SharedTickets {
     keys: RwLock<Vec<TicketKey>>,
     random: SystemRandom,
@@ -215,12 +279,56 @@ impl SharedTickets {
         }
     }
 
-    /// Installs the keys the master handed over, newest last; only the two newest are kept.
-    pub(crate) fn set_keys(&self, mut keys: Vec<TicketKey>) {
-        keys.sort_by_key(|k| k.period);
-        let keep = keys.len().saturating_sub(2);
-        let mut current = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        *current = keys.split_off(keep);
+    /// Installs the keys the master handed over, replacing the old ones.
+    pub(crate) fn set_keys(&self, keys: Vec<TicketKey>) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    /// Seals with the key of `period`; no ticket (a full handshake next time) without one.
+    fn encrypt_in(&self, period: u64, plain: &[u8]) -> Option<Vec<u8>> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let key = keys.iter().find(|k| k.period == period)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        self.random.fill(&mut nonce).ok()?;
+        let sealed_period = key.period.to_be_bytes();
+        let mut sealed = plain.to_vec();
+        key.aead()?
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(sealed_period),
+                &mut sealed,
+            )
+            .ok()?;
+        let mut ticket = Vec::with_capacity(8 + NONCE_LEN + sealed.len());
+        ticket.extend_from_slice(&sealed_period);
+        ticket.extend_from_slice(&nonce);
+        ticket.extend_from_slice(&sealed);
+        Some(ticket)
+    }
+
+    /// Opens a ticket sealed in `period` or the one before.
+    fn decrypt_in(&self, period: u64, cipher: &[u8]) -> Option<Vec<u8>> {
+        // Attacker-controlled: every length is checked before it is used, and no path panics.
+        let (sealed_period, rest) = cipher.split_first_chunk::<8>()?;
+        let (nonce, sealed) = rest.split_first_chunk::<NONCE_LEN>()?;
+        let ticket_period = u64::from_be_bytes(*sealed_period);
+        if ticket_period > period || ticket_period.saturating_add(1) < period {
+            return None;
+        }
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let key = keys.iter().find(|k| k.period == ticket_period)?;
+        let mut opened = sealed.to_vec();
+        let plain_len = key
+            .aead()?
+            .open_in_place(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(*sealed_period),
+                &mut opened,
+            )
+            .ok()?
+            .len();
+        opened.truncate(plain_len);
+        Some(opened)
     }
 }
 
@@ -234,36 +342,188 @@ impl ProducesTickets for SharedTickets {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        let key = keys.last()?;
-        let mut nonce = [0u8; NONCE_LEN];
-        self.random.fill(&mut nonce).ok()?;
-        let period = key.period.to_be_bytes();
-        let mut sealed = plain.to_vec();
-        key.aead()?
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(period), &mut sealed)
-            .ok()?;
-        let mut ticket = Vec::with_capacity(8 + NONCE_LEN + sealed.len());
-        ticket.extend_from_slice(&period);
-        ticket.extend_from_slice(&nonce);
-        ticket.extend_from_slice(&sealed);
-        Some(ticket)
+        if resumes_tls12_session(plain) {
+            // No ticket is an empty one: the client keeps the ticket it resumed with.
+            return None;
+        }
+        self.encrypt_in(current_period(), plain)
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        // Attacker-controlled: every length is checked before it is used, and no path panics.
-        let (period, rest) = cipher.split_first_chunk::<8>()?;
-        let (nonce, sealed) = rest.split_first_chunk::<NONCE_LEN>()?;
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        let key = keys.iter().find(|k| k.period.to_be_bytes() == *period)?;
-        let mut opened = sealed.to_vec();
-        let plain_len = key
-            .aead()?
-            .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(*period), &mut opened)
-            .ok()?
-            .len();
-        opened.truncate(plain_len);
-        Some(opened)
+        let plain = self.decrypt_in(current_period(), cipher)?;
+        remember_tls12_session(&plain);
+        Some(plain)
+    }
+}
+
+// A TLS 1.2 session resumed from a ticket gets no new ticket. rustls would send one, and OpenSSL as a client
+// (nginx) then marks the session it resumed with as spent, but nginx saves only sessions of full handshakes:
+// every other connection would be a full handshake. OpenSSL servers, uWSGI's among them, send none either.
+// rustls offers no setting for it, so the ticketer tells: in a TLS 1.2 resumption it is asked to seal the very
+// session it just opened (the same master secret, in the same call on this thread). TLS 1.3 derives a fresh
+// secret for every ticket, so its tickets are never mistaken for one.
+thread_local! {
+    /// A digest of the master secret of the TLS 1.2 session this thread last opened a ticket for.
+    static OPENED_TLS12: std::cell::Cell<Option<[u8; 32]>> = const { std::cell::Cell::new(None) };
+}
+
+/// The TLS version and master secret of a session as rustls encodes it for a ticket (its stable persisted
+/// form: an SNI flag and name, the version, the cipher suite, then the secret with a one-byte length). `None`
+/// when the bytes do not read that way, and then nothing is left out.
+fn session_secret(plain: &[u8]) -> Option<(u16, &[u8])> {
+    let rest = match plain.split_first()? {
+        (0, rest) => rest,
+        (1, rest) => {
+            let (&len, rest) = rest.split_first()?;
+            rest.get(usize::from(len)..)?
+        }
+        _ => return None,
+    };
+    let (version, rest) = rest.split_first_chunk::<2>()?;
+    let (_suite, rest) = rest.split_first_chunk::<2>()?;
+    let (&len, rest) = rest.split_first()?;
+    Some((u16::from_be_bytes(*version), rest.get(..usize::from(len))?))
+}
+
+const TLS12: u16 = 0x0303;
+
+fn secret_digest(secret: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+fn remember_tls12_session(plain: &[u8]) {
+    let opened = session_secret(plain)
+        .filter(|(version, _)| *version == TLS12)
+        .map(|(_, secret)| secret_digest(secret));
+    OPENED_TLS12.set(opened);
+}
+
+fn resumes_tls12_session(plain: &[u8]) -> bool {
+    let Some(opened) = OPENED_TLS12.take() else {
+        return false;
+    };
+    session_secret(plain).is_some_and(|(version, secret)| version == TLS12 && secret_digest(secret) == opened)
+}
+
+/// Why a handshake on a tls:// socket failed, as the log line and `ferrule_tls_handshake_failures_total`
+/// name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HandshakeFailure {
+    /// `--tls-client-ca` is set and the client sent no certificate.
+    NoClientCertificate,
+    /// The client's certificate does not chain to a `--tls-client-ca` CA.
+    UnknownCa,
+    /// The client's certificate chains, but is expired, not yet valid, revoked or not for client use.
+    BadCertificate,
+    /// The client refused this server's certificate (it sent an alert: wrong name, unknown CA, expired).
+    RejectedByClient,
+    /// A plain uwsgi packet: nginx has `uwsgi_pass` where `suwsgi://` is needed.
+    PlainUwsgi,
+    /// HTTP sent to the socket.
+    Http,
+    /// Neither TLS nor anything recognised.
+    NotTls,
+    /// The handshake did not end within `--read-timeout`.
+    Timeout,
+    /// The client closed or reset the connection during the handshake.
+    Closed,
+    /// Any other TLS protocol error (no common version or cipher, a malformed message).
+    Protocol,
+}
+
+impl HandshakeFailure {
+    pub(crate) const ALL: [HandshakeFailure; 10] = [
+        HandshakeFailure::NoClientCertificate,
+        HandshakeFailure::UnknownCa,
+        HandshakeFailure::BadCertificate,
+        HandshakeFailure::RejectedByClient,
+        HandshakeFailure::PlainUwsgi,
+        HandshakeFailure::Http,
+        HandshakeFailure::NotTls,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Closed,
+        HandshakeFailure::Protocol,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            HandshakeFailure::NoClientCertificate => "no-client-certificate",
+            HandshakeFailure::UnknownCa => "unknown-ca",
+            HandshakeFailure::BadCertificate => "bad-certificate",
+            HandshakeFailure::RejectedByClient => "rejected-by-client",
+            HandshakeFailure::PlainUwsgi => "plain-uwsgi",
+            HandshakeFailure::Http => "http",
+            HandshakeFailure::NotTls => "not-tls",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Closed => "closed",
+            HandshakeFailure::Protocol => "protocol",
+        }
+    }
+
+    /// Its position in [`HandshakeFailure::ALL`], for counting.
+    pub(crate) fn index(self) -> usize {
+        Self::ALL.iter().position(|&f| f == self).unwrap_or(Self::ALL.len() - 1)
+    }
+
+    /// What made the handshake (as tokio-rustls reports it) fail.
+    pub(crate) fn of(error: &std::io::Error) -> HandshakeFailure {
+        use rustls::{CertificateError, Error};
+        let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+            return HandshakeFailure::Closed;
+        };
+        match tls {
+            Error::NoCertificatesPresented => HandshakeFailure::NoClientCertificate,
+            Error::InvalidCertificate(CertificateError::UnknownIssuer) => HandshakeFailure::UnknownCa,
+            Error::InvalidCertificate(_) => HandshakeFailure::BadCertificate,
+            Error::AlertReceived(_) => HandshakeFailure::RejectedByClient,
+            _ => HandshakeFailure::Protocol,
+        }
+    }
+
+    /// The log line's account of a failed handshake: what happened and what to check.
+    pub(crate) fn explain(error: &std::io::Error) -> String {
+        use rustls::{CertificateError, Error, OtherError};
+        let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+            return format!("the client went away: {error}");
+        };
+        match tls {
+            Error::NoCertificatesPresented => "the client sent no certificate, and --tls-client-ca requires one \
+                 (nginx: uwsgi_ssl_certificate and uwsgi_ssl_certificate_key)"
+                .to_owned(),
+            Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+                "the client's certificate is not issued by a CA in --tls-client-ca".to_owned()
+            }
+            Error::InvalidCertificate(CertificateError::Other(OtherError(other)))
+                if other.to_string().contains("UnsupportedCertVersion") =>
+            {
+                "the client's certificate is X.509 version 1 (made without extensions, as `openssl x509 -req` \
+                 does without -extfile): issue a version 3 certificate"
+                    .to_owned()
+            }
+            Error::InvalidCertificate(reason) => format!("the client's certificate is refused: {reason:?}"),
+            Error::AlertReceived(alert) => format!(
+                "the client refused this server's certificate ({alert:?}): check nginx's \
+                 uwsgi_ssl_trusted_certificate and uwsgi_ssl_name against --tls-cert"
+            ),
+            other => other.to_string(),
+        }
+    }
+
+    /// What a connection that does not start with a TLS handshake record sent, from its first bytes.
+    pub(crate) fn of_first_bytes(first: &[u8]) -> Option<HandshakeFailure> {
+        // A handshake record starts 0x16 0x03; one byte of it is all a slow client may have sent yet.
+        if first.is_empty() || first == [0x16] || first.starts_with(&[0x16, 0x03]) {
+            return None;
+        }
+        Some(match crate::packet::sniff_foreign_protocol(first) {
+            Some("HTTP" | "HTTP/2") => HandshakeFailure::Http,
+            Some(_) => HandshakeFailure::NotTls,
+            None if first[0] == crate::packet::MODIFIER_WSGI => HandshakeFailure::PlainUwsgi,
+            None => HandshakeFailure::NotTls,
+        })
     }
 }
 
@@ -384,26 +644,79 @@ mod tests {
 
     #[test]
     fn tickets_open_on_another_worker_with_the_same_keys_and_not_with_others() {
-        let key = TicketKey::generate(current_period()).unwrap();
-        let sealer = SharedTickets::new(vec![key.clone()]);
-        let other_worker = SharedTickets::new(vec![key.clone()]);
-        let stranger = SharedTickets::new(vec![TicketKey::generate(current_period()).unwrap()]);
-        let ticket = sealer.encrypt(b"session state").unwrap();
-        assert_eq!(other_worker.decrypt(&ticket).as_deref(), Some(&b"session state"[..]));
-        assert_eq!(stranger.decrypt(&ticket), None);
+        let now = 1000;
+        let mut ring = TicketKeyRing::default();
+        assert!(ring.advance(now));
+        let sealer = SharedTickets::new(ring.keys().to_vec());
+        let other_worker = SharedTickets::new(ring.keys().to_vec());
+        let mut stranger_ring = TicketKeyRing::default();
+        stranger_ring.advance(now);
+        let stranger = SharedTickets::new(stranger_ring.keys().to_vec());
+        let ticket = sealer.encrypt_in(now, b"session state").unwrap();
+        assert_eq!(
+            other_worker.decrypt_in(now, &ticket).as_deref(),
+            Some(&b"session state"[..])
+        );
+        assert_eq!(stranger.decrypt_in(now, &ticket), None);
         let mut tampered = ticket.clone();
         *tampered.last_mut().unwrap() ^= 1;
-        assert_eq!(other_worker.decrypt(&tampered), None);
+        assert_eq!(other_worker.decrypt_in(now, &tampered), None);
         for cut in 0..ticket.len() {
-            assert_eq!(other_worker.decrypt(&ticket[..cut]), None, "cut at {cut}");
+            assert_eq!(other_worker.decrypt_in(now, &ticket[..cut]), None, "cut at {cut}");
         }
 
-        // A new period's key seals from now on; the previous one still opens, the one before it no longer.
-        let next = TicketKey::generate(key.period + 1).unwrap();
-        let after = TicketKey::generate(key.period + 2).unwrap();
-        other_worker.set_keys(vec![key.clone(), next.clone()]);
-        assert!(other_worker.decrypt(&ticket).is_some());
-        other_worker.set_keys(vec![key, next, after]);
-        assert_eq!(other_worker.decrypt(&ticket), None);
+        // The period turns before the master's new keys arrive: the next key is already there, and the ticket
+        // sealed in the previous period still opens.
+        assert!(sealer.encrypt_in(now + 1, b"x").is_some());
+        assert!(other_worker.decrypt_in(now + 1, &ticket).is_some());
+        // The master's keys for the period after: the first ticket's key is gone, and it would be too old anyway.
+        assert!(ring.advance(now + 2));
+        assert_eq!(
+            ring.keys().iter().map(|k| k.period).collect::<Vec<_>>(),
+            [now + 1, now + 2, now + 3]
+        );
+        other_worker.set_keys(ring.keys().to_vec());
+        assert_eq!(other_worker.decrypt_in(now + 2, &ticket), None);
+        assert_eq!(sealer.decrypt_in(now + 2, &ticket), None, "two periods old");
+        assert!(!ring.advance(now + 2), "nothing new within a period");
+    }
+
+    #[test]
+    fn ticket_keys_cross_the_control_line_intact_and_garbage_does_not() {
+        let key = TicketKey::generate(123_456).unwrap();
+        let line = key.encode();
+        assert_eq!(TicketKey::parse(&line), Some(key.clone()));
+        assert!(
+            !format!("{key:?}").contains(&line[7..]),
+            "the secret never reaches a log"
+        );
+        for bad in [
+            "",
+            "1:",
+            "x:00",
+            &line[..line.len() - 1],
+            &format!("{line}0"),
+            &line.replace(':', ""),
+        ] {
+            assert_eq!(TicketKey::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(TicketKey::parse(&format!("1:{}", "é".repeat(32))), None);
+    }
+
+    #[test]
+    fn first_bytes_say_what_a_non_tls_client_sent() {
+        let of = HandshakeFailure::of_first_bytes;
+        assert_eq!(of(&[0x16, 0x03, 0x01, 0x02]), None);
+        assert_eq!(of(&[0x16]), None);
+        assert_eq!(of(b""), None);
+        assert_eq!(of(b"GET / HTTP/1.1\r\n"), Some(HandshakeFailure::Http));
+        assert_eq!(of(b"PRI * HTTP/2.0"), Some(HandshakeFailure::Http));
+        assert_eq!(of(&[0, 20, 0, 0, 14, 0]), Some(HandshakeFailure::PlainUwsgi));
+        assert_eq!(of(b"\xff\xfe garbage"), Some(HandshakeFailure::NotTls));
+        let names: std::collections::HashSet<_> = HandshakeFailure::ALL.iter().map(|f| f.as_str()).collect();
+        assert_eq!(names.len(), HandshakeFailure::ALL.len());
+        for (i, f) in HandshakeFailure::ALL.iter().enumerate() {
+            assert_eq!(f.index(), i);
+        }
     }
 }

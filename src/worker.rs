@@ -113,19 +113,22 @@ pub(crate) fn run(handoff: Handoff, id: u32) -> Result<(), WorkerError> {
 /// Serves a loaded app (imported here, or by the zygote this process was forked from): starts the app threads
 /// and the async side, and serves until told to stop. The caller has entered the worker's span. Does not return on success: the process exits without
 /// finalising Python.
-pub(crate) fn serve(app: App, config: Config, sockets: Vec<BoundSocket>, control: ToMaster) -> Result<(), WorkerError> {
+pub(crate) fn serve(
+    app: App,
+    config: Config,
+    sockets: Vec<BoundSocket>,
+    mut control: ToMaster,
+) -> Result<(), WorkerError> {
     tune_malloc();
     let (lifecycle, retire_rx) = Lifecycle::new(&config);
-    // The files were checked by the master; a worker started later (a reload picked up a renewed certificate)
-    // loads them again.
-    let tls = match &config.tls {
-        None => None,
+    // The files were checked by the master; each worker loads them itself, so one started by a reload uses the
+    // renewed certificate. The session-ticket keys are the master's, the same in every worker.
+    let (tls, tickets) = match &config.tls {
+        None => (None, None),
         Some(files) => {
-            // Work in progress: each worker seals tickets with its own key for now (issue 14 wants the master's).
-            let key = crate::tls::TicketKey::generate(crate::tls::current_period());
-            let tickets = Arc::new(crate::tls::SharedTickets::new(key.into_iter().collect()));
-            match crate::tls::server_config(files, tickets) {
-                Ok(tls) => Some(tls),
+            let tickets = Arc::new(crate::tls::SharedTickets::new(control.receive_ticket_keys()?));
+            match crate::tls::server_config(files, Arc::clone(&tickets)) {
+                Ok(tls) => (Some(tls), Some(tickets)),
                 Err(error) => {
                     tracing::error!("{error}");
                     std::process::exit(EXIT_APP_LOAD);
@@ -137,7 +140,7 @@ pub(crate) fn serve(app: App, config: Config, sockets: Vec<BoundSocket>, control
     // One thread for the async side: the app threads serve most requests end to end, so it only reads slow
     // peers, answers refusals and keeps time; a second runtime thread would compete for the same cores.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(crate::server::run(sockets, &app, ctx, retire_rx, control))?;
+    runtime.block_on(crate::server::run(sockets, &app, ctx, retire_rx, control, tickets))?;
     app::run_exit_handlers();
     // The app threads are parked waiting for work; end without finalising the interpreter under them.
     std::process::exit(0);

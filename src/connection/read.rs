@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::environ::{Environ, EnvironError};
 use crate::listener::{self, Stream};
 use crate::packet::{self, Decoded, PacketError};
+use crate::tls::HandshakeFailure;
 
 /// First peek size: a typical nginx packet (about 1 KiB of vars) fits with room to spare.
 const INITIAL_PEEK: usize = 8 * 1024;
@@ -506,22 +507,42 @@ pub(crate) async fn read_pending_tls(socket: Socket, ctx: Arc<WorkerContext>) ->
         }
     };
     let deadline = tokio::time::Instant::now() + ctx.config.read_timeout;
-    // What is not TLS at all gets one line saying what it is (plain uwsgi, HTTP), not a handshake error.
+    let failed = |why: HandshakeFailure, detail: &dyn std::fmt::Display| {
+        ctx.metrics.tls_handshake_failed(why);
+        tracing::warn!(reason = why.as_str(), "TLS handshake failed: {detail}; closing");
+    };
+    // What is not TLS at all gets a line saying what it is (plain uwsgi, HTTP), not a handshake error.
     let mut first = [0u8; 16];
-    if let Ok(Ok(n)) = tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
-        let first = &first[..n];
-        let handshake = first.len() >= 2 && first[0] == 0x16 && first[1] == 0x03;
-        if !first.is_empty() && !handshake {
-            let what = match packet::sniff_foreign_protocol(first) {
-                Some(protocol) => protocol,
-                None if first[0] == packet::MODIFIER_WSGI => "plain uwsgi",
-                None => "something other than TLS",
-            };
-            tracing::warn!(
-                received = what,
-                "this tls:// socket got {what}: point nginx at it with uwsgi_pass suwsgi://host:port (and the \
-                 uwsgi_ssl_* settings); closing"
-            );
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+        Ok(Ok(0)) => {
+            // Connected and closed: a port probe or a health check, not a failed client.
+            ctx.metrics.tls_handshake_failed(HandshakeFailure::Closed);
+            tracing::debug!("closed before a TLS handshake began");
+            return None;
+        }
+        Ok(Ok(n)) => {
+            if let Some(why) = HandshakeFailure::of_first_bytes(&first[..n]) {
+                let advice = match why {
+                    HandshakeFailure::PlainUwsgi => {
+                        "plain uwsgi sent to a tls:// socket: nginx needs uwsgi_pass suwsgi://host:port (and the \
+                         uwsgi_ssl_* settings)"
+                    }
+                    HandshakeFailure::Http => {
+                        "HTTP sent to a tls:// socket: it speaks uwsgi over TLS for nginx's suwsgi://"
+                    }
+                    _ => "not TLS: this tls:// socket speaks uwsgi over TLS for nginx's suwsgi://",
+                };
+                failed(why, &advice);
+                return None;
+            }
+        }
+        Ok(Err(error)) => {
+            ctx.metrics.tls_handshake_failed(HandshakeFailure::Closed);
+            tracing::debug!(%error, "peer went away before a TLS handshake");
+            return None;
+        }
+        Err(_) => {
+            failed(HandshakeFailure::Timeout, &"nothing sent within --read-timeout");
             return None;
         }
     }
@@ -529,14 +550,16 @@ pub(crate) async fn read_pending_tls(socket: Socket, ctx: Arc<WorkerContext>) ->
     let tls = match tokio::time::timeout_at(deadline, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
-            tracing::warn!(%error, "TLS handshake failed; closing");
+            failed(HandshakeFailure::of(&error), &HandshakeFailure::explain(&error));
             return None;
         }
         Err(_) => {
-            tracing::warn!(timeout = ?ctx.config.read_timeout, "TLS handshake not done within --read-timeout; closing");
+            failed(HandshakeFailure::Timeout, &"not done within --read-timeout");
             return None;
         }
     };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    ctx.metrics.tls_handshake_done(resumed);
     let read = read_tls_request(tls, &ctx, started);
     match tokio::time::timeout_at(deadline, read).await {
         Ok(Ok(request)) => request,
