@@ -57,6 +57,12 @@ pub(crate) enum MasterError {
     StartupCrash { pid: u32, status: String },
     #[error("cannot switch to {what}: {reason}")]
     Privileges { what: String, reason: String },
+    #[error(
+        "TLS: {error} (checked as user {user}, the --uid the workers run as: they read the certificate and key \
+         themselves, at start-up and on every SIGHUP, so give that user read access, e.g. chown {user} on the \
+         key with mode 600)"
+    )]
+    TlsAsUser { user: String, error: crate::tls::TlsError },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -288,6 +294,16 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
     if let Err(e) = identity.switch_to() {
         remove_all(&sockets);
         return Err(e);
+    }
+    // The files were checked as whoever started ferrule; the workers read them as --uid.
+    if let (Some(files), Some(user)) = (&config.tls, &identity.user) {
+        if let Err(error) = crate::tls::check_files(files) {
+            remove_all(&sockets);
+            return Err(MasterError::TlsAsUser {
+                user: user.name.clone(),
+                error,
+            });
+        }
     }
     check_socket_dirs_writable(&sockets);
     if config.preload {
