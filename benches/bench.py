@@ -15,6 +15,15 @@ One nginx (generated config in a temp dir) has one location per server, all load
 Every server listens on a Unix socket, so the servers differ only in protocol and implementation. wrk drives each
 location in turn (A B C D A B C D ...) for several rounds per scenario; the tables report medians across rounds.
 
+The TLS scenario (tls-hello) runs a second instance of each server that speaks uwsgi over TLS, on a TCP port of
+127.0.0.1, with the same workers and threads, behind locations of the same nginx:
+
+    /ferrule-tls/  uwsgi_pass suwsgi://  ferrule --socket tls://127.0.0.1:P --tls-cert C --tls-key K
+    /uwsgi-tls/    uwsgi_pass suwsgi://  uwsgi --ssl-socket 127.0.0.1:P,C,K
+
+with `uwsgi_ssl_session_reuse on` and `uwsgi_ssl_verify on` against a private CA that deploy/make-certs writes
+into the temp dir. gunicorn (its uwsgi protocol has no TLS) and granian (HTTP only) do not take part.
+
 Per server and scenario it records requests/s, p50 and p99 latency, failed requests (non-2xx plus socket errors),
 CPU time of the server's whole process tree per request (from /proc/<pid>/stat before and after each run), and
 resident memory per worker, at idle (after start-up, before any load) and at its peak under load.
@@ -38,6 +47,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -84,12 +94,26 @@ class Scenario:
     method: str = "GET"
     connections: int | None = None  # None: the --connections setting
     wrk_timeout: int = 10
+    # uwsgi over TLS (nginx's suwsgi://) to the servers' TLS instances, instead of a Unix socket.
+    tls: bool = False
 
+
+# Servers with no uwsgi-over-TLS to measure, and why; the report says so under the TLS scenario.
+NO_TLS = {
+    "gunicorn": "its uwsgi protocol has no TLS",
+    "granian": "it speaks HTTP, not uwsgi",
+}
 
 SCENARIOS = [
     # Small and in-memory first, the memory-heavy ones last, so a server that keeps memory after a big body
     # does not carry it into the small scenarios' RSS figures.
     Scenario("hello", "/hello", "GET, 11-byte body", ceiling=True),
+    Scenario(
+        "tls-hello",
+        "/hello",
+        "GET, 11-byte body, uwsgi over TLS 1.3 on 127.0.0.1 (suwsgi://, sessions resumed)",
+        tls=True,
+    ),
     Scenario("bytes64k", "/bytes64k", "GET, 64 KiB body from memory", ceiling=True),
     Scenario("stream", "/stream", "GET, generator of 16 x 4 KiB chunks, no Content-Length"),
     Scenario("flask", "/flask/json", "GET, small Flask JSON view"),
@@ -112,10 +136,12 @@ SCENARIOS = [
 
 @dataclass
 class Backend:
-    name: str  # also the nginx location prefix
+    name: str  # the server, as the results name it
     protocol: str  # "uwsgi", "http" or "nginx" (the ceiling)
     command: list[str] = field(default_factory=list)
     socket: Path | None = None
+    # The TLS instance of a server (serves the tls scenarios only): its TCP port on 127.0.0.1.
+    tls_port: int | None = None
     # A regular expression the server's log shows once all workers are up (else only the HTTP probe is used).
     ready_log: str | None = None
     proc: subprocess.Popen | None = None
@@ -125,6 +151,20 @@ class Backend:
     idle_rss_mib: float | None = None
     idle_pss_mib: float | None = None
     restarts: int = 0
+    # The TLS instance's session resumption and protocol, as a client of it saw them (checked once, at start).
+    tls_seen: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_port is not None
+
+    @property
+    def prefix(self) -> str:
+        """The nginx location and upstream name; also names the server's log file."""
+        return f"{self.name}-tls" if self.tls else self.name
+
+    def serves(self, scenario: Scenario) -> bool:
+        return self.protocol == "nginx" or self.tls == scenario.tls
 
 
 def build_backends(args: argparse.Namespace, tmp: Path) -> list[Backend]:
@@ -204,7 +244,74 @@ def build_backends(args: argparse.Namespace, tmp: Path) -> list[Backend]:
         ),
     ]  # fmt: skip
     wanted = set(args.servers)
-    return [b for b in backends if b.name in wanted] + [Backend("nginx", "nginx")]
+    chosen = [b for b in backends if b.name in wanted] if any(not sc.tls for sc in SCENARIOS) else []
+    if any(sc.tls for sc in SCENARIOS):
+        chosen += [b for b in tls_backends(args, tmp) if b.name in wanted]
+    return chosen + [Backend("nginx", "nginx")]
+
+
+def tls_backends(args: argparse.Namespace, tmp: Path) -> list[Backend]:
+    """The TLS instances: the same servers with the same settings, each on a TLS port of 127.0.0.1, with the
+    certificate and key that make_certs writes into tmp/tls."""
+    venv_bin = Path(args.venv) / "bin"
+    w, t = str(args.workers), str(args.threads)
+    app = "bench_app:application"
+    cert, key = tmp / "tls" / "ferrule.crt", tmp / "tls" / "ferrule.key"
+    ferrule_port, uwsgi_port = free_port(), free_port()
+    return [
+        Backend(
+            "ferrule",
+            "uwsgi",
+            [
+                str(args.ferrule),
+                "--socket", f"tls://127.0.0.1:{ferrule_port}",
+                "--tls-cert", str(cert),
+                "--tls-key", str(key),
+                # Only to read its TLS handshake counters (full, resumed) through nginx after the scenario.
+                "--metrics", f"unix:{tmp / 'ferrule-tls-metrics.sock'}",
+                "--workers", w,
+                "--threads", t,
+                "--virtualenv", str(args.venv),
+                "--chdir", str(APPS),
+                app,
+            ],
+            tls_port=ferrule_port,
+            ready_log=rf"ready workers={args.workers}\b",
+        ),
+        Backend(
+            "uwsgi",
+            "uwsgi",
+            [
+                str(venv_bin / "uwsgi"),
+                "--master",
+                "--processes", w,
+                "--threads", t,
+                "--ssl-socket", f"127.0.0.1:{uwsgi_port},{cert},{key}",
+                "--chdir", str(APPS),
+                "--module", app,
+                "--virtualenv", str(args.venv),
+                "--need-app",
+                "--die-on-term",
+                "--disable-logging",
+            ],
+            tls_port=uwsgi_port,
+        ),
+    ]  # fmt: skip
+
+
+def make_certs(tmp: Path) -> Path:
+    """A private CA and a server certificate for localhost and 127.0.0.1 (deploy/make-certs, EC P-256), in tmp/tls."""
+    certs = tmp / "tls"
+    p = subprocess.run(
+        [str(REPO / "deploy" / "make-certs"), "--dir", str(certs), "DNS:localhost,IP:127.0.0.1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"deploy/make-certs failed: {(p.stdout + p.stderr).strip()}")
+    return certs
 
 
 def version_of(backend: Backend, args: argparse.Namespace) -> str:
@@ -469,7 +576,31 @@ def nginx_config(args: argparse.Namespace, tmp: Path, port: int, backends: list[
     params = "\n".join(f"            uwsgi_param {k} {v};" for k, v in UWSGI_PARAMS)
     upstreams, locations = [], []
     for b in backends:
-        if b.protocol == "uwsgi":
+        if b.protocol == "uwsgi" and b.tls:
+            upstreams.append(f"    upstream {b.prefix} {{\n        server 127.0.0.1:{b.tls_port};\n    }}")
+            locations.append(
+                f"""        location /{b.prefix}/ {{
+            rewrite ^/{b.prefix}(/.*)$ $1 break;
+{params}
+            uwsgi_pass suwsgi://{b.prefix};
+            # nginx 1.22 leaves TLS 1.3 out of its default protocols.
+            uwsgi_ssl_protocols TLSv1.2 TLSv1.3;
+            # Every request is a new connection (uwsgi has no keepalive): a full handshake only when the
+            # session is new, a resumed one otherwise.
+            uwsgi_ssl_session_reuse on;
+            uwsgi_ssl_verify on;
+            uwsgi_ssl_trusted_certificate {tmp / "tls" / "ca.crt"};
+            uwsgi_ssl_name localhost;
+        }}"""
+            )
+            if b.name == "ferrule":
+                locations.append(
+                    f"""        location = /{b.prefix}/metrics {{
+{params}
+            uwsgi_pass unix:{tmp / "ferrule-tls-metrics.sock"};
+        }}"""
+                )
+        elif b.protocol == "uwsgi":
             # The uwsgi protocol ends a response by closing the connection: no keepalive pool is possible.
             upstreams.append(f"    upstream {b.name} {{\n        server unix:{b.socket};\n    }}")
             locations.append(
@@ -604,7 +735,7 @@ def wait_ready(backend: Backend, port: int, workers: int) -> None:
                 time.sleep(0.1)
                 continue
         try:
-            status, _, _ = request(port, f"/{backend.name}/hello", timeout=5)
+            status, _, _ = request(port, f"/{backend.prefix}/hello", timeout=5)
             last = f"HTTP {status}"
             if status == 200 and len(workers_of(backend.proc.pid)) >= workers:
                 return
@@ -629,7 +760,7 @@ def revive(b: Backend, args, port: int, env: dict[str, str], tmp: Path, problems
     if b.restarts > MAX_RESTARTS:
         b.status, b.proc = "died", None
         return False
-    b.log_path = tmp / f"{b.name}-{b.restarts}.log"
+    b.log_path = tmp / f"{b.prefix}-{b.restarts}.log"
     b.proc = start_process(b.command, b.log_path, env)
     try:
         wait_ready(b, port, args.workers)
@@ -656,7 +787,7 @@ class Expected:
 
 def check_answer(port: int, backend: Backend, scenario: Scenario, expected: Expected) -> str | None:
     """Sends one request of the scenario and checks the answer; returns what is wrong, or None."""
-    path = f"/{backend.name}{scenario.path}"
+    path = f"/{backend.prefix}{scenario.path}"
     body = expected.post_body if scenario.method == "POST" else None
     try:
         status, headers, got = request(port, path, scenario.method, body)
@@ -665,7 +796,7 @@ def check_answer(port: int, backend: Backend, scenario: Scenario, expected: Expe
     if status != 200:
         return f"HTTP {status}"
     name = scenario.name
-    if name == "hello" and got != bench_app.HELLO:
+    if name in ("hello", "tls-hello") and got != bench_app.HELLO:
         return f"body {got[:40]!r}"
     if name == "bytes64k" and got != bench_app.BYTES_64K:
         return f"wrong {len(got)}-byte body"
@@ -688,6 +819,60 @@ def check_answer(port: int, backend: Backend, scenario: Scenario, expected: Expe
     if name == "file" and (len(got) != FILE_SIZE or zlib.crc32(got) != expected.file_crc):
         return f"wrong {len(got)}-byte file"
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TLS: what a server's TLS instance negotiates and whether it resumes sessions
+
+
+def uwsgi_packet(path: str) -> bytes:
+    """A uwsgi request for GET `path`, with the vars nginx sends."""
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "REQUEST_URI": path, "QUERY_STRING": "",
+           "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
+           "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "1"}  # fmt: skip
+    data = b"".join(
+        len(k).to_bytes(2, "little") + k.encode() + len(v).to_bytes(2, "little") + v.encode() for k, v in env.items()
+    )
+    return bytes([0]) + len(data).to_bytes(2, "little") + bytes([0]) + data
+
+
+def tls_resumption(backend: Backend, certs: Path, tries: int = 8) -> str:
+    """Connects `tries` + 1 times as nginx does (verifying the certificate for localhost, a request per
+    connection), each time offering the last session; says the protocol, cipher and how many were resumed.
+    A server that resumes nothing makes every request of the TLS scenario a full handshake."""
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    session, resumed, seen = None, 0, ""
+    try:
+        for i in range(tries + 1):
+            with socket.create_connection(("127.0.0.1", backend.tls_port), timeout=10) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                    seen = f"{tls.version()}, {tls.cipher()[0]}"  # before the close, which forgets them
+                    if i and tls.session_reused:
+                        resumed += 1
+                    tls.sendall(uwsgi_packet("/hello"))
+                    answer = b""
+                    while chunk := tls.recv(65536):
+                        answer += chunk
+                    if not answer.endswith(bench_app.HELLO):
+                        return f"wrong answer over TLS: {answer[:60]!r}"
+                    # Read after the answer: a TLS 1.3 ticket arrives after the handshake.
+                    session = tls.session
+    except (OSError, ssl.SSLError) as e:
+        return f"TLS check failed: {e}"
+    return f"{seen}, {resumed}/{tries} sessions resumed by a fresh client"
+
+
+def ferrule_handshakes(port: int) -> str | None:
+    """ferrule's TLS handshake counters so far (its --metrics, through nginx), e.g. "120 full, 80,000 resumed"."""
+    try:
+        status, _, body = request(port, "/ferrule-tls/metrics", timeout=10)
+    except OSError:
+        return None
+    kinds = dict(re.findall(rb'^ferrule_tls_handshakes_total\{kind="(\w+)"\} (\d+)', body, re.MULTILINE))
+    if status != 200 or not kinds:
+        return None
+    full, resumed = int(kinds.get(b"full", 0)), int(kinds.get(b"resumed", 0))
+    return f"{full:,} full and {resumed:,} resumed ({100 * resumed / max(full + resumed, 1):.1f}%)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -749,7 +934,7 @@ def wrk_command(args, port: int, backend: Backend, scenario: Scenario, duration:
     ]
     if scenario.method == "POST":
         cmd.append(f"--script={tmp / 'post.lua'}")
-    cmd.append(f"http://127.0.0.1:{port}/{backend.name}{scenario.path}")
+    cmd.append(f"http://127.0.0.1:{port}/{backend.prefix}{scenario.path}")
     return cmd
 
 
@@ -822,6 +1007,8 @@ def summarise(runs: list[Run], backends: list[Backend]) -> list[dict]:
     rows = []
     for sc in SCENARIOS:
         for b in backends:
+            if not b.serves(sc):
+                continue
             mine = [r for r in runs if r.scenario == sc.name and r.server == b.name]
             if not mine:
                 continue
@@ -890,9 +1077,14 @@ def md_table(header: list[str], rows: list[list[str]], numeric: bool = True) -> 
     return "\n".join(lines)
 
 
-def results_tables(rows: list[dict], backends: list[Backend], args) -> str:
+def server_names(backends: list[Backend]) -> list[str]:
+    """Each server once, in the order of the run (a server's TLS instance is the same server)."""
+    return list(dict.fromkeys(b.name for b in backends))
+
+
+def results_tables(rows: list[dict], backends: list[Backend], args, notes: dict[str, list[str]]) -> str:
     parts = []
-    names = [b.name for b in backends]
+    names = server_names(backends)
     servers = [n for n in names if n != "nginx"]
 
     # 1. Throughput overview: scenarios down, servers across.
@@ -949,7 +1141,10 @@ def results_tables(rows: list[dict], backends: list[Backend], args) -> str:
                 ]
             )
         conns = sc.connections or args.connections
-        parts.append(f"### {sc.name}: {sc.description}, {conns} connections\n\n" + md_table(head, body))
+        text = f"### {sc.name}: {sc.description}, {conns} connections\n\n" + md_table(head, body)
+        if notes.get(sc.name):
+            text += "\n\n" + "\n".join(f"- {n}" for n in notes[sc.name])
+        parts.append(text)
     return "\n\n".join(parts)
 
 
@@ -972,7 +1167,9 @@ def machine_info(args, backends: list[Backend]) -> list[tuple[str, str]]:
         ("wrk", wrk_v[0].split()[1] if wrk_v and len(wrk_v[0].split()) > 1 else "?"),
     ]
     for b in backends:
-        info.append((b.name, b.version + ("" if b.status == "ok" else f" ({b.status})")))
+        if b.tls and b.status == "ok":
+            continue  # the same server as its Unix-socket instance
+        info.append((b.prefix, b.version + ("" if b.status == "ok" else f" ({b.status})")))
     info.append(("flask", package_version(args.venv, "flask")))
     return info
 
@@ -1001,7 +1198,19 @@ SETUP_NOTES = [
 ]
 
 
-def write_outputs(args, rows: list[dict], runs: list[Run], backends: list[Backend], problems: list[str]) -> str:
+TLS_NOTE = (
+    "TLS scenario: a second instance of ferrule (`--socket tls://127.0.0.1:P --tls-cert --tls-key`, plus "
+    "`--metrics` on a Unix socket to read its handshake counters) and of uWSGI (`--ssl-socket 127.0.0.1:P,CRT,KEY`), "
+    "same workers and threads, no client certificate asked; nginx `uwsgi_pass suwsgi://` with `uwsgi_ssl_protocols "
+    "TLSv1.2 TLSv1.3`, `uwsgi_ssl_session_reuse on`, `uwsgi_ssl_verify on` and `uwsgi_ssl_name localhost` against "
+    "a private CA (deploy/make-certs: EC P-256, SANs DNS:localhost, IP:127.0.0.1). CPU/req includes the server's "
+    "TLS work; nginx's side of it is in nginx CPU."
+)
+
+
+def write_outputs(
+    args, rows: list[dict], runs: list[Run], backends: list[Backend], problems: list[str], notes: dict[str, list[str]]
+) -> str:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "latest.csv", "w", newline="") as f:
@@ -1020,7 +1229,7 @@ def write_outputs(args, rows: list[dict], runs: list[Run], backends: list[Backen
         f"{args.workers} workers × {args.threads} threads per server, nginx `worker_processes {args.nginx_workers}`, "
         f"wrk {args.wrk_threads} threads, {args.connections} connections ({FILE_CONNECTIONS} for the file), "
         f"{args.rounds} round(s) × {args.duration} s per server and scenario, servers in turn "
-        f"({' '.join(b.name for b in backends)}), medians across rounds."
+        f"({' '.join(server_names(backends))}), medians across rounds."
     )
     md = [
         "# ferrule benchmark",
@@ -1034,11 +1243,11 @@ def write_outputs(args, rows: list[dict], runs: list[Run], backends: list[Backen
             "after fork between the processes that share them)."
         ),
         "",
-        results_tables(rows, backends, args),
+        results_tables(rows, backends, args, notes),
         "",
         "### How each server runs",
         "",
-        *[f"- {note}" for note in SETUP_NOTES],
+        *[f"- {note}" for note in SETUP_NOTES + ([TLS_NOTE] if any(sc.tls for sc in SCENARIOS) else [])],
         "",
         "### Machine and versions",
         "",
@@ -1063,8 +1272,8 @@ def draw_chart(path: Path, rows: list[dict], backends: list[Backend]) -> None:
     import matplotlib.ticker
 
     scenarios = [sc.name for sc in SCENARIOS if any(r["scenario"] == sc.name for r in rows)]
-    peers = [b.name for b in backends if b.name not in ("ferrule", "nginx")]
-    servers = [b.name for b in backends if b.name != "nginx"]
+    peers = [n for n in server_names(backends) if n not in ("ferrule", "nginx")]
+    servers = [n for n in server_names(backends) if n != "nginx"]
     ceiling_scenarios = [s for s in scenarios if any(r["scenario"] == s and r["server"] == "nginx" for r in rows)]
 
     def value(scenario, server, key):
@@ -1124,7 +1333,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--nginx-workers", default="auto", help="nginx worker_processes (default auto)")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 2 s, 1 s warm-up")
-    p.add_argument("--scenarios", default=",".join(s.name for s in SCENARIOS), help="comma-separated subset")
+    names = ",".join(s.name for s in SCENARIOS)
+    p.add_argument("--scenarios", default=names, help=f"comma-separated subset of {names} (default: all)")
     p.add_argument("--servers", default="ferrule,uwsgi,gunicorn,granian", help="comma-separated subset")
     p.add_argument("--ferrule", help="the ferrule command (default: VENV/bin/ferrule, where benches/run installs it)")
     p.add_argument("--venv", default=sys.prefix, help="venv with the peers (default: the one running this)")
@@ -1177,9 +1387,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGHUP, _raise_interrupted)
-    for tool, path in (("nginx", args.nginx), ("wrk", args.wrk)):
+    tls_names = [sc.name for sc in SCENARIOS if sc.tls]
+    for tool, path in (("nginx", args.nginx), ("wrk", args.wrk)) + ((("openssl", "openssl"),) if tls_names else ()):
         if not shutil.which(path):
-            print(f"error: {tool} not found ({path}); install it with apt-get", file=sys.stderr)
+            why = f" (deploy/make-certs needs it for {', '.join(tls_names)})" if tool == "openssl" else ""
+            print(f"error: {tool} not found ({path}){why}; install it with apt-get", file=sys.stderr)
             return 2
     if not os.access(args.ferrule, os.X_OK):
         print(
@@ -1193,6 +1405,8 @@ def main(argv=None) -> int:
     backends = build_backends(args, tmp)
     nginx_proc = None
     problems: list[str] = []
+    # Lines the report shows under a scenario's table (who did not take part, TLS handshakes).
+    notes: dict[str, list[str]] = {}
     runs: list[Run] = []
     started = time.monotonic()
     try:
@@ -1201,6 +1415,7 @@ def main(argv=None) -> int:
         env = dict(os.environ, BENCH_FILE=str(tmp / "file.bin"), PYTHONUNBUFFERED="1")
         env["PATH"] = f"{Path(args.venv) / 'bin'}:{env.get('PATH', '')}"
         env.pop("PYTHONPATH", None)
+        certs = make_certs(tmp) if any(b.tls for b in backends) else None
 
         for b in backends:
             if b.protocol != "nginx" and not os.access(b.command[0], os.X_OK):
@@ -1211,7 +1426,7 @@ def main(argv=None) -> int:
             b.version = version_of(b, args)
             if b.protocol == "nginx":
                 continue
-            b.log_path = tmp / f"{b.name}.log"
+            b.log_path = tmp / f"{b.prefix}.log"
             b.proc = start_process(b.command, b.log_path, env)
 
         port = free_port()
@@ -1237,11 +1452,23 @@ def main(argv=None) -> int:
             time.sleep(1)  # let start-up garbage settle before the idle reading
             b.idle_rss_mib = mean_per_worker(b.proc.pid, rss_mib)
             b.idle_pss_mib = mean_per_worker(b.proc.pid, pss_mib)
-            print(f"{b.name} {b.version} ready: {fmt(b.idle_rss_mib)} MiB RSS per idle worker", file=sys.stderr)
+            print(f"{b.prefix} {b.version} ready: {fmt(b.idle_rss_mib)} MiB RSS per idle worker", file=sys.stderr)
+            if b.tls:
+                b.tls_seen = tls_resumption(b, certs)
+                print(f"  {b.prefix}: {b.tls_seen}", file=sys.stderr)
         active = [b for b in backends if b.status == "ok"]
 
         for sc in SCENARIOS:
-            order = [b for b in active if b.protocol != "nginx" or sc.ceiling]
+            order = [b for b in active if b.serves(sc) and (b.protocol != "nginx" or sc.ceiling)]
+            if sc.tls:
+                # Said the way a server that is not installed is: named, with the reason, and no numbers.
+                absent = [f"{n} ({NO_TLS[n]})" for n in args.servers if n in NO_TLS]
+                if absent:
+                    notes.setdefault(sc.name, []).append(f"Not in this scenario: {', '.join(absent)}.")
+                    print(f"  {sc.name}: not measured for {', '.join(absent)}", file=sys.stderr)
+                for b in order:
+                    if b.tls_seen:
+                        notes.setdefault(sc.name, []).append(f"{b.name}: {b.tls_seen}.")
             good = []
             for b in order:
                 wrong = check_answer(port, b, sc, expected)
@@ -1274,6 +1501,14 @@ def main(argv=None) -> int:
                         f"p99 {fmt(r.p99_ms, 2):>7} ms  failed {r.failed}  cpu {fmt(r.cpu_us_per_req, 0)} µs/req",
                         file=sys.stderr,
                     )
+            if sc.tls and any(b.name == "ferrule" for b in good):
+                time.sleep(1.5)  # ferrule's workers report their counters to its master every second
+                counted = ferrule_handshakes(port)
+                if counted:
+                    notes.setdefault(sc.name, []).append(
+                        f"ferrule's TLS handshakes with nginx, from the answer checks to the last round: {counted}."
+                    )
+                    print(f"  {sc.name}: ferrule's TLS handshakes: {counted}", file=sys.stderr)
     except (KeyboardInterrupt, Interrupted) as e:
         why = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else str(e)
         problems.append(f"interrupted ({why}); results are partial")
@@ -1295,7 +1530,7 @@ def main(argv=None) -> int:
 
     rows = summarise(runs, backends)
     if rows:
-        text = write_outputs(args, rows, runs, backends, problems)
+        text = write_outputs(args, rows, runs, backends, problems, notes)
         print(text)
         print(
             f"wrote {args.out}/latest.{{md,csv,png}} and latest-runs.csv in {time.monotonic() - started:.0f} s",
@@ -1304,9 +1539,14 @@ def main(argv=None) -> int:
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     aborted = any(p.startswith(("run aborted", "interrupted")) for p in problems)
-    # A peer that could not run is reported and skipped; ferrule itself not running fails the benchmark.
-    ferrule = next((b for b in backends if b.name == "ferrule"), None)
-    ferrule_ok = ferrule is None or (ferrule.restarts == 0 and any(r.server == "ferrule" for r in runs))
+    # A peer that could not run is reported and skipped; ferrule itself not running fails the benchmark (either
+    # instance: the Unix-socket one or the TLS one).
+    scenario_of = {sc.name: sc for sc in SCENARIOS}
+
+    def measured(b: Backend) -> bool:
+        return any(r.server == b.name and b.serves(scenario_of[r.scenario]) for r in runs)
+
+    ferrule_ok = all(b.restarts == 0 and measured(b) for b in backends if b.name == "ferrule")
     return 1 if aborted or not runs or not ferrule_ok else 0
 
 

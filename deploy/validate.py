@@ -19,15 +19,17 @@ What is checked:
                the resources; the ConfigMap's nginx config is nginx/sidecar.conf; grace period arithmetic;
                the static volume is shared by the collect-static init container and nginx
   systemd      systemd-analyze verify and security (exposure threshold); stop timeout arithmetic
-  nginx        `nginx -t` on every nginx/*.conf, rendered into a temp config with temp paths
+  nginx        `nginx -t` on every nginx/*.conf, rendered into a temp config with temp paths (and the
+               TLS files it names made by deploy/make-certs in a temp dir)
   live         the command lines of the Dockerfile, the compose files, the Deployment and the systemd
                unit run with the real ferrule, pip-installed from this checkout into
                target/deploy-ferrule-venv as users install it (paths moved into a temp dir, listed when run):
                the health probes answer, nginx with the shipped configs serves the example app (with
                HTTP_HOST keeping a non-default port) and its static files (after collect-static where
-               the setup runs it), the TCP variant keeps serving with one instance stopped, socket
-               activation and SIGHUP work, and SIGTERM ends each ferrule with status 0. All traffic
-               stays on 127.0.0.1.
+               the setup runs it), the TCP variant serves over TLS with client certificates (made by
+               deploy/make-certs), refuses a client without nginx's certificate and keeps serving with
+               one instance stopped, socket activation and SIGHUP work, and SIGTERM ends each ferrule
+               with status 0. All traffic stays on 127.0.0.1.
 
 Run through the launcher deploy/validate (or python3 deploy/validate.py).
 Usage: deploy/validate [--strict] [--no-install] [--only SECTION,...]
@@ -53,6 +55,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -79,6 +82,11 @@ STATIC_SCRIPT = "/usr/local/lib/ferrule/collect-static"
 UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")
 MIME_TYPES = Path("/etc/nginx/mime.types")
 COLLECT_STATIC = DEPLOY / "collect-static"
+MAKE_CERTS = DEPLOY / "make-certs"
+# Where the shipped files expect the files deploy/make-certs writes: compose secrets, and the paths that
+# nginx/upstream.conf gives nginx and ferrule on their machines. The checks move them into a temp dir.
+CERT_DIRS = ("/run/secrets/", "/etc/nginx/ferrule-tls/", "/etc/ferrule/tls/")
+CERT_FILES = ("ca.crt", "ca.key", "ferrule.crt", "ferrule.key", "nginx-client.crt", "nginx-client.key")
 
 # Pinned, so a new release of a linter cannot fail a run that passed yesterday. Changing this list
 # reinstalls the venv (the marker file holds it).
@@ -97,6 +105,8 @@ SYSTEM_TOOLS = {
     "docker-compose": "docker-compose",
     "systemd-analyze": "systemd",
     "systemd-socket-activate": "systemd",
+    # deploy/make-certs, for the TLS files the nginx and TCP checks need.
+    "openssl": "openssl",
 }
 # Kubernetes versions to validate against: an older one still in wide use, and the newest known.
 K8S_VERSIONS = ["1.29.0", "1.37.0"]
@@ -549,9 +559,28 @@ def check_compose_consistency():
                 if "healthcheck" not in svc:
                     problems.append(f"{path.name}: {name}: no healthcheck")
         problems += compose_static_problems(path, doc)
+        problems += compose_secret_problems(path, doc)
     if problems:
         raise Fail("; ".join(problems))
-    return f"{count} ferrule services, a static volume in each file"
+    return f"{count} ferrule services, a static volume in each file, secrets from deploy/make-certs"
+
+
+def compose_secret_problems(path, doc):
+    """Secret files are ones deploy/make-certs writes into deploy/certs/, and the CA's key goes to no service."""
+    problems = []
+    secrets = doc.get("secrets") or {}
+    for name, spec in secrets.items():
+        file = str(spec.get("file", ""))
+        if not file.startswith("./certs/") or Path(file).name not in CERT_FILES:
+            problems.append(f"{path.name}: secret {name}: {file} is not a file deploy/make-certs writes in certs/")
+        elif Path(file).name == "ca.key":
+            problems.append(f"{path.name}: secret {name} is the CA's key, which no container needs")
+    for svc_name, svc in doc["services"].items():
+        for entry in svc.get("secrets", []):
+            source = entry if isinstance(entry, str) else entry.get("source")
+            if source not in secrets:
+                problems.append(f"{path.name}: {svc_name}: secret {source} is not defined in the file")
+    return problems
 
 
 def ferrule_services(doc):
@@ -892,9 +921,34 @@ http {{
     return path
 
 
-def nginx_rewrites(text, run_dir=None, port=None, tcp_ports=None, static_dir=None):
+def make_certs(dest):
+    """deploy/make-certs into `dest` (its default SANs, which the shipped configs' uwsgi_ssl_name uses)."""
+    tool("openssl", "Debian package openssl")
+    print(f"      $ {MAKE_CERTS.relative_to(ROOT)} --dir {dest}", flush=True)
+    proc = subprocess.run([str(MAKE_CERTS), "--dir", str(dest)], capture_output=True, text=True, timeout=60)
+    require_ok(proc, "deploy/make-certs")
+    missing = [f for f in CERT_FILES if not (Path(dest) / f).is_file()]
+    if missing:
+        raise Fail(f"deploy/make-certs did not write {', '.join(missing)}")
+    return Path(dest)
+
+
+def uses_certs(text):
+    return any(d in text for d in CERT_DIRS)
+
+
+def cert_rewrites(text, certs):
+    """The TLS file paths of a shipped file (secrets, /etc/...) moved onto the files in `certs`."""
+    for d in CERT_DIRS:
+        text = text.replace(d, f"{certs}/")
+    return text
+
+
+def nginx_rewrites(text, run_dir=None, port=None, tcp_ports=None, static_dir=None, certs=None):
     """Moves a shipped config onto this machine: sockets into run_dir, listen onto 127.0.0.1, names onto
-    ports, the /static/ alias onto static_dir."""
+    ports, the /static/ alias onto static_dir, the TLS files into certs."""
+    if certs is not None:
+        text = cert_rewrites(text, certs)
     if run_dir is not None:
         text = text.replace("/run/ferrule/", f"{run_dir}/")
     if port is not None:
@@ -925,7 +979,15 @@ def check_nginx_file(path):
     if names:
         print(f"      compose service names {', '.join(names)} -> 127.0.0.1 ports (they do not resolve here)")
         text = nginx_rewrites(text, tcp_ports={n: free_port() for n in names})
-    nginx_test(text)
+    if not uses_certs(text):
+        nginx_test(text)
+        return None
+    # nginx -t loads the certificates and keys it names: throwaway ones, made as users make theirs.
+    with tempfile.TemporaryDirectory(prefix="ferrule-certs-") as certs:
+        make_certs(certs)
+        print(f"      TLS files {', '.join(d for d in CERT_DIRS if d in text)} -> {certs}/")
+        nginx_test(cert_rewrites(text, certs))
+    return "with certificates from deploy/make-certs"
 
 
 # --- live: the real binary with the shipped command lines ---------------------------------------------
@@ -953,27 +1015,30 @@ def ensure_ferrule():
         raise Skip(_ferrule_problem) if NO_INSTALL else Fail(_ferrule_problem)
 
 
-def rewrite_args(args, run_dir, tcp_port=None):
-    """A production command line moved onto this machine (printed by the caller)."""
+def rewrite_args(args, run_dir, tcp_ports=None, certs=None):
+    """A production command line moved onto this machine (printed by the caller): TCP ports of the
+    container (`tcp_ports`, {container port: local port}) onto local ones, TLS files into `certs`."""
     out = []
     for a in args:
+        if certs is not None:
+            a = cert_rewrites(a, certs)
         a = a.replace("/run/ferrule", str(run_dir))
         for prod_dir in ("/srv/app", "/srv/myproject"):
             a = a.replace(prod_dir, str(HELLO))
         if a == "myproject.wsgi":
             a = "app.py"
-        if tcp_port is not None:
-            a = re.sub(r"^(0\.0\.0\.0|127\.0\.0\.1):3031$", f"127.0.0.1:{tcp_port}", a)
+        for port, local in (tcp_ports or {}).items():
+            a = re.sub(rf"^(tls://)?(0\.0\.0\.0|127\.0\.0\.1):{port}$", rf"\g<1>127.0.0.1:{local}", a)
         out.append(a)
     return out
 
 
-def rewrite_probe(cmd, run_dir, tcp_port=None):
+def rewrite_probe(cmd, run_dir, tcp_ports=None):
     """A health check command (`python3 /usr/local/lib/ferrule/ping.py ADDR`) for this machine."""
     cmd = [c for c in cmd if c not in ("CMD", "CMD-SHELL")]
     if cmd[:2] != ["python3", "/usr/local/lib/ferrule/ping.py"]:
         raise Fail(f"unexpected probe command {cmd}")
-    return [sys.executable, str(PING), *rewrite_args(cmd[2:], run_dir, tcp_port)]
+    return [sys.executable, str(PING), *rewrite_args(cmd[2:], run_dir, tcp_ports)]
 
 
 class Ferrule:
@@ -1249,21 +1314,31 @@ def check_live_ferrule_conf():
     return live_unix_stack(args, probe, conf, static_dir=HELLO / "static", image=False)
 
 
+def container_ports(cmd):
+    """The TCP ports a ferrule command line listens on (`--socket [tls://]0.0.0.0:N` or 127.0.0.1:N)."""
+    return sorted({int(m) for a in cmd for m in re.findall(r"^(?:tls://)?(?:0\.0\.0\.0|127\.0\.0\.1):(\d+)$", a)})
+
+
 def check_live_compose_tcp():
-    """Three instances with the TCP command line, nginx/compose-tcp.conf in front, then one stopped."""
+    """Three instances with the TCP command line, nginx/compose-tcp.conf in front (TLS with client
+    certificates from deploy/make-certs), a client without nginx's certificate refused, then one stopped."""
     ensure_ferrule()
     (doc,) = load_yaml_docs(DEPLOY / "docker-compose.tcp.yml")
     names = sorted(ferrule_services(doc))
     with live_dir() as (tmp, started):
+        certs = make_certs(tmp / "certs")
+        print(f"      moved: {', '.join(CERT_DIRS)} -> {certs}/")
         static_dir = run_collect_static(compose_static_cmd(doc), tmp)
-        ports = {n: free_port() for n in names}
-        print(f"      moved: 0.0.0.0:3031 -> 127.0.0.1:{{{', '.join(f'{n}: {p}' for n, p in ports.items())}}}")
+        ports = {n: {p: free_port() for p in container_ports(doc["services"][n]["command"])} for n in names}
+        if any(3031 not in p for p in ports.values()):
+            raise Fail("a ferrule service does not listen on port 3031, where nginx/compose-tcp.conf sends")
+        print(f"      moved: container ports -> 127.0.0.1:{ports}")
         print(f"      moved: /opt/venv -> {FERRULE_VENV.relative_to(ROOT)}")
         instances = {}
         for n in names:
             svc = doc["services"][n]
             env = {"VIRTUAL_ENV": str(FERRULE_VENV)}
-            instances[n] = Ferrule(rewrite_args(svc["command"], tmp, ports[n]), tmp, env=env)
+            instances[n] = Ferrule(rewrite_args(svc["command"], tmp, ports[n], certs), tmp, env=env)
             started.append(instances[n])
         for n in names:
             instances[n].wait_ready()
@@ -1271,13 +1346,18 @@ def check_live_compose_tcp():
         (tmp / "nginx").mkdir()
         port = free_port()
         shipped = (NGINX_DIR / "compose-tcp.conf").read_text()
-        conf = nginx_rewrites(shipped, port=port, tcp_ports=ports, static_dir=static_dir)
+        nginx_ports = {n: p[3031] for n, p in ports.items()}
+        conf = nginx_rewrites(shipped, port=port, tcp_ports=nginx_ports, static_dir=static_dir, certs=certs)
         n = Nginx(tmp / "nginx", conf, port)
         started.append(n)
         for _ in range(2 * len(names)):
             expect_hello(n)
         expect_hosts(n, shipped)
         expect_static(n, static_dir)
+        tls = ""
+        if "suwsgi://" in shipped:
+            expect_tls_gate(nginx_ports[names[0]], certs)
+            tls = "TLS with client certificates, a client without one refused; "
         # One instance goes away (graceful stop; tests/failover.rs covers SIGKILL): no request may fail.
         victim = names[len(names) // 2]
         print(f"      stopping {victim}; then {3 * len(names)} more GETs")
@@ -1288,7 +1368,55 @@ def check_live_compose_tcp():
         for name in names:
             if name != victim:
                 instances[name].stop()
-        return f"{len(names)} instances, {5 * len(names)} GETs, none failed with {victim} down; Host, static files"
+        return (
+            f"{len(names)} instances, {tls}{5 * len(names)} GETs, none failed with {victim} down; "
+            "Host, static files"
+        )
+
+
+def uwsgi_get(path="/"):
+    """A uwsgi request packet for GET `path`, as nginx would send it (the vars the example app needs)."""
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "REQUEST_URI": path, "QUERY_STRING": "",
+           "SERVER_PROTOCOL": "HTTP/1.1", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
+           "HTTP_HOST": "localhost", "REMOTE_ADDR": "127.0.0.1"}  # fmt: skip
+    data = b"".join(
+        len(k).to_bytes(2, "little") + k.encode() + len(v).to_bytes(2, "little") + v.encode() for k, v in env.items()
+    )
+    return bytes([0]) + len(data).to_bytes(2, "little") + bytes([0]) + data
+
+
+def expect_tls_gate(port, certs):
+    """ferrule's TLS socket answers a request from a client with nginx's certificate (and its own
+    certificate holds for the name `ferrule`), and nothing to a client without one or to plain uwsgi."""
+    def get_over_tls(client_cert):
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        if client_cert:
+            ctx.load_cert_chain(certs / "nginx-client.crt", certs / "nginx-client.key")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="ferrule") as tls:
+                tls.sendall(uwsgi_get())
+                answer = b""
+                while chunk := tls.recv(65536):
+                    answer += chunk
+                return answer
+
+    answer = get_over_tls(client_cert=True)
+    head = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    print(f"      GET / over TLS with nginx's client certificate -> {head or 'nothing'}")
+    if not re.match(r"HTTP/1\.[01] 200\b", head) or b"Hello from ferrule" not in answer:
+        raise Fail(f"GET / over TLS with nginx's client certificate: {answer[:200]!r}")
+    try:
+        answer = get_over_tls(client_cert=False)
+        outcome = f"answer {answer[:40]!r}" if answer else "closed without an answer"
+    except (ssl.SSLError, OSError) as e:
+        answer, outcome = b"", f"refused ({type(e).__name__}: {e})"
+    print(f"      GET / over TLS without a client certificate -> {outcome}")
+    if answer:
+        raise Fail("ferrule answered a TLS client without a certificate: --tls-client-ca is not in effect")
+    plain = subprocess.run([sys.executable, str(PING), f"127.0.0.1:{port}", "--timeout", "2"], capture_output=True)
+    print(f"      plain uwsgi ping to the TLS port -> exit {plain.returncode}")
+    if plain.returncode == 0:
+        raise Fail("the TLS port answered a plain uwsgi ping")
 
 
 def check_live_systemd():
