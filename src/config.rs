@@ -242,6 +242,11 @@ pub(crate) enum ConfigError {
     NoApp,
     #[error("--metrics: {0}")]
     BadMetrics(Box<ConfigError>),
+    #[error(
+        "{0}: the metrics socket speaks plain uwsgi, not TLS: give it a Unix socket or a loopback address for \
+         an nginx on the same machine, or a private address with --allow-from (see nginx/metrics.conf)"
+    )]
+    MetricsOverTls(String),
     #[error("config file {file}: {error}")]
     File { file: PathBuf, error: String },
     #[error("config file {file}: unknown key `{key}`")]
@@ -518,6 +523,14 @@ pub(crate) fn parse_socket(s: &str) -> Result<SocketSpec, ConfigError> {
     }
 }
 
+/// The `--metrics` socket: like `--socket`, but it speaks plain uwsgi only.
+fn parse_metrics_socket(s: &str) -> Result<SocketSpec, ConfigError> {
+    match parse_socket(s)? {
+        SocketSpec::Tls(_) => Err(ConfigError::MetricsOverTls(s.to_owned())),
+        spec => Ok(spec),
+    }
+}
+
 /// The TLS files when a tls:// socket is given, checked now (readable, a certificate valid today, the key
 /// that matches it, usable client CAs), so a bad file stops start-up (and `--check-config`) with its name.
 fn tls_files(
@@ -615,7 +628,7 @@ impl Config {
             metrics: o
                 .metrics
                 .as_deref()
-                .map(parse_socket)
+                .map(parse_metrics_socket)
                 .transpose()
                 .map_err(|e| ConfigError::BadMetrics(Box::new(e)))?,
             access_log_format: o.access_log_format,
@@ -745,6 +758,11 @@ mod tests {
             argv.extend(args.iter().map(|a| a.to_string()));
             load_options(argv.into_iter().map(OsString::from).collect()).unwrap()
         };
+        let err = Config::from_options(options(&["--metrics", "tls://127.0.0.1:9191"])).unwrap_err();
+        assert!(
+            err.to_string().contains("the metrics socket speaks plain uwsgi"),
+            "{err}"
+        );
         let err = Config::from_options(options(&["--socket", "tls://127.0.0.1:3443"])).unwrap_err();
         assert!(err.to_string().contains("needs --tls-cert and --tls-key"), "{err}");
         let err = Config::from_options(options(&["--socket", "127.0.0.1:3031", "--tls-cert", "/x.pem"])).unwrap_err();

@@ -79,7 +79,7 @@ impl Responder {
                 tracing::debug!(%error, "cannot read the rest of the request");
             }
         } else {
-            self.wire.reset();
+            self.wire.reset(self.ctx.config.write_timeout);
         }
         record(
             &self.ctx.config,
@@ -209,7 +209,13 @@ impl Drop for Responder {
             if !self.gone {
                 tracing::error!("the app thread ended the response without completing it; resetting");
             }
-            self.wire.reset();
+            // A peer that is gone or stopped reading gets no more waiting.
+            let stall = if self.gone {
+                Duration::ZERO
+            } else {
+                self.ctx.config.write_timeout
+            };
+            self.wire.reset(stall);
         }
     }
 }

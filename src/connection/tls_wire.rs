@@ -1,7 +1,8 @@
-//! A TLS connection as the response side drives it (work in progress, issue 14): rustls over the connection's
-//! non-blocking socket, written by the app thread without the GIL like a plain `Wire`. Plaintext goes into
-//! rustls, which seals it into records; records go to the socket as it takes them. A complete response ends
-//! with close_notify; an aborted one with a reset and no close_notify, so nginx sees the truncation.
+//! A TLS connection as the response side drives it: rustls over the connection's non-blocking socket, written
+//! by the app thread without the GIL like a plain `Wire`. Plaintext goes into rustls, which seals it into
+//! records; records go to the socket as it takes them. A complete response ends with close_notify; an aborted
+//! one with a fatal alert and no close_notify, so nginx sees the truncation: nginx with OpenSSL 3 takes a reset
+//! or a bare end of a TLS upstream for a clean end, and would finish a chunked response as if it were whole.
 
 use std::io::{self, IoSlice, Write};
 
@@ -64,6 +65,48 @@ pub(crate) fn finish(
     mut wait: impl FnMut(&Socket) -> io::Result<bool>,
 ) -> io::Result<()> {
     conn.send_close_notify();
+    loop {
+        match push_records(conn, socket) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !wait(socket)? {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A TLS application-data record rustls cannot open (32 zero bytes: no valid tag).
+const UNOPENABLE_RECORD: [u8; 37] = {
+    let mut record = [0u8; 37];
+    record[0] = 0x17;
+    record[1] = 0x03;
+    record[2] = 0x03;
+    record[4] = 32;
+    record
+};
+
+/// Fails the session: queues a fatal alert behind the records still pending. rustls has no call to send an
+/// alert of one's choosing, but a record it cannot open makes it send `bad_record_mac`, sealed like the rest,
+/// and refuse the session from then on. nginx logs it as `SSL_read() failed (... alert bad record mac ...)
+/// while reading upstream` and treats the response as failed.
+pub(crate) fn queue_fatal_alert(conn: &mut rustls::ServerConnection) {
+    let mut record = &UNOPENABLE_RECORD[..];
+    let _ = conn.read_tls(&mut record);
+    let _ = conn.process_new_packets();
+}
+
+/// The end of an aborted response: the pending records and a fatal alert, waiting for room with `wait`
+/// (false when its time ran out). `Ok` when the socket took everything: the close that follows may then be an
+/// ordinary one (a reset would throw away what the socket has not sent yet, the alert included).
+pub(crate) fn fail(
+    conn: &mut rustls::ServerConnection,
+    socket: &Socket,
+    mut wait: impl FnMut(&Socket) -> io::Result<bool>,
+) -> io::Result<()> {
+    queue_fatal_alert(conn);
     loop {
         match push_records(conn, socket) {
             Ok(()) => return Ok(()),
@@ -199,6 +242,22 @@ mod tests {
     }
 
     #[test]
+    fn an_aborted_response_ends_with_a_fatal_alert_the_client_sees_as_an_error() {
+        let (mut wire, client) = pair(1000);
+        write_all(&mut wire, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial");
+        fail(&mut wire.conn, &wire.socket, wait_writable).unwrap();
+        // An ordinary close after the alert: the alert, not a reset, tells the client.
+        drop(wire);
+        let (got, end) = client.join().unwrap();
+        // A rustls client may report the alert before handing over the records ahead of it; OpenSSL (nginx)
+        // hands them over first.
+        assert!(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial".starts_with(&got));
+        let error = end.expect_err("the client must see an error, not a clean close");
+        let text = error.to_string();
+        assert!(text.contains("BadRecordMac"), "a fatal alert from the server: {text}");
+    }
+
+    #[test]
     fn an_aborted_response_is_a_reset_without_close_notify() {
         let (mut wire, client) = pair(1000);
         write_all(&mut wire, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial");
@@ -211,7 +270,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        // What Wire::reset does for a TCP connection: a reset, and no close_notify.
+        // What Wire::reset falls back to when the socket takes no alert in time: a reset, and no close_notify.
         let _ = wire.socket.set_linger(Some(Duration::ZERO));
         drop(wire);
         let (got, end) = client.join().unwrap();

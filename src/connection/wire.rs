@@ -108,8 +108,18 @@ impl Wire {
     }
 
     /// Makes the close that follows (dropping the wire) an error for the peer: an RST on TCP, ECONNRESET on a
-    /// Unix socket, since the request's last byte is still unread.
-    pub(crate) fn reset(&self) {
+    /// Unix socket, since the request's last byte is still unread. Through TLS: a fatal alert after what was
+    /// sent, waiting up to `stall` for room (a reset only when it cannot be sent), since nginx takes a reset of
+    /// a TLS upstream for a clean end.
+    pub(crate) fn reset(&self, stall: Duration) {
+        if let Some(tls) = &self.tls {
+            let alerted = super::tls_wire::fail(&mut Self::session(tls), &self.socket, |socket| {
+                listener::wait_ready(socket.as_fd(), PollFlags::POLLOUT, stall)
+            });
+            if alerted.is_ok() {
+                return;
+            }
+        }
         if self.tcp {
             let _ = self.socket.set_linger(Some(Duration::ZERO));
         }
@@ -187,10 +197,23 @@ impl Takeover {
     /// # Safety
     /// The wire this came from must still be open for the whole call.
     pub(crate) unsafe fn reset_and_close(&self) -> io::Result<()> {
-        if self.tcp {
-            // SAFETY: the caller guarantees the descriptor is open.
-            let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
-            let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
+        // SAFETY: the caller guarantees the descriptor is open.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        let socket = SockRef::from(&fd);
+        // Through TLS, a fatal alert as far as the socket takes it now; a reset only when it did not.
+        let mut alerted = false;
+        if let Some(tls) = &self.tls {
+            let mut conn = Wire::session(tls);
+            super::tls_wire::queue_fatal_alert(&mut conn);
+            while conn.wants_write() {
+                if conn.write_tls(&mut SockWriter(&socket)).is_err() {
+                    break;
+                }
+            }
+            alerted = !conn.wants_write();
+        }
+        if self.tcp && !alerted {
+            let _ = socket.set_linger(Some(Duration::ZERO));
         }
         // SAFETY: as above.
         unsafe { self.close_under() }
