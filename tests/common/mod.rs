@@ -10,5 +10,6 @@ pub mod log;
 pub mod nginx;
 pub mod procs;
 pub mod stack;
+pub mod tls;
 pub mod uwsgi;
 pub mod venv;
