@@ -562,6 +562,53 @@ fn a_direct_client_sees_close_notify_after_a_response_and_none_after_an_abort() 
     assert_eq!(after.end, TlsEnd::CloseNotify);
 }
 
+/// The limits answer through TLS as they do on a plain socket, each answer sealed and ended with close_notify:
+/// 413 past `--max-body-size`, 431 past `--buffer-size`, 400 for a bad CONTENT_LENGTH; `--allow-from` refuses
+/// a peer before any handshake.
+#[test]
+fn limits_answer_with_their_status_codes_through_tls() {
+    let pki = Pki::new();
+    let ferrule = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key)
+        .args(["--max-body-size", "1000", "--buffer-size", "4096"])
+        .spawn();
+    let addr = tls_addr(&ferrule);
+    let client = pki.client(false);
+    let body = vec![b'x'; 5000];
+    let too_big = encode_request(nginx_vars("POST", "/echo", &body).as_slice(), &body);
+    let big_vars = nginx_vars("GET", "/hello", b"").add("HTTP_X_BIG", &"y".repeat(5000));
+    let too_many_vars = encode_request(big_vars.as_slice(), b"");
+    let bad_length = nginx_vars("POST", "/echo", b"abc").add("CONTENT_LENGTH", "12abc");
+    let bad_length = encode_request(bad_length.as_slice(), b"abc");
+    for (what, request, status) in [
+        ("a body over --max-body-size", too_big, 413),
+        ("vars over --buffer-size", too_many_vars, 431),
+        ("an invalid CONTENT_LENGTH", bad_length, 400),
+    ] {
+        let answer = tls_request(addr, Arc::clone(&client), &request)
+            .unwrap_or_else(|e| panic!("{what}: TLS request: {e}\n{}", ferrule.log()));
+        assert_eq!(
+            parse_response(&answer.bytes).status,
+            status,
+            "{what}\n{}",
+            ferrule.log()
+        );
+        assert_eq!(answer.end, TlsEnd::CloseNotify, "{what}: a whole answer, ended cleanly");
+    }
+    let fine = tls_request(addr, client, &uwsgi_get("/hello")).expect("TLS request");
+    assert_eq!(parse_response(&fine.bytes).status, 200, "the worker serves on");
+
+    let fenced = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key)
+        .args(["--allow-from", "10.0.0.0/8"])
+        .spawn();
+    let refused = tls_request(tls_addr(&fenced), pki.client(false), &uwsgi_get("/hello"));
+    assert!(
+        refused.is_err(),
+        "a peer outside --allow-from gets no handshake: {:?}\n{}",
+        refused.map(|a| a.end),
+        fenced.log()
+    );
+}
+
 // --- certificates both ways ----------------------------------------------------------------------------------
 
 /// `--tls-client-ca`: nginx without a client certificate, or with one from another CA, gets no answer (502)
