@@ -575,7 +575,7 @@ fn limits_answer_with_their_status_codes_through_tls() {
     let client = pki.client(false);
     let body = vec![b'x'; 5000];
     let too_big = encode_request(nginx_vars("POST", "/echo", &body).as_slice(), &body);
-    let big_vars = nginx_vars("GET", "/hello", b"").add("HTTP_X_BIG", &"y".repeat(5000));
+    let big_vars = nginx_vars("GET", "/hello", b"").add("HTTP_X_BIG", "y".repeat(5000));
     let too_many_vars = encode_request(big_vars.as_slice(), b"");
     let bad_length = nginx_vars("POST", "/echo", b"abc").add("CONTENT_LENGTH", "12abc");
     let bad_length = encode_request(bad_length.as_slice(), b"abc");
