@@ -75,9 +75,10 @@ pub(crate) fn send_settings(stream: &UnixStream, config: &Config) -> std::io::Re
     writeln!(stream, "config {}", config.encode())
 }
 
-/// The master's side: writes the session-ticket keys every worker seals and opens tickets with. The socket is
-/// a local one with room for far more than this line; a worker too stuck to read it is replaced anyway, so a
-/// full socket (`WouldBlock`) is reported and the line dropped.
+/// The master's side: writes the session-ticket keys every worker seals and opens tickets with. The socket has
+/// room for hundreds of such lines; once the worker serves, the socket is non-blocking (its reader made it
+/// so), and on a socket the worker left full an error may follow part of the line: the caller then stops
+/// sending to that worker.
 pub(crate) fn send_ticket_keys(stream: &UnixStream, keys: &[TicketKey]) -> std::io::Result<()> {
     let mut line = String::from("tickets");
     for key in keys {
@@ -367,7 +368,9 @@ impl ToMaster {
     }
 
     pub(crate) fn send(&mut self, message: &Message) {
-        // Tiny messages on a local socket: a blocking write cannot stall for long.
+        // Tiny messages on a local socket the master reads all the time. It is non-blocking once the worker
+        // serves (shared with `listen_to_master`'s reader), so a master that stopped reading for minutes costs a
+        // line, reported, never a stalled worker.
         if let Err(error) = writeln!(self.stream, "{}", message.encode()) {
             tracing::warn!(%error, "cannot reach the master");
         }

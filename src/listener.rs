@@ -349,6 +349,38 @@ macro_rules! each {
     };
 }
 
+// The stream as tokio's byte streams, for code that serves plain and TLS connections alike.
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        each!(self.get_mut(), s => std::pin::Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        each!(self.get_mut(), s => std::pin::Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        each!(self.get_mut(), s => std::pin::Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        each!(self.get_mut(), s => std::pin::Pin::new(s).poll_shutdown(cx))
+    }
+}
+
 impl Stream {
     /// Takes over a connection an app thread accepted and passed on (`tcp`: it is a TCP connection). Must be
     /// called inside the runtime, which it registers with.

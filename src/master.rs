@@ -698,7 +698,8 @@ impl<'s> Master<'s> {
         if self.config.tls.is_none() {
             return Ok(());
         }
-        self.tickets.advance(crate::tls::current_period());
+        // A new period's keys go to the other workers too, not only to this one.
+        self.rotate_ticket_keys();
         control::send_ticket_keys(ours, self.tickets.keys())
     }
 
@@ -709,10 +710,14 @@ impl<'s> Master<'s> {
             return;
         }
         tracing::info!("session-ticket keys rotated");
-        for (id, worker) in &self.workers {
+        for (id, worker) in &mut self.workers {
             let Some(line) = &worker.control else { continue };
             if let Err(error) = control::send_ticket_keys(line, self.tickets.keys()) {
-                tracing::warn!(worker = id, %error, "cannot send the new session-ticket keys");
+                // The line is non-blocking (it is shared with its reader): a worker that has not read for so
+                // long that its socket is full may hold part of a line, so it gets no more. It keeps sealing
+                // with the keys it has until they run out, then makes full handshakes until it is replaced.
+                tracing::warn!(worker = id, %error, "cannot send the new session-ticket keys; this worker gets no more");
+                worker.control = None;
             }
         }
     }
@@ -1017,7 +1022,11 @@ impl<'s> Master<'s> {
             tracing::info!(worker = id, pid = w.pid, status = %describe(status), "retired worker exited");
             return;
         }
-        if w.state == State::Starting && w.generation > 0 && status.code() == Some(EXIT_APP_LOAD) {
+        // A worker of a reload that could not load what the reload brought (the app, the TLS files) ends the
+        // reload. Outside a reload (a replacement after a crash or a retirement) it is a crash: retried with
+        // the back-off, the cause in the worker's own log line, until it loads (a renewed certificate, say).
+        let reloading = self.workers.values().any(|other| other.generation < w.generation);
+        if w.state == State::Starting && w.generation > 0 && reloading && status.code() == Some(EXIT_APP_LOAD) {
             tracing::error!(
                 worker = id,
                 pid = w.pid,
@@ -1144,6 +1153,21 @@ impl<'s> Master<'s> {
         new.uid.clone_from(&old.uid);
         new.gid.clone_from(&old.gid);
         new.preload = old.preload;
+        // The TLS files go with the sockets kept: a tls:// socket still needs them, and without one they serve
+        // nothing (the new settings' sockets are not the ones bound).
+        match (&old.tls, &new.tls) {
+            (Some(_), None) => {
+                let socket = old
+                    .sockets
+                    .iter()
+                    .find(|s| matches!(s, crate::config::SocketSpec::Tls(_)));
+                return Err(crate::config::ConfigError::TlsWithoutFiles(
+                    socket.map(ToString::to_string).unwrap_or_default(),
+                ));
+            }
+            (None, Some(_)) => new.tls = None,
+            _ => {}
+        }
         Ok(new)
     }
 

@@ -99,8 +99,11 @@ fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError
 
 /// Reads and checks the files and builds the server configuration: TLS 1.2 and 1.3 with ring, the
 /// certificate and key (which must match), client certificates required when a client CA is given, and
-/// tickets sealed by `tickets`.
-pub(crate) fn server_config(files: &TlsFiles, tickets: Arc<SharedTickets>) -> Result<Arc<ServerConfig>, TlsError> {
+/// session tickets sealed with `keys` (the master's), returned to receive the master's next keys.
+pub(crate) fn server_config(
+    files: &TlsFiles,
+    keys: Vec<TicketKey>,
+) -> Result<(Arc<ServerConfig>, Arc<SharedTickets>), TlsError> {
     let chain = certificates(&files.cert)?;
     check_validity(&files.cert, &chain[0])?;
     let key_path = files.key.display().to_string();
@@ -113,9 +116,15 @@ pub(crate) fn server_config(files: &TlsFiles, tickets: Arc<SharedTickets>) -> Re
             path: key_path.clone(),
             reason: e.to_string(),
         })?;
+    // A resumed session skips client authentication (rustls restores the client's certificates from the
+    // ticket): a ticket must open only under the client CAs it was issued under, so a reload that adds or
+    // changes --tls-client-ca does not let sessions made before it through.
+    let mut policy = ring::digest::Context::new(&ring::digest::SHA256);
+    policy.update(b"ferrule session tickets v1\0");
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
+            policy.update(&read(ca_path)?);
             let shown = || ca_path.display().to_string();
             let mut roots = RootCertStore::empty();
             for ca in certificates(ca_path)? {
@@ -143,14 +152,19 @@ pub(crate) fn server_config(files: &TlsFiles, tickets: Arc<SharedTickets>) -> Re
             reason: other.to_string(),
         },
     })?;
-    config.ticketer = tickets;
+    let mut bound_to = [0u8; 32];
+    bound_to.copy_from_slice(policy.finish().as_ref());
+    let tickets = Arc::new(SharedTickets::new(keys, bound_to));
+    config.ticketer = Arc::clone(&tickets) as _;
+    // nginx keeps one ticket per upstream server: a second one per handshake would be sealed for nothing.
+    config.send_tls13_tickets = 1;
     // nginx speaks no ALPN to a uwsgi upstream; nothing to negotiate.
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), tickets))
 }
 
 /// Checks the files as a worker will use them (the master does this before any worker starts).
 pub(crate) fn check_files(files: &TlsFiles) -> Result<(), TlsError> {
-    server_config(files, Arc::new(SharedTickets::new(Vec::new()))).map(drop)
+    server_config(files, Vec::new()).map(drop)
 }
 
 /// How long one ticket key seals new tickets; a ticket opens for one more such period after that.
@@ -258,11 +272,12 @@ impl TicketKeyRing {
 
 /// Session tickets sealed with keys shared by every worker: the key of the current period seals, it and the
 /// previous period's open (a ticket names its key's period in its first 8 bytes). The master replaces the keys
-/// as periods pass, and an old key is erased with them, so tickets do not weaken forward secrecy beyond two
-/// periods.
+/// as periods pass and an old key is dropped with them, so a ticket stops opening after two periods at most.
 pub(crate) struct SharedTickets {
     keys: RwLock<Vec<TicketKey>>,
     random: SystemRandom,
+    /// A digest of the client-authentication policy the tickets are sealed under (authenticated with them).
+    bound_to: [u8; 32],
 }
 
 impl std::fmt::Debug for SharedTickets {
@@ -272,11 +287,20 @@ impl std::fmt::Debug for SharedTickets {
 }
 
 impl SharedTickets {
-    pub(crate) fn new(keys: Vec<TicketKey>) -> SharedTickets {
+    pub(crate) fn new(keys: Vec<TicketKey>, bound_to: [u8; 32]) -> SharedTickets {
         SharedTickets {
             keys: RwLock::new(keys),
             random: SystemRandom::new(),
+            bound_to,
         }
+    }
+
+    /// What a ticket's seal authenticates besides its contents: its period and the policy it was issued under.
+    fn aad(&self, period: &[u8; 8]) -> [u8; 40] {
+        let mut aad = [0u8; 40];
+        aad[..8].copy_from_slice(period);
+        aad[8..].copy_from_slice(&self.bound_to);
+        aad
     }
 
     /// Installs the keys the master handed over, replacing the old ones.
@@ -295,7 +319,7 @@ impl SharedTickets {
         key.aead()?
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(sealed_period),
+                Aad::from(self.aad(&sealed_period)),
                 &mut sealed,
             )
             .ok()?;
@@ -322,7 +346,7 @@ impl SharedTickets {
             .aead()?
             .open_in_place(
                 Nonce::assume_unique_for_key(*nonce),
-                Aad::from(*sealed_period),
+                Aad::from(self.aad(sealed_period)),
                 &mut opened,
             )
             .ok()?
@@ -570,8 +594,8 @@ mod tests {
         (cert.pem(), key)
     }
 
-    fn tickets() -> Arc<SharedTickets> {
-        Arc::new(SharedTickets::new(vec![TicketKey::generate(current_period()).unwrap()]))
+    fn tickets() -> Vec<TicketKey> {
+        vec![TicketKey::generate(current_period()).unwrap()]
     }
 
     #[test]
@@ -590,6 +614,36 @@ mod tests {
             ..files
         };
         assert!(server_config(&with_ca, tickets()).is_ok());
+
+        // A ticket issued without client authentication does not open once a client CA is required, nor under
+        // another CA: a resumed session would skip the client certificate check.
+        let keys = tickets();
+        let (_, open) = server_config(
+            &TlsFiles {
+                client_ca: None,
+                ..with_ca.clone()
+            },
+            keys.clone(),
+        )
+        .unwrap();
+        let (_, with_ca_tickets) = server_config(&with_ca, keys.clone()).unwrap();
+        let (_, other_ca_tickets) = server_config(
+            &TlsFiles {
+                client_ca: Some(pki.write("other-ca.pem", &ca("other CA").1)),
+                ..with_ca.clone()
+            },
+            keys,
+        )
+        .unwrap();
+        let now = current_period();
+        let ticket = open.encrypt_in(now, b"a session without a client certificate").unwrap();
+        assert!(open.decrypt_in(now, &ticket).is_some());
+        assert_eq!(with_ca_tickets.decrypt_in(now, &ticket), None);
+        let ticket = with_ca_tickets
+            .encrypt_in(now, b"a session with a client certificate")
+            .unwrap();
+        assert!(with_ca_tickets.decrypt_in(now, &ticket).is_some());
+        assert_eq!(other_ca_tickets.decrypt_in(now, &ticket), None);
     }
 
     #[test]
@@ -647,11 +701,11 @@ mod tests {
         let now = 1000;
         let mut ring = TicketKeyRing::default();
         assert!(ring.advance(now));
-        let sealer = SharedTickets::new(ring.keys().to_vec());
-        let other_worker = SharedTickets::new(ring.keys().to_vec());
+        let sealer = SharedTickets::new(ring.keys().to_vec(), [7; 32]);
+        let other_worker = SharedTickets::new(ring.keys().to_vec(), [7; 32]);
         let mut stranger_ring = TicketKeyRing::default();
         stranger_ring.advance(now);
-        let stranger = SharedTickets::new(stranger_ring.keys().to_vec());
+        let stranger = SharedTickets::new(stranger_ring.keys().to_vec(), [7; 32]);
         let ticket = sealer.encrypt_in(now, b"session state").unwrap();
         assert_eq!(
             other_worker.decrypt_in(now, &ticket).as_deref(),
@@ -679,6 +733,120 @@ mod tests {
         assert_eq!(other_worker.decrypt_in(now + 2, &ticket), None);
         assert_eq!(sealer.decrypt_in(now + 2, &ticket), None, "two periods old");
         assert!(!ring.advance(now + 2), "nothing new within a period");
+    }
+
+    /// Records what the ticketer was asked to seal and whether it made a ticket.
+    #[derive(Debug)]
+    struct Recording {
+        inner: Arc<SharedTickets>,
+        sealed: std::sync::Mutex<Vec<bool>>,
+    }
+
+    impl ProducesTickets for Recording {
+        fn enabled(&self) -> bool {
+            true
+        }
+
+        fn lifetime(&self) -> u32 {
+            self.inner.lifetime()
+        }
+
+        fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+            let ticket = self.inner.encrypt(plain);
+            self.sealed.lock().unwrap().push(ticket.is_some());
+            ticket
+        }
+
+        fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+            self.inner.decrypt(cipher)
+        }
+    }
+
+    /// One handshake in memory; how it went.
+    fn handshake(server: &Arc<ServerConfig>, client: &Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::clone(client), name).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::clone(server)).unwrap();
+        let mut wire = Vec::new();
+        for _ in 0..10 {
+            wire.clear();
+            while c.wants_write() {
+                c.write_tls(&mut wire).unwrap();
+            }
+            let mut bytes = &wire[..];
+            while !bytes.is_empty() {
+                s.read_tls(&mut bytes).unwrap();
+            }
+            s.process_new_packets().unwrap();
+            wire.clear();
+            while s.wants_write() {
+                s.write_tls(&mut wire).unwrap();
+            }
+            let mut bytes = &wire[..];
+            while !bytes.is_empty() {
+                c.read_tls(&mut bytes).unwrap();
+            }
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() && !s.wants_write() {
+                break;
+            }
+        }
+        s.handshake_kind().unwrap()
+    }
+
+    /// The TLS 1.2 rule reads the session the way rustls encodes it for a ticket: with the rustls built here, a
+    /// TLS 1.2 resumption asks for a ticket and gets none (so OpenSSL keeps the session it resumed), a full
+    /// handshake gets one, and TLS 1.3 gets one either way.
+    #[test]
+    fn a_tls12_resumption_gets_no_new_ticket_and_everything_else_does() {
+        let pki = Pki::new();
+        let (issuer, ca_pem) = ca("test CA");
+        let (cert, key) = leaf(&issuer, false);
+        let files = TlsFiles {
+            cert: pki.write("cert.pem", &cert),
+            key: pki.write("key.pem", &key.serialize_pem()),
+            client_ca: None,
+        };
+        let (config, tickets) = server_config(&files, tickets()).unwrap();
+        let recording = Arc::new(Recording {
+            inner: tickets,
+            sealed: std::sync::Mutex::new(Vec::new()),
+        });
+        let mut with_recording = (*config).clone();
+        with_recording.ticketer = Arc::clone(&recording) as _;
+        let server = Arc::new(with_recording);
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let roots = Arc::new(roots);
+        let client = |version: &'static rustls::SupportedProtocolVersion| {
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_protocol_versions(&[version])
+                    .unwrap()
+                    .with_root_certificates(Arc::clone(&roots))
+                    .with_no_client_auth(),
+            )
+        };
+        use rustls::HandshakeKind::{Full, Resumed};
+        let tls12 = client(&rustls::version::TLS12);
+        let kinds: Vec<_> = (0..3).map(|_| handshake(&server, &tls12)).collect();
+        assert_eq!(kinds, [Full, Resumed, Resumed]);
+        assert_eq!(
+            *recording.sealed.lock().unwrap(),
+            [true, false, false],
+            "TLS 1.2: a ticket for the full handshake only"
+        );
+        recording.sealed.lock().unwrap().clear();
+        let tls13 = client(&rustls::version::TLS13);
+        let kinds: Vec<_> = (0..3).map(|_| handshake(&server, &tls13)).collect();
+        assert_eq!(kinds, [Full, Resumed, Resumed]);
+        assert_eq!(
+            *recording.sealed.lock().unwrap(),
+            [true, true, true],
+            "TLS 1.3: one ticket per handshake"
+        );
     }
 
     #[test]

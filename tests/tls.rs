@@ -563,15 +563,24 @@ fn a_direct_client_sees_close_notify_after_a_response_and_none_after_an_abort() 
 }
 
 /// The limits answer through TLS as they do on a plain socket, each answer sealed and ended with close_notify:
-/// 413 past `--max-body-size`, 431 past `--buffer-size`, 400 for a bad CONTENT_LENGTH; `--allow-from` refuses
-/// a peer before any handshake.
+/// 413 past `--max-body-size` (through nginx too, which is still sending the body when the answer comes),
+/// 431 past `--buffer-size`, 400 for a bad CONTENT_LENGTH; `--allow-from` refuses a peer before any handshake.
 #[test]
 fn limits_answer_with_their_status_codes_through_tls() {
     let pki = Pki::new();
-    let ferrule = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key)
-        .args(["--max-body-size", "1000", "--buffer-size", "4096"])
-        .spawn();
-    let addr = tls_addr(&ferrule);
+    let builder = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key)
+        .args(["--max-body-size", "1000", "--buffer-size", "4096"]);
+    let stack = tls_stack(builder, &pki, "", "");
+    let ferrule = &stack.ferrule;
+    let addr = tls_addr(ferrule);
+    let big = pseudo_random_bytes(3 * 1024 * 1024, 7);
+    let r = stack.client().request(
+        "POST",
+        "/input/read",
+        &[("Content-Type", "application/octet-stream")],
+        ReqBody::Fixed(&big),
+    );
+    assert_eq!(r.status, 413, "a 3 MB POST through nginx: {}\n{}", r.summary(), stack.logs());
     let client = pki.client(false);
     let body = vec![b'x'; 5000];
     let too_big = encode_request(nginx_vars("POST", "/echo", &body).as_slice(), &body);
@@ -1009,6 +1018,62 @@ fn sighup_with_a_broken_renewal_keeps_the_old_workers_serving() {
     assert!(!stack.ferrule.log().contains("panicked"), "{}", stack.ferrule.log());
 }
 
+/// A resumed session keeps the authentication of its first handshake (rustls restores the client's
+/// certificates from the ticket), so tickets are bound to `--tls-client-ca`: after a reload that starts
+/// requiring a client certificate, a session made without one does not resume, and the client is refused.
+#[test]
+fn a_reload_that_requires_client_certificates_does_not_honour_older_sessions() {
+    let pki = Pki::new();
+    let dir = temp_dir();
+    let config = dir.path().join("ferrule.toml");
+    std::fs::write(&config, "# no client CA yet\n").expect("write the config file");
+    let builder = over_tls(lifecycle_app(1), &pki.server_cert, &pki.server_key)
+        .arg("--config")
+        .arg(&config);
+    let stack = tls_stack(builder, &pki, "", "");
+    stack.ferrule.wait_master_ready(1);
+    let addr = tls_addr(&stack.ferrule);
+    let old = stack.wait_worker_count(1, WORKER_WAIT);
+    let client = pki.client(false);
+    let first = tls_request(addr, Arc::clone(&client), &uwsgi_get("/pid")).expect("TLS request");
+    assert_eq!(first.handshake, Some(HandshakeKind::Full));
+    let again = tls_request(addr, Arc::clone(&client), &uwsgi_get("/pid")).expect("TLS request");
+    assert_eq!(
+        again.handshake,
+        Some(HandshakeKind::Resumed),
+        "sessions resume before the reload"
+    );
+
+    std::fs::write(&config, format!("tls_client_ca = {:?}\n", shown(&pki.ca))).expect("write the config file");
+    let offset = stack.ferrule.log_offset();
+    stack.signal(libc::SIGHUP);
+    let replaced = poll_until(WORKER_WAIT, || {
+        let now = stack.worker_pids();
+        now.len() == 1 && now.is_disjoint(&old)
+    });
+    assert!(replaced, "the reload replaced the worker\n{}", stack.ferrule.log());
+
+    match tls_request(addr, Arc::clone(&client), &uwsgi_get("/pid")) {
+        Err(_) => {}
+        Ok(after) => assert!(
+            after.handshake != Some(HandshakeKind::Resumed)
+                && after.bytes.is_empty()
+                && after.end != TlsEnd::CloseNotify,
+            "a session made without a client certificate must not get past --tls-client-ca: {:?}, {:?}, {:?}",
+            after.handshake,
+            after.end,
+            String::from_utf8_lossy(&after.bytes)
+        ),
+    }
+    expect_failure_line(&stack.ferrule, offset, "no-client-certificate", None);
+    let with_cert = tls_request(addr, pki.client(true), &uwsgi_get("/pid")).expect("TLS request");
+    assert_eq!(
+        parse_response(&with_cert.bytes).status,
+        200,
+        "a client with a certificate is served"
+    );
+}
+
 // --- start-up ------------------------------------------------------------------------------------------------
 
 /// A path as ferrule's messages show it.
@@ -1262,8 +1327,8 @@ fn what_is_not_tls_is_closed_named_and_counted() {
 }
 
 /// 300 connections that never finish their handshake (half send nothing, half stop inside their ClientHello)
-/// are held on the async side: requests through nginx are served at once meanwhile. With `--read-timeout 2`
-/// each is closed after about 2 s and counted as a timeout.
+/// are held on the async side: requests through nginx are served at once meanwhile. With `--read-timeout 5`
+/// each is closed after about 5 s and counted as a timeout (5 s leaves the requests room on a busy machine).
 #[test]
 fn stalled_handshakes_neither_starve_requests_nor_stay_open() {
     const STALLED: usize = 300;
@@ -1272,7 +1337,7 @@ fn stalled_handshakes_neither_starve_requests_nor_stay_open() {
         .arg("--workers")
         .arg("1")
         .arg("--read-timeout")
-        .arg("2");
+        .arg("5");
     let (builder, metrics) = with_metrics(builder);
     let stack = tls_stack(builder, &pki, "", &metrics);
     let addr = tls_addr(&stack.ferrule);
@@ -1314,7 +1379,7 @@ fn stalled_handshakes_neither_starve_requests_nor_stay_open() {
     assert_eq!(
         open,
         STALLED,
-        "{} stalled connections were closed within {during:?}, before --read-timeout 2",
+        "{} stalled connections were closed within {during:?}, before --read-timeout 5",
         STALLED - open
     );
 
@@ -1335,8 +1400,8 @@ fn stalled_handshakes_neither_starve_requests_nor_stay_open() {
     }
     let first_close = first_close.expect("300 connections");
     assert!(
-        first_close >= Duration::from_millis(1500),
-        "the first stalled handshake was closed after {first_close:?}, before --read-timeout 2"
+        first_close >= Duration::from_millis(4500),
+        "the first stalled handshake was closed after {first_close:?}, before --read-timeout 5"
     );
 
     let s = wait_metrics(stack.port(), "300 handshake timeouts", |s| {

@@ -463,14 +463,15 @@ async fn answer_ping(stream: &mut Stream, len: usize) -> Result<(), ConnError> {
 }
 
 /// Answers a request the server refuses itself, then drains what the peer still sends for a bounded time so
-/// the answer is not lost to a reset.
-async fn refuse(
-    stream: &mut Stream,
+/// the answer is not lost to a reset. Through TLS the answer is sealed and ends with close_notify.
+async fn refuse<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
     ctx: &WorkerContext,
     status: u16,
     request: &RequestInfo,
     started: Instant,
 ) -> Result<(), ConnError> {
+    use tokio::io::AsyncReadExt;
     let (bytes, body_len) = crate::response::server_response(status);
     record(&ctx.config, &ctx.metrics, request, status, body_len, started);
     stream.write_all(&bytes).await?;
@@ -609,7 +610,7 @@ async fn read_tls_request(
                     limit,
                     "uwsgi vars block larger than --buffer-size; answering 431"
                 );
-                refuse_tls(&mut tls, ctx, 431, &RequestInfo::unknown(), started).await?;
+                refuse(&mut tls, ctx, 431, &RequestInfo::unknown(), started).await?;
                 return Ok(None);
             }
         }
@@ -619,7 +620,7 @@ async fn read_tls_request(
         Opening::Request { environ, packet_len } => (environ, packet_len),
         Opening::BadEnviron { error, request } => {
             tracing::warn!(%error, "refusing request");
-            refuse_tls(&mut tls, ctx, 400, &request, started).await?;
+            refuse(&mut tls, ctx, 400, &request, started).await?;
             return Ok(None);
         }
         // `decode` is a pure function, and these very bytes decoded as a whole request packet just above.
@@ -632,7 +633,7 @@ async fn read_tls_request(
             limit,
             "request body larger than --max-body-size; answering 413"
         );
-        refuse_tls(
+        refuse(
             &mut tls,
             ctx,
             413,
@@ -656,7 +657,11 @@ async fn read_tls_request(
         Body::Memory(Bytes::from(all).slice(packet_len..))
     } else {
         let mut file = tokio::fs::File::from_std(tempfile::tempfile().map_err(ConnError::Spool)?);
+        // The peer may have sent more than CONTENT_LENGTH: the body is CONTENT_LENGTH bytes, whatever follows.
         let already = &seen[packet_len.min(seen.len())..];
+        let already = &already[..already
+            .len()
+            .min(usize::try_from(environ.content_length).unwrap_or(usize::MAX))];
         file.write_all(already).await.map_err(ConnError::Spool)?;
         let mut left = environ.content_length - already.len() as u64;
         let mut scratch = vec![0u8; SPOOL_CHUNK];
@@ -687,19 +692,4 @@ async fn read_tls_request(
         span,
         sink: Box::new(sink),
     }))
-}
-
-/// Answers a request the server refuses itself through TLS, and ends the session with close_notify.
-async fn refuse_tls(
-    tls: &mut TlsStream,
-    ctx: &WorkerContext,
-    status: u16,
-    request: &RequestInfo,
-    started: Instant,
-) -> Result<(), ConnError> {
-    let (bytes, body_len) = crate::response::server_response(status);
-    record(&ctx.config, &ctx.metrics, request, status, body_len, started);
-    tls.write_all(&bytes).await?;
-    tls.shutdown().await?;
-    Ok(())
 }

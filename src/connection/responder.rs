@@ -76,7 +76,14 @@ impl Responder {
         }
         if complete {
             if let Err(error) = self.wire.finish(self.ctx.config.write_timeout) {
-                tracing::debug!(%error, "cannot read the rest of the request");
+                if self.wire.is_tls() {
+                    // Through TLS the end of the response was still in the session: it did not go out, so the
+                    // response is cut short, and no close_notify says otherwise.
+                    tracing::warn!(%error, "the peer did not take the end of the response; dropping it");
+                    self.wire.reset(Duration::ZERO);
+                } else {
+                    tracing::debug!(%error, "cannot read the rest of the request");
+                }
             }
         } else {
             self.wire.reset(self.ctx.config.write_timeout);

@@ -60,6 +60,11 @@ impl Wire {
         }
     }
 
+    /// Whether the response goes through TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     fn session(tls: &Tls) -> std::sync::MutexGuard<'_, rustls::ServerConnection> {
         tls.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -79,15 +84,24 @@ impl Wire {
             return listener::sendfile(&self.socket, file, offset, count);
         };
         use std::os::unix::fs::FileExt;
-        let mut chunk = vec![0u8; count.min(TLS_FILE_CHUNK)];
-        let read = file.read_at(&mut chunk, *offset)?;
-        if read == 0 {
-            return Ok(0);
+        let mut conn = Self::session(tls);
+        // Records still waiting for a full socket: wait for room before reading more of the file.
+        super::tls_wire::push_records(&mut conn, &self.socket)?;
+        thread_local! {
+            /// The app thread's buffer for file chunks on their way into TLS.
+            static CHUNK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let taken =
-            super::tls_wire::write_vectored(&mut Self::session(tls), &self.socket, &[IoSlice::new(&chunk[..read])])?;
-        *offset += taken as u64;
-        Ok(taken)
+        CHUNK.with_borrow_mut(|chunk| {
+            chunk.resize(TLS_FILE_CHUNK, 0);
+            let want = count.min(TLS_FILE_CHUNK);
+            let read = file.read_at(&mut chunk[..want], *offset)?;
+            if read == 0 {
+                return Ok(0);
+            }
+            let taken = super::tls_wire::write_vectored(&mut conn, &self.socket, &[IoSlice::new(&chunk[..read])])?;
+            *offset += taken as u64;
+            Ok(taken)
+        })
     }
 
     /// Waits for room to write, at most `timeout`; false when the time ran out.
@@ -147,19 +161,6 @@ pub(crate) struct Takeover {
     tls: Option<Tls>,
 }
 
-/// `io::Write` over a borrowed socket, for rustls's `write_tls`.
-struct SockWriter<'a, 'b>(&'a SockRef<'b>);
-
-impl std::io::Write for SockWriter<'_, '_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.send(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 impl Takeover {
     /// Sends `answer` (a short server response, when nothing of the response was written yet), consumes the
     /// rest of the request so the close is an ordinary end of the answer, and closes the connection now.
@@ -181,11 +182,7 @@ impl Takeover {
                 let mut conn = Wire::session(tls);
                 let _ = std::io::Write::write_all(&mut conn.writer(), answer);
                 conn.send_close_notify();
-                while conn.wants_write() {
-                    if conn.write_tls(&mut SockWriter(&socket)).is_err() {
-                        break;
-                    }
-                }
+                let _ = super::tls_wire::push_records(&mut conn, &socket);
             }
         }
         // SAFETY: as above.
@@ -205,12 +202,7 @@ impl Takeover {
         if let Some(tls) = &self.tls {
             let mut conn = Wire::session(tls);
             super::tls_wire::queue_fatal_alert(&mut conn);
-            while conn.wants_write() {
-                if conn.write_tls(&mut SockWriter(&socket)).is_err() {
-                    break;
-                }
-            }
-            alerted = !conn.wants_write();
+            alerted = super::tls_wire::push_records(&mut conn, &socket).is_ok();
         }
         if self.tcp && !alerted {
             let _ = socket.set_linger(Some(Duration::ZERO));
