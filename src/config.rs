@@ -154,6 +154,12 @@ pub(crate) struct Options {
     #[arg(long, value_name = "FILE", env = "FERRULE_TLS_CLIENT_CA")]
     pub(crate) tls_client_ca: Option<PathBuf>,
 
+    /// On tls:// sockets, replace the session-ticket keys every SECS seconds (a ticket opens for up to twice
+    /// that) [default: 21600]
+    #[arg(long, value_name = "SECS", env = "FERRULE_TLS_TICKET_ROTATION",
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub(crate) tls_ticket_rotation: Option<u64>,
+
     /// Serve Prometheus metrics on this address (uwsgi protocol, like the app; expose it through nginx)
     #[arg(long, value_name = "ADDR", env = "FERRULE_METRICS")]
     pub(crate) metrics: Option<String>,
@@ -255,7 +261,10 @@ pub(crate) enum ConfigError {
     BadValue { file: PathBuf, key: String, error: String },
     #[error("--socket {0}: a tls:// socket needs --tls-cert and --tls-key")]
     TlsWithoutFiles(String),
-    #[error("--tls-cert, --tls-key and --tls-client-ca are for tls:// sockets, and no --socket is one")]
+    #[error(
+        "--tls-cert, --tls-key, --tls-client-ca and --tls-ticket-rotation are for tls:// sockets, and no --socket \
+         is one"
+    )]
     TlsFilesWithoutSocket,
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
@@ -567,6 +576,8 @@ pub(crate) struct Config {
     pub(crate) sockets: Vec<SocketSpec>,
     /// The certificate, key and client CAs of the tls:// sockets, when there are any.
     pub(crate) tls: Option<crate::tls::TlsFiles>,
+    /// Seconds between the session-ticket key rotations of tls:// sockets.
+    pub(crate) tls_ticket_rotation: u64,
     pub(crate) socket_mode: Option<u32>,
     pub(crate) threads: usize,
     pub(crate) workers: usize,
@@ -612,6 +623,10 @@ impl Config {
             check_access_log_format(format)?;
         }
         let tls = tls_files(&sockets, o.tls_cert, o.tls_key, o.tls_client_ca)?;
+        if tls.is_none() && o.tls_ticket_rotation.is_some() {
+            return Err(ConfigError::TlsFilesWithoutSocket);
+        }
+        let tls_ticket_rotation = o.tls_ticket_rotation.unwrap_or(crate::tls::DEFAULT_TICKET_ROTATION);
         let chdir = match o.chdir {
             Some(dir) => Some(dir.canonicalize().map_err(|e| ConfigError::BadChdir(dir, e))?),
             None => None,
@@ -636,6 +651,7 @@ impl Config {
             log_level: o.log_level,
             sockets,
             tls,
+            tls_ticket_rotation,
             socket_mode: o.socket_mode,
             threads: o.threads as usize,
             workers: o.workers as usize,

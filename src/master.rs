@@ -706,7 +706,11 @@ impl<'s> Master<'s> {
     /// With tls:// sockets: when a new ticket period has begun, makes its keys and sends them to every worker.
     /// Each worker already holds the key of the period that just began, so nothing waits for this.
     fn rotate_ticket_keys(&mut self) {
-        if self.config.tls.is_none() || !self.tickets.advance(crate::tls::current_period()) {
+        if self.config.tls.is_none()
+            || !self
+                .tickets
+                .advance(crate::tls::current_period(self.config.tls_ticket_rotation))
+        {
             return;
         }
         tracing::info!("session-ticket keys rotated");

@@ -99,10 +99,12 @@ fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError
 
 /// Reads and checks the files and builds the server configuration: TLS 1.2 and 1.3 with ring, the
 /// certificate and key (which must match), client certificates required when a client CA is given, and
-/// session tickets sealed with `keys` (the master's), returned to receive the master's next keys.
+/// session tickets sealed with `keys` (the master's, replaced every `rotation` seconds), returned to receive
+/// the master's next keys.
 pub(crate) fn server_config(
     files: &TlsFiles,
     keys: Vec<TicketKey>,
+    rotation: u64,
 ) -> Result<(Arc<ServerConfig>, Arc<SharedTickets>), TlsError> {
     let chain = certificates(&files.cert)?;
     check_validity(&files.cert, &chain[0])?;
@@ -154,7 +156,7 @@ pub(crate) fn server_config(
     })?;
     let mut bound_to = [0u8; 32];
     bound_to.copy_from_slice(policy.finish().as_ref());
-    let tickets = Arc::new(SharedTickets::new(keys, bound_to));
+    let tickets = Arc::new(SharedTickets::new(keys, bound_to, rotation));
     config.ticketer = Arc::clone(&tickets) as _;
     // nginx keeps one ticket per upstream server: a second one per handshake would be sealed for nothing.
     config.send_tls13_tickets = 1;
@@ -164,11 +166,12 @@ pub(crate) fn server_config(
 
 /// Checks the files as a worker will use them (the master does this before any worker starts).
 pub(crate) fn check_files(files: &TlsFiles) -> Result<(), TlsError> {
-    server_config(files, Vec::new()).map(drop)
+    server_config(files, Vec::new(), DEFAULT_TICKET_ROTATION).map(drop)
 }
 
-/// How long one ticket key seals new tickets; a ticket opens for one more such period after that.
-pub(crate) const TICKET_KEY_PERIOD_SECS: u64 = 6 * 60 * 60;
+/// How long one ticket key seals new tickets, in seconds, unless `--tls-ticket-rotation` says otherwise; a
+/// ticket opens for one more such period after that.
+pub(crate) const DEFAULT_TICKET_ROTATION: u64 = 6 * 60 * 60;
 
 /// One ticket key: 32 bytes for AES-256-GCM, and the number of the period it seals in.
 #[derive(Clone, PartialEq, Eq)]
@@ -224,11 +227,11 @@ impl TicketKey {
     }
 }
 
-/// The current ticket period.
-pub(crate) fn current_period() -> u64 {
+/// The current ticket period, for keys replaced every `rotation` seconds.
+pub(crate) fn current_period(rotation: u64) -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / TICKET_KEY_PERIOD_SECS)
+        .map_or(0, |d| d.as_secs() / rotation.max(1))
 }
 
 /// The master's ticket keys: one for the previous period (its tickets still open), the current one (it seals)
@@ -278,6 +281,8 @@ pub(crate) struct SharedTickets {
     random: SystemRandom,
     /// A digest of the client-authentication policy the tickets are sealed under (authenticated with them).
     bound_to: [u8; 32],
+    /// Seconds per key period.
+    rotation: u64,
 }
 
 impl std::fmt::Debug for SharedTickets {
@@ -287,11 +292,12 @@ impl std::fmt::Debug for SharedTickets {
 }
 
 impl SharedTickets {
-    pub(crate) fn new(keys: Vec<TicketKey>, bound_to: [u8; 32]) -> SharedTickets {
+    pub(crate) fn new(keys: Vec<TicketKey>, bound_to: [u8; 32], rotation: u64) -> SharedTickets {
         SharedTickets {
             keys: RwLock::new(keys),
             random: SystemRandom::new(),
             bound_to,
+            rotation: rotation.max(1),
         }
     }
 
@@ -362,7 +368,7 @@ impl ProducesTickets for SharedTickets {
     }
 
     fn lifetime(&self) -> u32 {
-        TICKET_KEY_PERIOD_SECS as u32
+        u32::try_from(self.rotation).unwrap_or(u32::MAX)
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
@@ -370,11 +376,11 @@ impl ProducesTickets for SharedTickets {
             // No ticket is an empty one: the client keeps the ticket it resumed with.
             return None;
         }
-        self.encrypt_in(current_period(), plain)
+        self.encrypt_in(current_period(self.rotation), plain)
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        let plain = self.decrypt_in(current_period(), cipher)?;
+        let plain = self.decrypt_in(current_period(self.rotation), cipher)?;
         remember_tls12_session(&plain);
         Some(plain)
     }
@@ -595,7 +601,7 @@ mod tests {
     }
 
     fn tickets() -> Vec<TicketKey> {
-        vec![TicketKey::generate(current_period()).unwrap()]
+        vec![TicketKey::generate(current_period(DEFAULT_TICKET_ROTATION)).unwrap()]
     }
 
     #[test]
@@ -608,12 +614,12 @@ mod tests {
             key: pki.write("key.pem", &key.serialize_pem()),
             client_ca: None,
         };
-        assert!(server_config(&files, tickets()).is_ok());
+        assert!(server_config(&files, tickets(), DEFAULT_TICKET_ROTATION).is_ok());
         let with_ca = TlsFiles {
             client_ca: Some(pki.write("ca.pem", &ca_pem)),
             ..files
         };
-        assert!(server_config(&with_ca, tickets()).is_ok());
+        assert!(server_config(&with_ca, tickets(), DEFAULT_TICKET_ROTATION).is_ok());
 
         // A ticket issued without client authentication does not open once a client CA is required, nor under
         // another CA: a resumed session would skip the client certificate check.
@@ -624,18 +630,20 @@ mod tests {
                 ..with_ca.clone()
             },
             keys.clone(),
+            DEFAULT_TICKET_ROTATION,
         )
         .unwrap();
-        let (_, with_ca_tickets) = server_config(&with_ca, keys.clone()).unwrap();
+        let (_, with_ca_tickets) = server_config(&with_ca, keys.clone(), DEFAULT_TICKET_ROTATION).unwrap();
         let (_, other_ca_tickets) = server_config(
             &TlsFiles {
                 client_ca: Some(pki.write("other-ca.pem", &ca("other CA").1)),
                 ..with_ca.clone()
             },
             keys,
+            DEFAULT_TICKET_ROTATION,
         )
         .unwrap();
-        let now = current_period();
+        let now = current_period(DEFAULT_TICKET_ROTATION);
         let ticket = open.encrypt_in(now, b"a session without a client certificate").unwrap();
         assert!(open.decrypt_in(now, &ticket).is_some());
         assert_eq!(with_ca_tickets.decrypt_in(now, &ticket), None);
@@ -655,7 +663,11 @@ mod tests {
         let (expired, expired_key) = leaf(&issuer, true);
         let cert_path = pki.write("cert.pem", &cert);
         let key_path = pki.write("key.pem", &key.serialize_pem());
-        let message = |files: TlsFiles| server_config(&files, tickets()).unwrap_err().to_string();
+        let message = |files: TlsFiles| {
+            server_config(&files, tickets(), DEFAULT_TICKET_ROTATION)
+                .unwrap_err()
+                .to_string()
+        };
 
         let missing = message(TlsFiles {
             cert: pki.dir.path().join("nope.pem"),
@@ -701,11 +713,11 @@ mod tests {
         let now = 1000;
         let mut ring = TicketKeyRing::default();
         assert!(ring.advance(now));
-        let sealer = SharedTickets::new(ring.keys().to_vec(), [7; 32]);
-        let other_worker = SharedTickets::new(ring.keys().to_vec(), [7; 32]);
+        let sealer = SharedTickets::new(ring.keys().to_vec(), [7; 32], DEFAULT_TICKET_ROTATION);
+        let other_worker = SharedTickets::new(ring.keys().to_vec(), [7; 32], DEFAULT_TICKET_ROTATION);
         let mut stranger_ring = TicketKeyRing::default();
         stranger_ring.advance(now);
-        let stranger = SharedTickets::new(stranger_ring.keys().to_vec(), [7; 32]);
+        let stranger = SharedTickets::new(stranger_ring.keys().to_vec(), [7; 32], DEFAULT_TICKET_ROTATION);
         let ticket = sealer.encrypt_in(now, b"session state").unwrap();
         assert_eq!(
             other_worker.decrypt_in(now, &ticket).as_deref(),
@@ -807,7 +819,7 @@ mod tests {
             key: pki.write("key.pem", &key.serialize_pem()),
             client_ca: None,
         };
-        let (config, tickets) = server_config(&files, tickets()).unwrap();
+        let (config, tickets) = server_config(&files, tickets(), DEFAULT_TICKET_ROTATION).unwrap();
         let recording = Arc::new(Recording {
             inner: tickets,
             sealed: std::sync::Mutex::new(Vec::new()),

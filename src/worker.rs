@@ -125,13 +125,15 @@ pub(crate) fn serve(
     // renewed certificate. The session-ticket keys are the master's, the same in every worker.
     let (tls, tickets) = match &config.tls {
         None => (None, None),
-        Some(files) => match crate::tls::server_config(files, control.receive_ticket_keys()?) {
-            Ok((tls, tickets)) => (Some(tls), Some(tickets)),
-            Err(error) => {
-                tracing::error!("{error}");
-                std::process::exit(EXIT_APP_LOAD);
+        Some(files) => {
+            match crate::tls::server_config(files, control.receive_ticket_keys()?, config.tls_ticket_rotation) {
+                Ok((tls, tickets)) => (Some(tls), Some(tickets)),
+                Err(error) => {
+                    tracing::error!("{error}");
+                    std::process::exit(EXIT_APP_LOAD);
+                }
             }
-        },
+        }
     };
     let ctx = Arc::new(WorkerContext::new(config, lifecycle, tls));
     // One thread for the async side: the app threads serve most requests end to end, so it only reads slow

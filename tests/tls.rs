@@ -568,8 +568,12 @@ fn a_direct_client_sees_close_notify_after_a_response_and_none_after_an_abort() 
 #[test]
 fn limits_answer_with_their_status_codes_through_tls() {
     let pki = Pki::new();
-    let builder = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key)
-        .args(["--max-body-size", "1000", "--buffer-size", "4096"]);
+    let builder = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key).args([
+        "--max-body-size",
+        "1000",
+        "--buffer-size",
+        "4096",
+    ]);
     let stack = tls_stack(builder, &pki, "", "");
     let ferrule = &stack.ferrule;
     let addr = tls_addr(ferrule);
@@ -580,7 +584,13 @@ fn limits_answer_with_their_status_codes_through_tls() {
         &[("Content-Type", "application/octet-stream")],
         ReqBody::Fixed(&big),
     );
-    assert_eq!(r.status, 413, "a 3 MB POST through nginx: {}\n{}", r.summary(), stack.logs());
+    assert_eq!(
+        r.status,
+        413,
+        "a 3 MB POST through nginx: {}\n{}",
+        r.summary(),
+        stack.logs()
+    );
     let client = pki.client(false);
     let body = vec![b'x'; 5000];
     let too_big = encode_request(nginx_vars("POST", "/echo", &body).as_slice(), &body);
@@ -615,6 +625,30 @@ fn limits_answer_with_their_status_codes_through_tls() {
         "a peer outside --allow-from gets no handshake: {:?}\n{}",
         refused.map(|a| a.end),
         fenced.log()
+    );
+}
+
+/// `--timeout` through TLS: a request stuck before its headers gets a sealed 504 that ends with close_notify;
+/// one stuck after its headers were sent is cut off with a fatal alert, never a clean end.
+#[test]
+fn a_timed_out_request_gets_a_sealed_504_or_is_cut_off_through_tls() {
+    let pki = Pki::new();
+    let ferrule = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key)
+        .args(["--timeout", "1"])
+        .spawn();
+    let addr = tls_addr(&ferrule);
+    let client = pki.client(false);
+    let stuck = tls_request(addr, Arc::clone(&client), &uwsgi_get("/sleep?s=4")).expect("TLS request");
+    assert_eq!(parse_response(&stuck.bytes).status, 504, "{}", ferrule.log());
+    assert_eq!(stuck.end, TlsEnd::CloseNotify, "the 504 is a whole answer");
+
+    let cut = tls_request(addr, client, &uwsgi_get("/stream?n=3&delay=4")).expect("TLS request");
+    let text = String::from_utf8_lossy(&cut.bytes);
+    assert!(
+        cut.end != TlsEnd::CloseNotify && !text.contains("chunk 2"),
+        "a response stuck after its headers must not end cleanly: {:?} after {text:?}\n{}",
+        cut.end,
+        ferrule.log()
     );
 }
 
@@ -738,6 +772,32 @@ fn nginx_verifies_ferrules_certificate_and_name() {
     );
 }
 
+/// A client certificate from the CA that has expired is refused, and the reason says so.
+#[test]
+fn an_expired_client_certificate_is_refused_as_a_bad_certificate() {
+    let pki = Pki::new();
+    let ferrule = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key)
+        .arg("--tls-client-ca")
+        .arg(&pki.ca)
+        .spawn();
+    let addr = tls_addr(&ferrule);
+    let offset = ferrule.log_offset();
+    let expired = common::tls::client_config(&pki.ca, Some((&pki.expired_client_cert, &pki.expired_client_key)));
+    match tls_request(addr, expired, &uwsgi_get("/hello")) {
+        Err(_) => {}
+        Ok(answer) => assert!(
+            answer.bytes.is_empty() && answer.end != TlsEnd::CloseNotify,
+            "an expired client certificate got an answer: {:?} {:?}",
+            answer.end,
+            String::from_utf8_lossy(&answer.bytes)
+        ),
+    }
+    let line = expect_failure_line(&ferrule, offset, "bad-certificate", None);
+    assert!(line.contains("Expired"), "the line says why: {line}");
+    let fine = tls_request(addr, pki.client(true), &uwsgi_get("/hello")).expect("TLS request");
+    assert_eq!(parse_response(&fine.bytes).status, 200);
+}
+
 // --- sessions ------------------------------------------------------------------------------------------------
 
 /// Session tickets are sealed with keys every worker shares, so with `uwsgi_ssl_session_reuse on` (nginx's
@@ -746,17 +806,27 @@ fn nginx_verifies_ferrules_certificate_and_name() {
 /// unless told otherwise; there OpenSSL drops a session resumed with a ticket when a new ticket arrives.
 #[test]
 fn sessions_resume_on_every_worker_with_session_reuse_on_tls12() {
-    sessions_resume_on_every_worker("TLSv1.2");
+    sessions_resume_on_every_worker("TLSv1.2", false);
 }
 
 #[test]
 fn sessions_resume_on_every_worker_with_session_reuse_on_tls13() {
-    sessions_resume_on_every_worker("TLSv1.3");
+    sessions_resume_on_every_worker("TLSv1.3", false);
 }
 
-fn sessions_resume_on_every_worker(protocol: &str) {
+/// Under `--preload` the workers are forked by the zygote and get the master's keys the same way.
+#[test]
+fn sessions_resume_on_every_preloaded_worker() {
+    sessions_resume_on_every_worker("TLSv1.2", true);
+}
+
+fn sessions_resume_on_every_worker(protocol: &str, preload: bool) {
     let pki = Pki::new();
-    let (builder, metrics) = with_metrics(over_tls(lifecycle_app(3), &pki.server_cert, &pki.server_key));
+    let mut app = over_tls(lifecycle_app(3), &pki.server_cert, &pki.server_key);
+    if preload {
+        app = app.arg("--preload");
+    }
+    let (builder, metrics) = with_metrics(app);
     let ferrule = builder.spawn();
     ferrule.wait_master_ready(3);
     let verify = format!(
@@ -830,6 +900,63 @@ fn sessions_resume_on_every_worker(protocol: &str) {
         "with uwsgi_ssl_session_reuse off nothing resumes:\n{after}"
     );
     assert_eq!(handshakes(&after, "full"), full + n as f64, "{after}");
+}
+
+/// The master replaces the ticket keys every `--tls-ticket-rotation` seconds and sends them to the workers: two
+/// periods after the workers started (by then they seal with a key they did not get at start), a new session
+/// still resumes; a ticket from two periods back no longer opens.
+#[test]
+fn ticket_keys_rotate_and_reach_every_worker() {
+    const PERIOD: u64 = 2;
+    let pki = Pki::new();
+    let builder = over_tls(lifecycle_app(2), &pki.server_cert, &pki.server_key)
+        .arg("--tls-ticket-rotation")
+        .arg(PERIOD.to_string());
+    let ferrule = builder.spawn();
+    ferrule.wait_master_ready(2);
+    let addr = tls_addr(&ferrule);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+    };
+    // Start early in a period, so each step below stays inside the period it means.
+    let wait_for_next_period = || {
+        let into = now().as_millis() % u128::from(PERIOD * 1000);
+        thread::sleep(Duration::from_millis((u128::from(PERIOD * 1000) - into + 100) as u64));
+    };
+    wait_for_next_period();
+    let old_client = pki.client(false);
+    let first = tls_request(addr, Arc::clone(&old_client), &uwsgi_get("/pid")).expect("TLS request");
+    assert_eq!(first.handshake, Some(HandshakeKind::Full));
+    wait_for_next_period();
+    wait_for_next_period();
+
+    // Two periods on: the workers seal with a key the master sent after they started.
+    let client = pki.client(false);
+    let fresh = tls_request(addr, Arc::clone(&client), &uwsgi_get("/pid")).expect("TLS request");
+    assert_eq!(fresh.handshake, Some(HandshakeKind::Full));
+    for i in 0..6 {
+        let again = tls_request(addr, Arc::clone(&client), &uwsgi_get("/pid")).expect("TLS request");
+        assert_eq!(
+            again.handshake,
+            Some(HandshakeKind::Resumed),
+            "connection {i} after two rotations: a ticket sealed with the new key opens on every worker\n{}",
+            ferrule.log()
+        );
+        assert_eq!(parse_response(&again.bytes).status, 200);
+    }
+    let stale = tls_request(addr, old_client, &uwsgi_get("/pid")).expect("TLS request");
+    assert_eq!(
+        stale.handshake,
+        Some(HandshakeKind::Full),
+        "a ticket two periods old does not open"
+    );
+    assert!(
+        ferrule.log().contains("session-ticket keys rotated"),
+        "the master says when it rotates\n{}",
+        ferrule.log()
+    );
 }
 
 // --- reload --------------------------------------------------------------------------------------------------

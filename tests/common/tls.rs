@@ -36,6 +36,9 @@ pub struct Pki {
     pub other_ca: PathBuf,
     pub other_client_cert: PathBuf,
     pub other_client_key: PathBuf,
+    /// A client certificate from the CA that expired in 2021, with its own key.
+    pub expired_client_cert: PathBuf,
+    pub expired_client_key: PathBuf,
     /// A server certificate from the same CA that expired in 2021, with its own key.
     pub expired_cert: PathBuf,
     pub expired_key: PathBuf,
@@ -117,6 +120,7 @@ impl Pki {
         );
         let client = make_leaf(&ca, "nginx", &[], ExtendedKeyUsagePurpose::ClientAuth, false);
         let other_client = make_leaf(&other_ca, "nginx", &[], ExtendedKeyUsagePurpose::ClientAuth, false);
+        let expired_client = make_leaf(&ca, "nginx", &[], ExtendedKeyUsagePurpose::ClientAuth, true);
         Pki {
             ca: write("ca.pem", &ca_pem),
             server_cert: write("server.pem", &format!("{}{ca_pem}", server.0)),
@@ -126,6 +130,8 @@ impl Pki {
             other_ca: write("other-ca.pem", &other_ca_pem),
             other_client_cert: write("other-client.pem", &other_client.0),
             other_client_key: write("other-client-key.pem", &other_client.2),
+            expired_client_cert: write("expired-client.pem", &expired_client.0),
+            expired_client_key: write("expired-client-key.pem", &expired_client.2),
             expired_cert: write("expired.pem", &format!("{}{ca_pem}", expired.0)),
             expired_key: write("expired-key.pem", &expired.2),
             renewed_cert: write("renewed.pem", &format!("{}{ca_pem}", renewed.0)),
