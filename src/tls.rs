@@ -600,13 +600,8 @@ mod tests {
         (cert.pem(), key)
     }
 
-    fn tickets() -> Vec<TicketKey> {
-        vec![TicketKey::generate(current_period(DEFAULT_TICKET_ROTATION)).unwrap()]
-    }
-
-    #[test]
-    fn a_good_certificate_and_key_make_a_config_with_client_auth_when_asked() {
-        let pki = Pki::new();
+    /// A server certificate and key from a new CA, and that CA's PEM.
+    fn server_files(pki: &Pki) -> (TlsFiles, String) {
         let (issuer, ca_pem) = ca("test CA");
         let (cert, key) = leaf(&issuer, false);
         let files = TlsFiles {
@@ -614,6 +609,17 @@ mod tests {
             key: pki.write("key.pem", &key.serialize_pem()),
             client_ca: None,
         };
+        (files, ca_pem)
+    }
+
+    fn tickets() -> Vec<TicketKey> {
+        vec![TicketKey::generate(current_period(DEFAULT_TICKET_ROTATION)).unwrap()]
+    }
+
+    #[test]
+    fn a_good_certificate_and_key_make_a_config_with_client_auth_when_asked() {
+        let pki = Pki::new();
+        let (files, ca_pem) = server_files(&pki);
         assert!(server_config(&files, tickets(), DEFAULT_TICKET_ROTATION).is_ok());
         let with_ca = TlsFiles {
             client_ca: Some(pki.write("ca.pem", &ca_pem)),
@@ -779,31 +785,27 @@ mod tests {
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let mut c = rustls::ClientConnection::new(Arc::clone(client), name).unwrap();
         let mut s = rustls::ServerConnection::new(Arc::clone(server)).unwrap();
-        let mut wire = Vec::new();
         for _ in 0..10 {
-            wire.clear();
-            while c.wants_write() {
-                c.write_tls(&mut wire).unwrap();
-            }
-            let mut bytes = &wire[..];
-            while !bytes.is_empty() {
-                s.read_tls(&mut bytes).unwrap();
-            }
-            s.process_new_packets().unwrap();
-            wire.clear();
-            while s.wants_write() {
-                s.write_tls(&mut wire).unwrap();
-            }
-            let mut bytes = &wire[..];
-            while !bytes.is_empty() {
-                c.read_tls(&mut bytes).unwrap();
-            }
-            c.process_new_packets().unwrap();
+            pump(&mut c, &mut s);
+            pump(&mut s, &mut c);
             if !c.is_handshaking() && !s.is_handshaking() && !s.wants_write() {
                 break;
             }
         }
         s.handshake_kind().unwrap()
+    }
+
+    /// Moves what one side has to send to the other, which processes it.
+    fn pump<A, B>(from: &mut rustls::ConnectionCommon<A>, to: &mut rustls::ConnectionCommon<B>) {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut bytes = &wire[..];
+        while !bytes.is_empty() {
+            to.read_tls(&mut bytes).unwrap();
+        }
+        to.process_new_packets().unwrap();
     }
 
     /// The TLS 1.2 rule reads the session the way rustls encodes it for a ticket: with the rustls built here, a
@@ -812,13 +814,7 @@ mod tests {
     #[test]
     fn a_tls12_resumption_gets_no_new_ticket_and_everything_else_does() {
         let pki = Pki::new();
-        let (issuer, ca_pem) = ca("test CA");
-        let (cert, key) = leaf(&issuer, false);
-        let files = TlsFiles {
-            cert: pki.write("cert.pem", &cert),
-            key: pki.write("key.pem", &key.serialize_pem()),
-            client_ca: None,
-        };
+        let (files, ca_pem) = server_files(&pki);
         let (config, tickets) = server_config(&files, tickets(), DEFAULT_TICKET_ROTATION).unwrap();
         let recording = Arc::new(Recording {
             inner: tickets,
