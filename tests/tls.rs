@@ -1545,6 +1545,48 @@ fn stalled_handshakes_neither_starve_requests_nor_stay_open() {
 
 // --- stop ----------------------------------------------------------------------------------------------------
 
+/// A client that goes away in the middle of a TLS response is an ordinary event: a debug line, no warning or
+/// error, and the worker serves on.
+#[test]
+fn a_client_abort_mid_response_is_not_a_warning() {
+    let pki = Pki::new();
+    let ferrule = over_tls(wsgi_cases(), &pki.server_cert, &pki.server_key).spawn();
+    let addr = tls_addr(&ferrule);
+    let offset = ferrule.log_offset();
+    {
+        let tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+        let conn = rustls::ClientConnection::new(pki.client(false), name).expect("a client connection");
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(&uwsgi_get("/stream?n=200&delay=0.02"))
+            .expect("send the request");
+        let mut first = [0u8; 64];
+        let n = tls.read(&mut first).expect("the start of the response");
+        assert!(
+            n > 0 && first.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&first[..n])
+        );
+        // Gone without a word, while the app is still yielding.
+        tls.sock.shutdown(Shutdown::Both).expect("shutdown");
+    }
+    thread::sleep(Duration::from_millis(800));
+    let fine = tls_request(addr, pki.client(false), &uwsgi_get("/hello")).expect("TLS request");
+    assert_eq!(parse_response(&fine.bytes).status, 200, "the worker serves on");
+    let log = ferrule.log_since(offset);
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "a client abort logged at warn or error:\n{}",
+        loud.join("\n")
+    );
+}
+
 /// SIGTERM while a 2 s request is in flight over TLS: it still gets its whole 200 through nginx, then ferrule
 /// exits 0.
 #[test]
