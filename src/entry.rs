@@ -17,6 +17,8 @@ use crate::{preload, worker};
 
 /// Exit status for a bad command line or configuration, as clap uses.
 const EXIT_USAGE: i32 = 2;
+/// Exit status after a panic (what Rust itself uses when a panic ends `main`).
+const EXIT_PANIC: i32 = 101;
 
 #[pymodule]
 #[pyo3(name = "_ferrule")]
@@ -32,8 +34,12 @@ fn main(py: Python<'_>, argv: Vec<OsString>) -> PyResult<()> {
     // The venv's interpreter as it was started (`sys.executable` keeps the venv's bin/python; resolving the
     // symlink would lose the venv): workers are started with it.
     let python: PathBuf = py.import("sys")?.getattr("executable")?.extract()?;
-    // Everything below runs without the GIL: app threads take it when they run Python.
-    let code = py.detach(move || run(argv, python));
+    // Everything below runs without the GIL: app threads take it when they run Python. A panic ends the
+    // process here (the hook has printed it): back in Python, the interpreter's shutdown would wait for the
+    // app's non-daemon threads, for ever.
+    let code = py.detach(move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(argv, python))).unwrap_or(EXIT_PANIC)
+    });
     std::process::exit(code)
 }
 
@@ -137,7 +143,12 @@ fn init_logging(level: &str, format: LogFormat, role: Role) -> Result<(), String
         _ => EnvFilter::try_new(level),
     }
     .map_err(|e| format!("invalid log level {level:?}: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // A log line that cannot be written (whoever read stderr is gone) is lost, silently: tracing-subscriber's
+    // report of it would go to that same stderr with eprintln!, whose failure panics, and a worker that panics
+    // on its way out hangs in Python's shutdown instead of exiting.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder
             .with_writer(std::io::stderr)

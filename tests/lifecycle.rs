@@ -681,3 +681,61 @@ fn systemd_socket_activation() {
 fn socket_from_inherited_fd() {
     serve_inherited(Inherit::FdArg(9), "fd.sock");
 }
+
+/// Whoever read ferrule's output is gone and the master is killed: the workers still stop and exit. Every log
+/// line then fails to be written (EPIPE); tracing-subscriber used to report that with `eprintln!`, whose own
+/// failure panicked, and a worker that panicked on its way out hung in Python's shutdown for ever.
+#[test]
+fn workers_exit_when_the_master_dies_after_their_log_reader() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    // Like many apps (a scheduler, a metrics pusher), it keeps a non-daemon thread: Python's own shutdown waits
+    // for it, so only an exit that skips that shutdown ends the process.
+    let dir = temp_dir();
+    std::fs::write(
+        dir.path().join("threaded_app.py"),
+        "import threading\n\
+         threading.Thread(target=threading.Event().wait, name='background', daemon=False).start()\n\
+         def application(environ, start_response):\n    \
+             start_response('200 OK', [('Content-Type', 'text/plain')])\n    \
+             return [b'ok']\n",
+    )
+    .expect("write the app");
+    let mut child = Command::new(common::venv::installed_ferrule())
+        .args(["--pythonpath", &dir.path().display().to_string(), "--workers", "2"])
+        .args(["--socket", "127.0.0.1:0", "threaded_app:application"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ferrule");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut log = String::new();
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("ready") && line.contains("workers=2") {
+            break;
+        }
+    }
+    let master = child.id();
+    let workers = live_children(master);
+    assert_eq!(workers.len(), 2, "two workers\n{log}");
+    // The reader goes first, then the master.
+    drop(lines);
+    child.kill().expect("SIGKILL the master");
+    child.wait().expect("reap the master");
+    let gone = common::procs::poll_until(Duration::from_secs(15), || workers.iter().all(|&w| !alive(w)));
+    let stuck: Vec<_> = workers.iter().filter(|&&w| alive(w)).collect();
+    for &&w in &stuck {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(w as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    assert!(
+        gone,
+        "workers {stuck:?} did not exit after the master and their log reader went away"
+    );
+}
