@@ -264,14 +264,7 @@ async fn read_request(
         }
     };
     let environ = &peeked.environ;
-    warn_about_defaults(environ);
-    if let Some(limit) = config.max_body_size.filter(|&limit| environ.content_length > limit) {
-        tracing::warn!(
-            content_length = environ.content_length,
-            limit,
-            "request body larger than --max-body-size; answering 413"
-        );
-        let request = RequestInfo::of(environ, config.access_log);
+    if let Some(request) = body_over_limit(environ, config) {
         return refuse(&mut stream, ctx, 413, &request, started).await.map(|()| None);
     }
     let span = request_span(environ);
@@ -312,6 +305,29 @@ async fn read_request(
     }
     .instrument(span)
     .await
+}
+
+/// The status for a request whose environ cannot be built, logged.
+fn refusal(error: &EnvironError) -> u16 {
+    tracing::warn!(%error, "refusing request");
+    match error {
+        EnvironError::InvalidContentLength(_)
+        | EnvironError::MissingMethod
+        | EnvironError::ConflictingContentLength(..) => 400,
+    }
+}
+
+/// What is checked once a request's environ is built, before its body is read: nginx's defaults (warned about
+/// once), and `--max-body-size`: the request to answer 413 when its body is over it.
+fn body_over_limit(environ: &Environ, config: &Config) -> Option<RequestInfo> {
+    warn_about_defaults(environ);
+    let limit = config.max_body_size.filter(|&limit| environ.content_length > limit)?;
+    tracing::warn!(
+        content_length = environ.content_length,
+        limit,
+        "request body larger than --max-body-size; answering 413"
+    );
+    Some(RequestInfo::of(environ, config.access_log))
 }
 
 /// Peeks until the header and the whole vars block are in, and decodes them; answers a ping, and says what
@@ -362,15 +378,7 @@ async fn read_packet(stream: &mut Stream, config: &Config) -> Result<Start, Conn
             environ,
             packet_len,
         })),
-        Opening::BadEnviron { error, request } => {
-            tracing::warn!(%error, "refusing request");
-            let status = match error {
-                EnvironError::InvalidContentLength(_)
-                | EnvironError::MissingMethod
-                | EnvironError::ConflictingContentLength(..) => 400,
-            };
-            Ok(Start::Refuse(status, request))
-        }
+        Opening::BadEnviron { error, request } => Ok(Start::Refuse(refusal(&error), request)),
         // `decode` is a pure function, and these very bytes decoded as a whole request packet just above.
         Opening::NotARequest => unreachable!("a whole request packet decodes the same way twice"),
     }
@@ -619,28 +627,14 @@ async fn read_tls_request(
     let (environ, packet_len) = match open(&seen, config).map_err(ConnError::Malformed)? {
         Opening::Request { environ, packet_len } => (environ, packet_len),
         Opening::BadEnviron { error, request } => {
-            tracing::warn!(%error, "refusing request");
-            refuse(&mut tls, ctx, 400, &request, started).await?;
+            refuse(&mut tls, ctx, refusal(&error), &request, started).await?;
             return Ok(None);
         }
         // `decode` is a pure function, and these very bytes decoded as a whole request packet just above.
         Opening::NotARequest => unreachable!("a whole request packet decodes the same way twice"),
     };
-    warn_about_defaults(&environ);
-    if let Some(limit) = config.max_body_size.filter(|&limit| environ.content_length > limit) {
-        tracing::warn!(
-            content_length = environ.content_length,
-            limit,
-            "request body larger than --max-body-size; answering 413"
-        );
-        refuse(
-            &mut tls,
-            ctx,
-            413,
-            &RequestInfo::of(&environ, config.access_log),
-            started,
-        )
-        .await?;
+    if let Some(request) = body_over_limit(&environ, config) {
+        refuse(&mut tls, ctx, 413, &request, started).await?;
         return Ok(None);
     }
     let total = packet_len as u64 + environ.content_length;

@@ -5,7 +5,10 @@
 //! or a bare end of a TLS upstream for a clean end, and would finish a chunked response as if it were whole.
 
 use std::io::{self, IoSlice, Write};
+use std::os::fd::AsFd;
+use std::time::Duration;
 
+use nix::poll::PollFlags;
 use socket2::Socket;
 
 /// `io::Write` for rustls's `write_tls`, over the socket without needing `&mut Socket`.
@@ -57,28 +60,20 @@ pub(crate) fn write_vectored(
     Ok(taken)
 }
 
-/// Sends what is pending and then close_notify, waiting for room with `wait` (false when its time ran out):
-/// the ordinary end of a complete response.
-pub(crate) fn finish(
-    conn: &mut rustls::ServerConnection,
-    socket: &Socket,
-    wait: impl FnMut(&Socket) -> io::Result<bool>,
-) -> io::Result<()> {
+/// Sends what is pending and then close_notify, waiting up to `stall` each time the socket is full: the
+/// ordinary end of a complete response.
+pub(crate) fn finish(conn: &mut rustls::ServerConnection, socket: &Socket, stall: Duration) -> io::Result<()> {
     conn.send_close_notify();
-    flush(conn, socket, wait)
+    flush(conn, socket, stall)
 }
 
-/// Sends every pending record, waiting for room with `wait`.
-fn flush(
-    conn: &mut rustls::ServerConnection,
-    socket: &Socket,
-    mut wait: impl FnMut(&Socket) -> io::Result<bool>,
-) -> io::Result<()> {
+/// Sends every pending record, waiting up to `stall` each time the socket is full (`TimedOut` past that).
+fn flush(conn: &mut rustls::ServerConnection, socket: &Socket, stall: Duration) -> io::Result<()> {
     loop {
         match push_records(conn, socket) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !wait(socket)? {
+                if !crate::listener::wait_ready(socket.as_fd(), PollFlags::POLLOUT, stall)? {
                     return Err(io::ErrorKind::TimedOut.into());
                 }
             }
@@ -107,16 +102,12 @@ pub(crate) fn queue_fatal_alert(conn: &mut rustls::ServerConnection) {
     let _ = conn.process_new_packets();
 }
 
-/// The end of an aborted response: the pending records and a fatal alert, waiting for room with `wait`
-/// (false when its time ran out). `Ok` when the socket took everything: the close that follows may then be an
-/// ordinary one (a reset would throw away what the socket has not sent yet, the alert included).
-pub(crate) fn fail(
-    conn: &mut rustls::ServerConnection,
-    socket: &Socket,
-    wait: impl FnMut(&Socket) -> io::Result<bool>,
-) -> io::Result<()> {
+/// The end of an aborted response: the pending records and a fatal alert, waiting up to `stall` each time the
+/// socket is full. `Ok` when the socket took everything: the close that follows may then be an ordinary one (a
+/// reset would throw away what the socket has not sent yet, the alert included).
+pub(crate) fn fail(conn: &mut rustls::ServerConnection, socket: &Socket, stall: Duration) -> io::Result<()> {
     queue_fatal_alert(conn);
-    flush(conn, socket, wait)
+    flush(conn, socket, stall)
 }
 
 #[cfg(test)]
@@ -124,11 +115,8 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::net::{TcpListener, TcpStream};
-    use std::os::fd::AsFd;
     use std::sync::Arc;
-    use std::time::Duration;
 
-    use nix::poll::PollFlags;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -231,7 +219,7 @@ mod tests {
         let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let (mut wire, client) = pair(body.len());
         write_all(&mut wire, &body);
-        finish(&mut wire.conn, &wire.socket, wait_writable).unwrap();
+        finish(&mut wire.conn, &wire.socket, Duration::from_secs(5)).unwrap();
         assert!(!wire.conn.wants_write());
         drop(wire);
         let (got, end) = client.join().unwrap();
@@ -244,7 +232,7 @@ mod tests {
     fn an_aborted_response_ends_with_a_fatal_alert_the_client_sees_as_an_error() {
         let (mut wire, client) = pair(1000);
         write_all(&mut wire, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial");
-        fail(&mut wire.conn, &wire.socket, wait_writable).unwrap();
+        fail(&mut wire.conn, &wire.socket, Duration::from_secs(5)).unwrap();
         // An ordinary close after the alert: the alert, not a reset, tells the client.
         drop(wire);
         let (got, end) = client.join().unwrap();

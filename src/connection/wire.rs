@@ -115,9 +115,7 @@ impl Wire {
         match &self.tls {
             None => listener::discard(&self.socket, self.unread),
             // Through TLS: the sealed records still pending, then close_notify.
-            Some(tls) => super::tls_wire::finish(&mut Self::session(tls), &self.socket, |socket| {
-                listener::wait_ready(socket.as_fd(), PollFlags::POLLOUT, stall)
-            }),
+            Some(tls) => super::tls_wire::finish(&mut Self::session(tls), &self.socket, stall),
         }
     }
 
@@ -127,10 +125,7 @@ impl Wire {
     /// a TLS upstream for a clean end.
     pub(crate) fn reset(&self, stall: Duration) {
         if let Some(tls) = &self.tls {
-            let alerted = super::tls_wire::fail(&mut Self::session(tls), &self.socket, |socket| {
-                listener::wait_ready(socket.as_fd(), PollFlags::POLLOUT, stall)
-            });
-            if alerted.is_ok() {
+            if super::tls_wire::fail(&mut Self::session(tls), &self.socket, stall).is_ok() {
                 return;
             }
         }
