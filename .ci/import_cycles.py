@@ -11,9 +11,14 @@ paths in code, not comments or `#[cfg(test)]` modules), and checks two graphs fo
   folder's `mod.rs` sits above its children: it may use and re-export them, and a child that uses an item
   defined in its `mod.rs` closes a cycle; what children share lives in a child file of its own.
 
+and the order of the layers: `lib.rs` declares the top-level modules from the bottom of the flow up, and a
+module may refer only to modules declared before it. A reference upward fails even where it closes no cycle
+yet, so the order written in `lib.rs` (and explained in ARCHITECTURE.md) is the order the code keeps.
+
 It also checks the Python boundary: only `app/` and the entry module (`entry.rs`) may refer to pyo3.
 
-Usage: .ci/import_cycles.py [SRC_DIR]   (default: src next to this script's parent). Exit 1 on a cycle.
+Usage: .ci/import_cycles.py [SRC_DIR]   (default: src next to this script's parent). Exit 1 on a cycle, an
+upward reference or pyo3 outside the boundary.
 A parser of Rust's `use` syntax good enough for this code base, not for Rust in general: it is cheap (no
 rust-analyzer build, unlike `cargo modules`) and says which references close each circle.
 """
@@ -174,6 +179,27 @@ def find_cycles(nodes, edges):
     return out
 
 
+def layer_order(lib: Path) -> list:
+    """The top-level modules in the order `lib.rs` declares them: the bottom layer first."""
+    code = strip_code(lib.read_text())
+    return re.findall(rf"^\s*(?:pub(?:\([a-z]+\))?\s+)?mod\s+({IDENT})\s*;", code, re.M)
+
+
+def report_upward(order, edges, why) -> bool:
+    """Prints each reference from a layer to one declared after it in lib.rs; whether there was one."""
+    rank = {m: k for k, m in enumerate(order)}
+    found = False
+    for a in sorted(edges):
+        for b in sorted(edges[a]):
+            if a not in rank or b not in rank:
+                print(f"{a} -> {b}: both must be declared in lib.rs ({why[(a, b)]})")
+                found = True
+            elif rank[b] > rank[a]:
+                print(f"upward import: {a} refers to {b}, declared above it in lib.rs ({why[(a, b)]})")
+                found = True
+    return found
+
+
 def report_cycles(what, nodes, edges, why, show) -> bool:
     """Prints each cycle among `nodes` with the references that close it; whether there was one."""
     cycles = find_cycles(nodes, edges)
@@ -221,12 +247,14 @@ def main() -> int:
             print(f"{name(here)} uses pyo3: only {', '.join(PYTHON_BOUNDARY)} may (the Python boundary)")
     layers = report_cycles("top-level modules", {m[0] for m in modules if m}, layer_edges, why, str)
     files = report_cycles("files", set(modules), file_edges, why, name)
-    failed = failed or layers or files
+    order = layer_order(src / "lib.rs")
+    upward = report_upward(order, layer_edges, why)
+    failed = failed or layers or files or upward
     if failed:
         print("modules must import only those below them in the flow, and only app/ and entry touch pyo3")
-        print("(../shared/STYLE.md; lib.rs lists the layers)")
+        print("(lib.rs declares the layers from the bottom up; ARCHITECTURE.md explains them)")
         return 1
-    print(f"no import cycles among {len(modules)} files")
+    print(f"no import cycles among {len(modules)} files, no upward import among {len(order)} layers")
     return 0
 
 
