@@ -55,60 +55,12 @@ impl Environ {
     /// Builds the environ from a packet's vars. `buf` is the buffer the vars borrow from, so keys and values are
     /// shared with it instead of copied.
     pub fn from_vars(buf: &Bytes, vars: &[Var<'_>]) -> Result<Environ, EnvironError> {
-        let mut out: Vec<(Bytes, Bytes)> = Vec::with_capacity(vars.len() + 4);
-        let mut index: Option<HashMap<&[u8], usize>> =
-            (vars.len() > SCAN_LIMIT).then(|| HashMap::with_capacity(vars.len()));
-        let mut http_content_type: Option<&[u8]> = None;
-
-        for var in vars {
-            match var.key {
-                // PEP 3333: CONTENT_TYPE and CONTENT_LENGTH have no HTTP_ twins.
-                b"HTTP_CONTENT_LENGTH" => continue,
-                b"HTTP_CONTENT_TYPE" => {
-                    http_content_type = Some(var.value);
-                    continue;
-                }
-                _ => {}
-            }
-            let existing = match &index {
-                Some(map) => map.get(var.key).copied(),
-                None => out.iter().position(|(k, _)| k == var.key),
-            };
-            match existing {
-                // A client cannot send Host twice (nginx refuses it), so a repeated HTTP_HOST comes from the
-                // configuration: `uwsgi_param HTTP_HOST ...;` after `include uwsgi_params;` overrides it.
-                Some(at) if var.key == b"HTTP_HOST" => out[at].1 = buf.slice_ref(var.value),
-                // The length decides where the body ends: two different ones cannot both be honoured.
-                Some(at) if var.key == b"CONTENT_LENGTH" && out[at].1 != var.value => {
-                    return Err(EnvironError::ConflictingContentLength(
-                        String::from_utf8_lossy(&out[at].1).into_owned(),
-                        String::from_utf8_lossy(var.value).into_owned(),
-                    ));
-                }
-                // Older nginx sends a repeated request header as repeated vars; uWSGI keeps only one of them.
-                Some(at) if var.key.starts_with(b"HTTP_") => {
-                    let sep: &[u8] = if var.key == b"HTTP_COOKIE" { b"; " } else { b", " };
-                    let old = &out[at].1;
-                    let mut joined = BytesMut::with_capacity(old.len() + sep.len() + var.value.len());
-                    joined.extend_from_slice(old);
-                    joined.extend_from_slice(sep);
-                    joined.extend_from_slice(var.value);
-                    out[at].1 = joined.freeze();
-                }
-                // A param set twice in the nginx config: the later one wins, as nginx's own order suggests.
-                Some(at) => out[at].1 = buf.slice_ref(var.value),
-                None => {
-                    if let Some(map) = &mut index {
-                        map.insert(var.key, out.len());
-                    }
-                    out.push((buf.slice_ref(var.key), buf.slice_ref(var.value)));
-                }
-            }
-        }
-        drop(index);
-
+        let Merged {
+            vars: merged,
+            http_content_type,
+        } = merge_vars(buf, vars)?;
         let mut env = Environ {
-            vars: out,
+            vars: merged,
             url_scheme: UrlScheme::Http,
             content_length: 0,
             method: Bytes::new(),
@@ -135,20 +87,25 @@ impl Environ {
             }
         }
         env.apply_fallbacks();
-        env.log_path = match env.get(b"REQUEST_URI") {
+        env.log_path = env.path_for_log();
+        Ok(env)
+    }
+
+    /// What the access log shows: `REQUEST_URI`, else `SCRIPT_NAME` + `PATH_INFO` + `?QUERY_STRING`.
+    fn path_for_log(&self) -> Bytes {
+        match self.get(b"REQUEST_URI") {
             Some(uri) if !uri.is_empty() => uri.clone(),
             _ => {
                 let mut p = BytesMut::new();
-                p.extend_from_slice(env.get(b"SCRIPT_NAME").map_or(&b""[..], |v| v));
-                p.extend_from_slice(env.get(b"PATH_INFO").map_or(&b""[..], |v| v));
-                if let Some(q) = env.get(b"QUERY_STRING").filter(|q| !q.is_empty()) {
+                p.extend_from_slice(self.get(b"SCRIPT_NAME").map_or(&b""[..], |v| v));
+                p.extend_from_slice(self.get(b"PATH_INFO").map_or(&b""[..], |v| v));
+                if let Some(q) = self.get(b"QUERY_STRING").filter(|q| !q.is_empty()) {
                     p.extend_from_slice(b"?");
                     p.extend_from_slice(q);
                 }
                 p.freeze()
             }
-        };
-        Ok(env)
+        }
     }
 
     fn set(&mut self, key: &'static [u8], value: Bytes) {
@@ -212,6 +169,70 @@ impl Environ {
             self.set(b"SERVER_PORT", port);
         }
     }
+}
+
+/// The vars in the order nginx sent them, each key once: repeated headers joined, a repeated param's later
+/// value kept, `HTTP_CONTENT_LENGTH` dropped; `HTTP_CONTENT_TYPE` is returned aside (PEP 3333: CONTENT_TYPE and
+/// CONTENT_LENGTH have no HTTP_ twins), for when the packet has no `CONTENT_TYPE`.
+fn merge_vars<'v>(buf: &Bytes, vars: &[Var<'v>]) -> Result<Merged<'v>, EnvironError> {
+    let mut out: Vec<(Bytes, Bytes)> = Vec::with_capacity(vars.len() + 4);
+    let mut index: Option<HashMap<&[u8], usize>> =
+        (vars.len() > SCAN_LIMIT).then(|| HashMap::with_capacity(vars.len()));
+    let mut http_content_type: Option<&[u8]> = None;
+    for var in vars {
+        match var.key {
+            b"HTTP_CONTENT_LENGTH" => continue,
+            b"HTTP_CONTENT_TYPE" => {
+                http_content_type = Some(var.value);
+                continue;
+            }
+            _ => {}
+        }
+        let existing = match &index {
+            Some(map) => map.get(var.key).copied(),
+            None => out.iter().position(|(k, _)| k == var.key),
+        };
+        match existing {
+            // A client cannot send Host twice (nginx refuses it), so a repeated HTTP_HOST comes from the
+            // configuration: `uwsgi_param HTTP_HOST ...;` after `include uwsgi_params;` overrides it.
+            Some(at) if var.key == b"HTTP_HOST" => out[at].1 = buf.slice_ref(var.value),
+            // The length decides where the body ends: two different ones cannot both be honoured.
+            Some(at) if var.key == b"CONTENT_LENGTH" && out[at].1 != var.value => {
+                return Err(EnvironError::ConflictingContentLength(
+                    String::from_utf8_lossy(&out[at].1).into_owned(),
+                    String::from_utf8_lossy(var.value).into_owned(),
+                ));
+            }
+            // Older nginx sends a repeated request header as repeated vars; uWSGI keeps only one of them.
+            Some(at) if var.key.starts_with(b"HTTP_") => {
+                let sep: &[u8] = if var.key == b"HTTP_COOKIE" { b"; " } else { b", " };
+                let old = &out[at].1;
+                let mut joined = BytesMut::with_capacity(old.len() + sep.len() + var.value.len());
+                joined.extend_from_slice(old);
+                joined.extend_from_slice(sep);
+                joined.extend_from_slice(var.value);
+                out[at].1 = joined.freeze();
+            }
+            // A param set twice in the nginx config: the later one wins, as nginx's own order suggests.
+            Some(at) => out[at].1 = buf.slice_ref(var.value),
+            None => {
+                if let Some(map) = &mut index {
+                    map.insert(var.key, out.len());
+                }
+                out.push((buf.slice_ref(var.key), buf.slice_ref(var.value)));
+            }
+        }
+    }
+    Ok(Merged {
+        vars: out,
+        http_content_type,
+    })
+}
+
+/// What [`merge_vars`] makes of a packet's vars.
+struct Merged<'v> {
+    vars: Vec<(Bytes, Bytes)>,
+    http_content_type: Option<&'v [u8]>,
 }
 
 /// `CONTENT_LENGTH`: empty or missing is 0; anything but plain decimal digits fitting a u64 is refused.
