@@ -1,4 +1,4 @@
-"""ferrule's memory benchmark (issue 13): a Django site under each server, its whole process tree's memory measured.
+"""ferrule's memory benchmark: a Django site under each server, its whole process tree's memory measured.
 
 Run it through `benches/memory`, which prepares the venv this script runs from (as `benches/run` does for
 bench.py): the peers, Django and Django REST framework, and ferrule pip-installed from this checkout.
