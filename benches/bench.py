@@ -30,6 +30,9 @@ resident memory per worker, at idle (after start-up, before any load) and at its
 
 Outputs: tables on stdout, and in the results folder latest.csv (medians), latest-runs.csv (every run),
 latest.md (tables, settings, machine, versions) and latest.png (throughput ratios).
+
+This script holds the data the scenarios send, the answer checks and the run's loop; the scenarios, servers, runs
+and report are in benches/load, the machinery it shares with memory.py in benches/harness.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ A measurement covers the launched process and all its descendants (/proc/*/stat 
 Private_Clean + Private_Dirty, and the mean RSS.
 
 Outputs: a table on stdout, and memory.md and memory.csv in the results folder (--out, default benches/results).
+
+The machinery it shares with bench.py (processes, /proc, server command lines, nginx, reports) is in benches/harness.
 """
 
 from __future__ import annotations
