@@ -1,4 +1,4 @@
-"""ferrule's memory benchmark (issue 13): a Django site under each server, its whole process tree's memory measured.
+"""ferrule's memory benchmark: a Django site under each server, its whole process tree's memory measured.
 
 Run it through `benches/memory`, which prepares the venv this script runs from (as `benches/run` does for
 bench.py): the peers, Django and Django REST framework, and ferrule pip-installed from this checkout.
@@ -8,7 +8,7 @@ a `books` app; sqlite with 100 books in a temp dir, made by `python -m djsite.pr
 Three endpoints are driven: the admin's changelist of the books (logged in with a session cookie), a DRF list of
 all the books as JSON, and a template page with a loop. Every answer carries X-Worker-Pid.
 
-One nginx (generated config in the temp dir, as bench.py makes it) has one location per server, each passed to a
+One nginx (generated config in the temp dir, written as for bench.py) has one location per server, each passed to a
 Unix socket with uwsgi_pass:
 
     /ferrule/           ferrule --workers N --threads T
@@ -29,22 +29,19 @@ A measurement covers the launched process and all its descendants (/proc/*/stat 
 Private_Clean + Private_Dirty, and the mean RSS.
 
 Outputs: a table on stdout, and memory.md and memory.csv in the results folder (--out, default benches/results).
+
+The machinery it shares with bench.py (processes, /proc, server command lines, nginx, reports) is in benches/harness.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import http.client
 import json
 import os
-import platform
 import random
-import re
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,37 +50,32 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BENCHES = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHES))
-# bench.py's helpers: processes in their own group, /proc trees, nginx's uwsgi params, versions, tables.
-import bench  # noqa: E402
-from bench import (  # noqa: E402
-    KIB_PER_MIB,
-    UWSGI_PARAMS,
+from harness import APPS, BENCHES
+from harness.nginx import REQUEST_TIMEOUT, free_port, nginx_conf_text, start_nginx, uwsgi_params
+from harness.processes import (
     Interrupted,
-    _raise_interrupted,
-    fmt,
-    free_port,
-    git_commit,
-    md_table,
-    nginx_version,
-    package_version,
-    process_tree,
-    python_version,
-    run_quiet,
+    catch_stop_signals,
+    ignore_stop_signals,
+    log_head,
+    log_tail,
+    server_env,
     start_process,
+    stop_group,
+    stop_server,
 )
+from harness.procfs import Memory, measure_memory, process_tree
+from harness.report import csv_value, fmt, md_table
+from harness.servers import ferrule_command, gunicorn_command, uwsgi_command
+from harness.versions import ferrule_version, machine_rows, nginx_version, package_version, uwsgi_version
 
-APPS = bench.APPS
+sys.path.insert(0, str(APPS))
 # The endpoints, and what their answers must contain: the same table the data step checks them with.
 from djsite.prepare import ENDPOINTS  # noqa: E402
 
 APP = "djsite.wsgi:application"
 # Bounds on waits, so a hung server fails its row instead of hanging the run.
 START_TIMEOUT = 120.0
-STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.010
-REQUEST_TIMEOUT = 30.0
 # A server whose answers keep failing is given up after this many failed requests.
 MAX_FAILURES = 50
 
@@ -102,51 +94,12 @@ class Server:
         return tmp / f"{self.name}.sock"
 
     def command(self, args: argparse.Namespace, tmp: Path, workers: int) -> list[str]:
-        venv_bin = Path(args.venv) / "bin"
-        w, t, sock = str(workers), str(args.threads), self.socket(tmp)
+        sock, t, venv = self.socket(tmp), args.threads, args.venv
         if self.kind == "ferrule":
-            return [
-                str(args.ferrule),
-                *self.extra,
-                "--socket", f"unix:{sock}",
-                "--workers", w,
-                "--threads", t,
-                "--virtualenv", str(args.venv),
-                "--chdir", str(APPS),
-                APP,
-            ]  # fmt: skip
+            return ferrule_command(args.ferrule, ["--socket", f"unix:{sock}"], workers, t, venv, APP, self.extra)
         if self.kind == "uwsgi":
-            return [
-                str(venv_bin / "uwsgi"),
-                "--master",
-                *self.extra,
-                "--processes", w,
-                "--threads", t,
-                "--socket", str(sock),
-                "--chdir", str(APPS),
-                "--module", APP,
-                "--virtualenv", str(args.venv),
-                "--need-app",
-                # SIGTERM means reload to uWSGI unless told otherwise.
-                "--die-on-term",
-                # uWSGI logs every request by default; the others do not.
-                "--disable-logging",
-            ]  # fmt: skip
-        return [
-            str(venv_bin / "gunicorn"),
-            *self.extra,
-            "--protocol", "uwsgi",
-            "--worker-class", "gthread",
-            "--workers", w,
-            "--threads", t,
-            "--bind", f"unix:{sock}",
-            # As in bench.py: nginx's uwsgi_pass never reuses a connection, and gunicorn's keep-alive would log
-            # an error for each request.
-            "--keep-alive", "0",
-            "--no-control-socket",
-            "--chdir", str(APPS),
-            APP,
-        ]  # fmt: skip
+            return uwsgi_command(venv, ["--socket", str(sock)], workers, t, APP, self.extra)
+        return gunicorn_command(venv, f"unix:{sock}", workers, t, APP, self.extra)
 
 
 SERVERS = [
@@ -181,7 +134,7 @@ SETUP_NOTES = [
 
 
 def nginx_config(args: argparse.Namespace, tmp: Path, port: int, servers: list[Server]) -> str:
-    params = "\n".join(f"            uwsgi_param {k} {v};" for k, v in UWSGI_PARAMS)
+    params = uwsgi_params()
     upstreams, locations = [], []
     for s in servers:
         # One server per upstream: nginx never marks it down, so the start-up probe sees the first answer at once.
@@ -194,62 +147,15 @@ def nginx_config(args: argparse.Namespace, tmp: Path, port: int, servers: list[S
             uwsgi_pass {s.name};
         }}"""
         )
-    return bench.nginx_conf_text(
-        "benches/memory.py", args.nginx_workers, 1024, tmp, port, "    keepalive_requests 1000000;", upstreams, locations
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory of a process tree
-
-
-def smaps_rollup(pid: int) -> dict[str, int] | None:
-    """The kB fields of /proc/PID/smaps_rollup (Rss, Pss, Private_Clean, ...), or None if the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return None
-    out = {}
-    for line in text.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-            out[parts[0][:-1]] = int(parts[1])
-    # A zombie (exited, not yet reaped) has an empty rollup.
-    return out or None
-
-
-@dataclass
-class Memory:
-    processes: int  # in the tree, with memory (zombies left out)
-    total_pss_mib: float
-    workers: int  # of the pids that answered, how many are alive in the tree
-    private_mib: float | None  # mean per worker of Private_Clean + Private_Dirty
-    rss_mib: float | None  # mean per worker
-    worker_pss_mib: float | None  # mean per worker
-    other_pss_mib: float  # the rest of the tree: master, zygote, ...
-
-
-def measure_memory(root: int, worker_pids: set[int]) -> Memory:
-    tree = {}
-    for pid in process_tree(root):
-        m = smaps_rollup(pid)
-        if m is not None:
-            tree[pid] = m
-    workers = [m for pid, m in tree.items() if pid in worker_pids]
-
-    def mean(values):
-        return statistics.fmean(values) / KIB_PER_MIB if values else None
-
-    total = sum(m.get("Pss", 0) for m in tree.values())
-    worker_pss = sum(m.get("Pss", 0) for m in workers)
-    return Memory(
-        processes=len(tree),
-        total_pss_mib=total / KIB_PER_MIB,
-        workers=len(workers),
-        private_mib=mean([m.get("Private_Clean", 0) + m.get("Private_Dirty", 0) for m in workers]),
-        rss_mib=mean([m.get("Rss", 0) for m in workers]),
-        worker_pss_mib=mean([m.get("Pss", 0) for m in workers]),
-        other_pss_mib=(total - worker_pss) / KIB_PER_MIB,
+    return nginx_conf_text(
+        "benches/memory.py",
+        args.nginx_workers,
+        1024,
+        tmp,
+        port,
+        "    keepalive_requests 1000000;",
+        upstreams,
+        locations,
     )
 
 
@@ -385,13 +291,6 @@ class Row:
     seconds: float | None = None  # wall time of the whole row
 
 
-def log_head(path: Path, lines: int = 6) -> str:
-    if not path.exists():
-        return ""
-    text = [ln for ln in re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace")).splitlines() if ln]
-    return " | ".join(text[:lines])
-
-
 def wait_first_answer(proc: subprocess.Popen, port: int, server: Server, started: float) -> float:
     """Seconds from `started` (the launch) to the first 200 through nginx; raises RuntimeError if none."""
     path = f"/{server.name}{ENDPOINTS['page'][0]}"
@@ -415,51 +314,24 @@ def wait_first_answer(proc: subprocess.Popen, port: int, server: Server, started
     raise RuntimeError(f"no answer after {START_TIMEOUT:.0f} s ({last})")
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
+def record_memory(row: Row, warm: Memory, after: Memory) -> None:
+    row.processes = after.processes
+    row.total_pss_warm_mib, row.total_pss_after_mib = warm.total_pss_mib, after.total_pss_mib
+    row.private_warm_mib, row.private_after_mib = warm.private_mib, after.private_mib
+    row.rss_warm_mib, row.rss_after_mib = warm.rss_mib, after.rss_mib
+    row.worker_pss_after_mib, row.other_pss_after_mib = after.worker_pss_mib, after.other_pss_mib
 
 
-def stop_server(proc: subprocess.Popen, pids: list[int]) -> tuple[float, str | None]:
-    """SIGTERM, then SIGKILL to the group after STOP_TIMEOUT; returns the seconds taken and what went wrong."""
-    t0 = time.monotonic()
-    problem = None
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            problem = f"did not stop within {STOP_TIMEOUT:.0f} s of SIGTERM; killed"
-    took = time.monotonic() - t0
-    # Whatever is left of the group (or the leader after the timeout) goes with it.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pass
-    # A process of the tree that left the group (setsid) would still be here: ours, so ended by its pid.
-    deadline = time.monotonic() + 5
-    left = [p for p in pids if p != proc.pid and alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = [p for p in left if alive(p)]
-    if left:
-        for p in left:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        problem = (problem + "; " if problem else "") + f"pids {left} outlived the server's group; killed"
-    return took, problem
+def measured_line(row: Row, warm: Memory, after: Memory) -> str:
+    """The progress line of a measured row."""
+    return (
+        f"warm at {row.requests_warm} requests"
+        f"{'' if row.covered else ' (NOT every worker x endpoint)'}: total PSS {fmt(warm.total_pss_mib)} MiB, "
+        f"private/worker {fmt(warm.private_mib)} MiB; after {row.requests}: total PSS "
+        f"{fmt(after.total_pss_mib)} MiB, private/worker {fmt(after.private_mib)} MiB, RSS/worker "
+        f"{fmt(after.rss_mib)} MiB, {after.processes} processes, {row.failed} failed, answers per worker "
+        f"{row.answers_min}-{row.answers_max}"
+    )
 
 
 def run_one(args, tmp: Path, port: int, server: Server, workers: int, cookie: str, env, problems) -> Row:
@@ -506,23 +378,11 @@ def run_one(args, tmp: Path, port: int, server: Server, workers: int, cookie: st
             problems.append(f"{server.name} (w={workers}): {driver.failed} failed requests, e.g. {driver.errors}")
         if proc.poll() is not None:
             row.status = f"exited (status {proc.returncode})"
-            problems.append(f"{server.name} (w={workers}): exited during the run: {bench.log_tail(log_path)}")
+            problems.append(f"{server.name} (w={workers}): exited during the run: {log_tail(log_path)}")
         elif driver.failed >= MAX_FAILURES:
             row.status = "failing"
-        row.processes = after.processes
-        row.total_pss_warm_mib, row.total_pss_after_mib = warm.total_pss_mib, after.total_pss_mib
-        row.private_warm_mib, row.private_after_mib = warm.private_mib, after.private_mib
-        row.rss_warm_mib, row.rss_after_mib = warm.rss_mib, after.rss_mib
-        row.worker_pss_after_mib, row.other_pss_after_mib = after.worker_pss_mib, after.other_pss_mib
-        print(
-            f"  {server.name} w={workers}: warm at {row.requests_warm} requests"
-            f"{'' if row.covered else ' (NOT every worker x endpoint)'}: total PSS {fmt(warm.total_pss_mib)} MiB, "
-            f"private/worker {fmt(warm.private_mib)} MiB; after {row.requests}: total PSS "
-            f"{fmt(after.total_pss_mib)} MiB, private/worker {fmt(after.private_mib)} MiB, RSS/worker "
-            f"{fmt(after.rss_mib)} MiB, {after.processes} processes, {driver.failed} failed, answers per worker "
-            f"{row.answers_min}-{row.answers_max}",
-            file=sys.stderr,
-        )
+        record_memory(row, warm, after)
+        print(f"  {server.name} w={workers}: {measured_line(row, warm, after)}", file=sys.stderr)
     finally:
         tree = sorted(set(tree) | set(process_tree(proc.pid)))
         row.stop_s, problem = stop_server(proc, tree)
@@ -541,22 +401,15 @@ CSV_FIELDS = list(Row.__dataclass_fields__)
 
 
 def versions(args, servers: list[Server]) -> list[tuple[str, str]]:
-    venv_bin = Path(args.venv) / "bin"
     kinds = {s.kind for s in servers}
-    out = [
-        ("date", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")),
-        ("cores (nproc)", str(len(os.sched_getaffinity(0)))),
-        ("kernel", platform.release()),
-        ("python", python_version(args.venv)),
+    out = machine_rows(args.venv) + [
         ("django", package_version(args.venv, "django")),
         ("djangorestframework", package_version(args.venv, "djangorestframework")),
     ]
     if "ferrule" in kinds:
-        v = run_quiet([str(args.ferrule), "--version"])
-        commit = git_commit()
-        out.append(("ferrule", (v.split()[-1] if v else "?") + (f" (git {commit})" if commit else "")))
+        out.append(("ferrule", ferrule_version(args.ferrule)))
     if "uwsgi" in kinds:
-        out.append(("uwsgi", run_quiet([str(venv_bin / "uwsgi"), "--version"]) or "?"))
+        out.append(("uwsgi", uwsgi_version(Path(args.venv) / "bin" / "uwsgi")))
     if "gunicorn" in kinds:
         out.append(("gunicorn", package_version(args.venv, "gunicorn")))
     out.append(("nginx", nginx_version(args.nginx)))
@@ -599,7 +452,7 @@ def write_outputs(args, rows: list[Row], servers: list[Server], problems: list[s
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(r).items()})
+            w.writerow({k: csv_value(v) for k, v in asdict(r).items()})
 
     head = [
         "server", "workers", "start-up s", "total PSS warm MiB", "total PSS after MiB", "private/worker warm MiB",
@@ -685,7 +538,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=8, help="concurrent keep-alive connections (default 8)")
     p.add_argument("--nginx-workers", default="1", help="nginx worker_processes (default 1)")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 workers, 300 requests")
-    p.add_argument("--ferrule", help="the ferrule command (default: VENV/bin/ferrule, where benches/memory installs it)")
+    p.add_argument(
+        "--ferrule", help="the ferrule command (default: VENV/bin/ferrule, where benches/memory installs it)"
+    )
     p.add_argument("--venv", default=sys.prefix, help="venv with the peers and Django (default: the one running this)")
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx", help="nginx binary")
     p.add_argument("--out", default=str(BENCHES / "results"), help="results folder (default benches/results)")
@@ -715,8 +570,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGHUP, _raise_interrupted)
+    catch_stop_signals()
     if not shutil.which(args.nginx):
         print(f"error: nginx not found ({args.nginx}); install it with apt-get", file=sys.stderr)
         return 2
@@ -729,10 +583,7 @@ def main(argv=None) -> int:
     info = versions(args, args.servers)
     try:
         print(f"temp dir {tmp}", file=sys.stderr)
-        env = dict(os.environ, DJSITE_DIR=str(tmp / "site"), PYTHONUNBUFFERED="1")
-        env["DJANGO_SETTINGS_MODULE"] = "djsite.settings"
-        env["PATH"] = f"{Path(args.venv) / 'bin'}:{env.get('PATH', '')}"
-        env.pop("PYTHONPATH", None)
+        env = server_env(args.venv, DJSITE_DIR=str(tmp / "site"), DJANGO_SETTINGS_MODULE="djsite.settings")
         (tmp / "site").mkdir()
 
         print("preparing the site (migrate, 100 books, a session)", file=sys.stderr)
@@ -759,13 +610,7 @@ def main(argv=None) -> int:
                 rows += [Row(s.name, w, status="not installed") for w in args.workers]
 
         port = free_port()
-        conf = tmp / "nginx.conf"
-        conf.write_text(nginx_config(args, tmp, port, runnable))
-        nginx_cmd = [args.nginx, "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)]
-        test = subprocess.run(nginx_cmd + ["-t"], check=False, capture_output=True, text=True, timeout=30)
-        if test.returncode != 0:
-            raise RuntimeError(f"nginx rejected the generated config:\n{test.stderr}")
-        nginx_proc = start_process(nginx_cmd, tmp / "nginx.log", env)
+        nginx_proc = start_nginx(args.nginx, tmp, nginx_config(args, tmp, port, runnable), env)
 
         for w in args.workers:
             for s in runnable:
@@ -778,9 +623,8 @@ def main(argv=None) -> int:
         problems.append(f"run aborted: {e}")
         print(f"error: {e}", file=sys.stderr)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.stop_group(nginx_proc)
+        ignore_stop_signals()
+        stop_group(nginx_proc)
         if args.keep_tmp:
             print(f"kept {tmp}", file=sys.stderr)
         else:
