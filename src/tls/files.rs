@@ -3,8 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::x509::X509Version;
 
 /// The files a `tls://` socket needs.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -63,14 +68,68 @@ pub(super) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
-/// Checks that the server's certificate is valid now.
-pub(super) fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
-    let shown = || path.display().to_string();
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| TlsError::BadCertificate {
-        path: shown(),
+/// The server's certificate chain and the key that signs for it, checked: the certificate parses, is valid
+/// now, and names the key's public key.
+pub(super) struct ServerIdentity {
+    pub(super) certified: CertifiedKey,
+    /// The certificate's common name when it is X.509 version 1 (see
+    /// [`ServerIdentity::version_one_common_name`]).
+    version_one_name: Option<String>,
+}
+
+/// Reads the certificate chain and key, and checks them as ferrule's own: not with webpki's end-entity rules,
+/// which are a client's rules for a peer and refuse a version 1 certificate that nginx and uWSGI accept.
+pub(super) fn server_identity(files: &TlsFiles, provider: &CryptoProvider) -> Result<ServerIdentity, TlsError> {
+    let chain = certificates(&files.cert)?;
+    let cert_path = || files.cert.display().to_string();
+    let key_path = || files.key.display().to_string();
+    let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| TlsError::BadCertificate {
+        path: cert_path(),
         reason: e.to_string(),
     })?;
-    let validity = parsed.validity();
+    check_validity(&files.cert, &parsed)?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|_| TlsError::NoKey { path: key_path() })?;
+    let key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::BadKey {
+            path: key_path(),
+            reason: reason(e),
+        })?;
+    // The public key derived from the private key, against the certificate's, byte for byte as DER
+    // SubjectPublicKeyInfo (what rustls's own check compares, after parsing the certificate with webpki). A key
+    // that cannot say its public key (none with ring) is taken as rustls takes it.
+    if key
+        .public_key()
+        .is_some_and(|spki| spki.as_ref() != parsed.public_key().raw)
+    {
+        return Err(TlsError::KeyMismatch {
+            key: key_path(),
+            cert: cert_path(),
+        });
+    }
+    let version_one_name = (parsed.version() == X509Version::V1).then(|| {
+        let cn = parsed.subject().iter_common_name().next();
+        cn.and_then(|cn| cn.as_str().ok()).unwrap_or("").to_owned()
+    });
+    Ok(ServerIdentity {
+        certified: CertifiedKey::new(chain, key),
+        version_one_name,
+    })
+}
+
+impl ServerIdentity {
+    /// For a version 1 certificate, its common name (empty when it has none): it has no subjectAltName, so
+    /// nginx with `uwsgi_ssl_verify on` checks `uwsgi_ssl_name` against the common name, as OpenSSL does.
+    pub(super) fn version_one_common_name(&self) -> Option<&str> {
+        self.version_one_name.as_deref()
+    }
+}
+
+/// Checks that the server's certificate is valid now.
+fn check_validity(path: &Path, cert: &X509Certificate<'_>) -> Result<(), TlsError> {
+    let shown = || path.display().to_string();
+    let validity = cert.validity();
     let now = x509_parser::time::ASN1Time::now();
     if now > validity.not_after {
         return Err(TlsError::Expired {
@@ -85,4 +144,25 @@ pub(super) fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(
         });
     }
     Ok(())
+}
+
+/// The client CAs, as trust anchors for the client certificates (a version 1 CA certificate is one too).
+pub(super) fn client_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in certificates(path)? {
+        roots.add(ca).map_err(|e| TlsError::BadClientCa {
+            path: path.display().to_string(),
+            reason: reason(e),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// A rustls error about one of ferrule's own files, worded for it: rustls words a certificate's problem for
+/// the peer that sent it ("invalid peer certificate").
+pub(super) fn reason(error: rustls::Error) -> String {
+    match error {
+        rustls::Error::InvalidCertificate(problem) => problem.to_string(),
+        other => other.to_string(),
+    }
 }

@@ -12,18 +12,18 @@ mod failures;
 mod files;
 mod tickets;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use rustls::pki_types::PrivateKeyDer;
-use rustls::pki_types::pem::PemObject;
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::sign::SingleCertAndKey;
 
 pub(crate) use failures::HandshakeFailure;
 pub(crate) use files::{TlsError, TlsFiles};
 pub(crate) use tickets::{DEFAULT_TICKET_ROTATION, SharedTickets, TicketKey, TicketKeyRing, current_period};
 
-use files::{certificates, check_validity, read};
+use files::{ServerIdentity, client_roots, read, reason, server_identity};
 
 /// Reads and checks the files and builds the server configuration: TLS 1.2 and 1.3 with ring, the
 /// certificate and key (which must match), client certificates required when a client CA is given, and
@@ -34,17 +34,56 @@ pub(crate) fn server_config(
     keys: Vec<TicketKey>,
     rotation: u64,
 ) -> Result<(Arc<ServerConfig>, Arc<SharedTickets>), TlsError> {
-    let chain = certificates(&files.cert)?;
-    check_validity(&files.cert, &chain[0])?;
-    let key_path = files.key.display().to_string();
-    let key =
-        PrivateKeyDer::from_pem_slice(&read(&files.key)?).map_err(|_| TlsError::NoKey { path: key_path.clone() })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let identity = server_identity(files, &provider)?;
+    configure(files, identity, provider, keys, rotation)
+}
+
+/// Checks the files as a worker will use them (the master does this before any worker starts, for
+/// `--check-config` and on SIGHUP), and says when the certificate is X.509 version 1.
+pub(crate) fn check_files(files: &TlsFiles) -> Result<(), TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let identity = server_identity(files, &provider)?;
+    let version_one = identity.version_one_common_name().map(str::to_owned);
+    // Never empty: reading the chain refuses a file without a certificate.
+    let der = identity.certified.cert[0].to_vec();
+    configure(files, identity, provider, Vec::new(), DEFAULT_TICKET_ROTATION)?;
+    if let Some(common_name) = version_one {
+        warn_version_one(files, &common_name, der);
+    }
+    Ok(())
+}
+
+/// One warning line per version 1 certificate: the master checks the files again as `--uid` and on every
+/// SIGHUP, and the same certificate need not be explained twice.
+fn warn_version_one(files: &TlsFiles, common_name: &str, der: Vec<u8>) {
+    static WARNED: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if *warned == der {
+        return;
+    }
+    *warned = der;
+    tracing::warn!(
+        cert = %files.cert.display(),
+        common_name,
+        "the certificate is X.509 version 1, without subjectAltName: nginx with uwsgi_ssl_verify on checks \
+         uwsgi_ssl_name against its common name"
+    );
+}
+
+/// The configuration around a checked certificate and key.
+fn configure(
+    files: &TlsFiles,
+    identity: ServerIdentity,
+    provider: Arc<CryptoProvider>,
+    keys: Vec<TicketKey>,
+    rotation: u64,
+) -> Result<(Arc<ServerConfig>, Arc<SharedTickets>), TlsError> {
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::BadKey {
-            path: key_path.clone(),
-            reason: e.to_string(),
+            path: files.key.display().to_string(),
+            reason: reason(e),
         })?;
     // A resumed session skips client authentication (rustls restores the client's certificates from the
     // ticket): a ticket must open only under the client CAs it was issued under, so a reload that adds or
@@ -55,33 +94,17 @@ pub(crate) fn server_config(
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
             policy.update(&read(ca_path)?);
-            let shown = || ca_path.display().to_string();
-            let mut roots = RootCertStore::empty();
-            for ca in certificates(ca_path)? {
-                roots.add(ca).map_err(|e| TlsError::BadClientCa {
-                    path: shown(),
-                    reason: e.to_string(),
-                })?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            // webpki's rules for a client certificate stay: a version 1 one is refused (see HandshakeFailure).
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots(ca_path)?), provider)
                 .build()
                 .map_err(|e| TlsError::BadClientCa {
-                    path: shown(),
+                    path: ca_path.display().to_string(),
                     reason: e.to_string(),
                 })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-            key: key_path.clone(),
-            cert: files.cert.display().to_string(),
-        },
-        other => TlsError::BadKey {
-            path: key_path.clone(),
-            reason: other.to_string(),
-        },
-    })?;
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(identity.certified)));
     let mut bound_to = [0u8; 32];
     bound_to.copy_from_slice(policy.finish().as_ref());
     let tickets = Arc::new(SharedTickets::new(keys, bound_to, rotation));
@@ -92,9 +115,5 @@ pub(crate) fn server_config(
     Ok((Arc::new(config), tickets))
 }
 
-/// Checks the files as a worker will use them (the master does this before any worker starts).
-pub(crate) fn check_files(files: &TlsFiles) -> Result<(), TlsError> {
-    server_config(files, Vec::new(), DEFAULT_TICKET_ROTATION).map(drop)
-}
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 //! Tests of the server configuration built from the files: each bad file named, tickets bound to the
-//! client-authentication policy, and the TLS 1.2 ticket rule seen through real handshakes in memory.
+//! client-authentication policy, the TLS 1.2 ticket rule seen through real handshakes in memory, and version 1
+//! certificates: served as the server's, refused from a client.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -193,21 +194,32 @@ impl ProducesTickets for Recording {
 
 /// One handshake in memory; how it went.
 fn handshake(server: &Arc<ServerConfig>, client: &Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
+    try_handshake(server, client).unwrap()
+}
+
+/// One handshake in memory: how it went, or the first error either side saw (the server's, when it refuses).
+fn try_handshake(
+    server: &Arc<ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+) -> Result<rustls::HandshakeKind, rustls::Error> {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let mut c = rustls::ClientConnection::new(Arc::clone(client), name).unwrap();
     let mut s = rustls::ServerConnection::new(Arc::clone(server)).unwrap();
     for _ in 0..10 {
-        pump(&mut c, &mut s);
-        pump(&mut s, &mut c);
+        pump(&mut c, &mut s)?;
+        pump(&mut s, &mut c)?;
         if !c.is_handshaking() && !s.is_handshaking() && !s.wants_write() {
             break;
         }
     }
-    s.handshake_kind().unwrap()
+    Ok(s.handshake_kind().unwrap())
 }
 
 /// Moves what one side has to send to the other, which processes it.
-fn pump<A, B>(from: &mut rustls::ConnectionCommon<A>, to: &mut rustls::ConnectionCommon<B>) {
+fn pump<A, B>(
+    from: &mut rustls::ConnectionCommon<A>,
+    to: &mut rustls::ConnectionCommon<B>,
+) -> Result<(), rustls::Error> {
     let mut wire = Vec::new();
     while from.wants_write() {
         from.write_tls(&mut wire).unwrap();
@@ -216,7 +228,7 @@ fn pump<A, B>(from: &mut rustls::ConnectionCommon<A>, to: &mut rustls::Connectio
     while !bytes.is_empty() {
         to.read_tls(&mut bytes).unwrap();
     }
-    to.process_new_packets().unwrap();
+    to.process_new_packets().map(drop)
 }
 
 /// The TLS 1.2 rule reads the session the way rustls encodes it for a ticket: with the rustls built here, a
@@ -265,5 +277,175 @@ fn a_tls12_resumption_gets_no_new_ticket_and_everything_else_does() {
         *recording.sealed.lock().unwrap(),
         [true, true, true],
         "TLS 1.3: one ticket per handshake"
+    );
+}
+
+// An X.509 version 1 certificate (no extensions) and its key, made with OpenSSL 3.0 as nginx's uwsgi_ssl tests
+// make theirs, from a config holding only `[req]` (`default_bits = 2048`, `encrypt_key = no`,
+// `distinguished_name = req_distinguished_name`) and an empty `[req_distinguished_name]`:
+// `openssl req -x509 -new -config F -subj /CN=x/ -days 36500 -out cert.pem -keyout key.pem`. rcgen makes
+// only version 3. Test material only: the key protects nothing.
+const V1_CERT: &str = "\
+-----BEGIN CERTIFICATE-----
+MIICoTCCAYkCFBCVy8sWMarCMNlprWO97hpKFSOpMA0GCSqGSIb3DQEBCwUAMAwx
+CjAIBgNVBAMMAXgwIBcNMjYxMjA3MDYzNzQyWhgPMjEyNjExMTMwNjM3NDJaMAwx
+CjAIBgNVBAMMAXgwggEiMA0GCSqGSIb3DQEBAQUAA4IBDwAwggEKAoIBAQDFwBUC
+rCMEVpiz+oALU2bCLICaVtDoeOKFwNIJGlOWO4H5nVMPAsEpwJGWyr5KTQGSdNOZ
+sOymKoAVb9NitsR5LUZFFzrrCcMAGkF645JivW7QngO6OgBFt/BcEU0CaYZB3xnO
+2kwW+j9M7DAoBYZa6MIyonl+r0cGvCjcyEvm9wV/0sDLDppl9idwrcmye7xM4wdu
+xztKzxDb0gEokwt5pOElLH6/F6F/hHBEHf3hmpO4otpRdDC3Lm1qhjR4/PkcdTWO
+wY2jCpf8jbf8hJJeJhEtYJeA9rvQXVarUEyEDP17Q2lLK/I07D7oNlOFlZSGxoI9
+xRdtu6U4catJ+dD5AgMBAAEwDQYJKoZIhvcNAQELBQADggEBALmOxvKROq7+aNWZ
+WbMDKuHaXFunZ/+KaLa++i04dWjXhzAseTRW4RFGuu+xBC9kkXNx4i6PNOvXcpHi
+Jmh1LiwUY1mWr111vI/YFtDpdgUzXPQ94MKHr1eiOO6ZvrlVdxiD2+rNQ8EjKl+m
+nrJ9n3t17izRg3/JChGWt9n0UfLKE4Zg8sIWsc9Iovfv7AUNd1S26/s7P1I1J6vO
+6LumBhEKEWuuVzsM85OWBn+tCKH08F8MzWVthuZ37FkKKuxsQgT4HOgGnYuG0hfm
+MRZcn7jawAvpdAUzUBDvFuAUAG/0si33hHKz/SWVilLDS8hn63VVzLqUMHZcSfLb
+ypxGP0M=
+-----END CERTIFICATE-----";
+const V1_KEY: &str = "\
+-----BEGIN PRIVATE KEY-----
+MIIEuwIBADANBgkqhkiG9w0BAQEFAASCBKUwggShAgEAAoIBAQDFwBUCrCMEVpiz
++oALU2bCLICaVtDoeOKFwNIJGlOWO4H5nVMPAsEpwJGWyr5KTQGSdNOZsOymKoAV
+b9NitsR5LUZFFzrrCcMAGkF645JivW7QngO6OgBFt/BcEU0CaYZB3xnO2kwW+j9M
+7DAoBYZa6MIyonl+r0cGvCjcyEvm9wV/0sDLDppl9idwrcmye7xM4wduxztKzxDb
+0gEokwt5pOElLH6/F6F/hHBEHf3hmpO4otpRdDC3Lm1qhjR4/PkcdTWOwY2jCpf8
+jbf8hJJeJhEtYJeA9rvQXVarUEyEDP17Q2lLK/I07D7oNlOFlZSGxoI9xRdtu6U4
+catJ+dD5AgMBAAECgf9xaLoGblSwm+9ovrS1U/WYTd6kfaCvPBroZDlLtU/w1lJj
+CQqb3YnHr42oDTbK1xUl4cuCpU//LUf9yDpS1khwBTDnpPdAT33NU7ehRQ6FDUtH
+ozBAELmmByieGqaSIIF08ezihefnO7/bs925FiNIv8MCS/WhlsuO8UGH5v55YAIN
+pmrPWUp4mYB9KWBS8FKWu0x/RnZ7/8pJm+I5vWbdW4kHGE44C9b/Zdr6cwI5bh0T
+IoA12mJVcEnU7doLaeqp31WbAmLY5CsmKUgHUoQv6ULB/DUTrKOD6tg767+mB00Q
+9oVYXuHvDkxqguK3FC2naqRLpP/1ouNutkdH2GECgYEA9/Gy/HKAuFMUzFxsoD7q
+2CyFZ5wNISk0ILgREUTN/qp0pjsTv8aYtgGXwvKaih1Zfs031Uev6tQTwUNnCJmV
+yNiAKeg9C/nTkPIVpbHozK3Ep0YCo66SQqSmnOGpQFE78K/e7+cZeRs/l9eMz/cq
+dLK9FE33jMLFszh1hL7fxCECgYEAzCzkA5cDXvnWn1AxXmPX7K3pB0GJ1eB8Ou+R
+wsJf2KtTi88pUQZ4Aqt3M9R2FC7KnF0T31VNAKt/qLa6lzzYtizAhW1IYadBftjv
+731P/s+bmUIYSJVJFl+S47T4PfTNWUiLAFs5dZF9tIKVXyXtf33UCKcGhG8R6GyN
+2SF6cdkCgYEAj6ePL2rcH2+rhjgqi7HIeVVaOcyVYtgvpqFe6iV2QI3cJg/mgl97
+TUChAEd1uH4Gw0v9hGoTh7g2dewqfzYVLZgasa0n6Y9mv/0zA5yPqD8pyEzs7I8R
+mOEy04R/fo9SbkJHpbG89YkPEFfH8xpek9yXZnNB8WFMEGmu1SmOFmECgYAhenLg
+y9A3sIuqj8GokoKDQnjlQa/SK/7ywvmJj8mbg2wtjohdysu+1FK1Yu8BnDKItRJf
+GmOH6pcCGQQ7bDS0ml3vAt5NdNlebT/aaxfE1lHTLW1B6YiUbJNvVuslbZCGRUjV
+hB/F0VdlU8weT9/DeeRcjtaYvIWZMMOJiN3E8QKBgGTHeShm7D46roE8xoIIqe1/
+JO935ZnR9KKiNY1ZfrfzTMW3HxRajW/qCxDUQZ9tg9RBvoqBio3qvgfifz5KCyk/
+d2uMLsQFVShBPaneTEpuk/8uL0RJyA1KclqRwmKGq0DL8Nas3QCHoq8b2oYG6srW
+6u+O5XfUi2NSnjDwk6bq
+-----END PRIVATE KEY-----";
+
+fn version_one_files(pki: &Pki) -> TlsFiles {
+    TlsFiles {
+        cert: pki.write("v1-cert.pem", V1_CERT),
+        key: pki.write("v1-key.pem", V1_KEY),
+        client_ca: None,
+    }
+}
+
+/// nginx accepts a version 1 server certificate, and uWSGI serves one: so does ferrule. webpki's end-entity
+/// rules (a client's, for its peer) refused it with "invalid peer certificate: ...UnsupportedCertVersion".
+#[test]
+fn a_version_1_server_certificate_is_served_with_a_warning_about_its_name() {
+    let pki = Pki::new();
+    let files = version_one_files(&pki);
+    assert!(server_config(&files, tickets(), DEFAULT_TICKET_ROTATION).is_ok());
+    check_files(&files).unwrap();
+    let provider = rustls::crypto::ring::default_provider();
+    let identity = server_identity(&files, &provider).unwrap();
+    assert_eq!(identity.version_one_common_name(), Some("x"));
+
+    let (v3, _) = server_files(&pki);
+    assert_eq!(server_identity(&v3, &provider).unwrap().version_one_common_name(), None);
+}
+
+/// The key check that replaces rustls's still refuses a key that is not the certificate's (an EC key against
+/// this RSA certificate; each_bad_file_is_named_with_its_problem has two EC keys).
+#[test]
+fn a_key_that_is_not_the_version_1_certificates_is_refused() {
+    let pki = Pki::new();
+    let files = TlsFiles {
+        key: pki.write("other-key.pem", &KeyPair::generate().unwrap().serialize_pem()),
+        ..version_one_files(&pki)
+    };
+    let message = server_config(&files, tickets(), DEFAULT_TICKET_ROTATION)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("other-key.pem: this key does not belong to the certificate in")
+            && message.contains("v1-cert.pem"),
+        "{message}"
+    );
+}
+
+/// Messages about ferrule's own files never call them the peer's, as rustls's wording for a certificate does.
+#[test]
+fn a_bad_client_ca_is_named_without_calling_it_a_peer() {
+    let pki = Pki::new();
+    let (files, _) = server_files(&pki);
+    let garbage = "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n";
+    let message = server_config(
+        &TlsFiles {
+            client_ca: Some(pki.write("bad-ca.pem", garbage)),
+            ..files.clone()
+        },
+        tickets(),
+        DEFAULT_TICKET_ROTATION,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message.contains("bad-ca.pem: the client CAs cannot be used"),
+        "{message}"
+    );
+    assert!(!message.contains("peer"), "{message}");
+    let message = server_config(
+        &TlsFiles {
+            cert: pki.write("bad-cert.pem", garbage),
+            ..files
+        },
+        tickets(),
+        DEFAULT_TICKET_ROTATION,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(message.contains("bad-cert.pem: not a valid certificate"), "{message}");
+    assert!(!message.contains("peer"), "{message}");
+}
+
+/// A client certificate keeps webpki's rules: a version 1 one is refused, and the log line says to reissue it.
+#[test]
+fn a_version_1_client_certificate_is_still_refused_and_the_log_says_why() {
+    let pki = Pki::new();
+    let (files, ca_pem) = server_files(&pki);
+    let with_ca = TlsFiles {
+        client_ca: Some(pki.write("v1-ca.pem", V1_CERT)),
+        ..files
+    };
+    let (server, _) = server_config(&with_ca, tickets(), DEFAULT_TICKET_ROTATION).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // rustls's client refuses to load a version 1 certificate of its own (the check this server no longer
+    // makes on its own): hand it over without that check, as OpenSSL in nginx would send it.
+    let v1 = rustls::sign::CertifiedKey::new(
+        vec![CertificateDer::from_pem_slice(V1_CERT.as_bytes()).unwrap()],
+        provider
+            .key_provider
+            .load_private_key(rustls::pki_types::PrivateKeyDer::from_pem_slice(V1_KEY.as_bytes()).unwrap())
+            .unwrap(),
+    );
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(v1)));
+    let refused = try_handshake(&server, &Arc::new(client)).unwrap_err();
+    let error = std::io::Error::new(std::io::ErrorKind::InvalidData, refused);
+    assert_eq!(HandshakeFailure::of(&error), HandshakeFailure::BadCertificate);
+    let explained = HandshakeFailure::explain(&error);
+    assert!(
+        explained.contains("X.509 version 1") && explained.contains("issue a version 3 certificate"),
+        "{explained}"
     );
 }
