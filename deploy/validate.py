@@ -1358,7 +1358,7 @@ def check_live_compose_tcp():
         if "suwsgi://" in shipped:
             expect_tls_gate(nginx_ports[names[0]], certs)
             tls = "TLS with client certificates, a client without one refused; "
-        # One instance goes away (graceful stop; tests/failover.rs covers SIGKILL): no request may fail.
+        # One instance goes away (graceful stop; tests/it/lifecycle/failover.rs covers SIGKILL): no request may fail.
         victim = names[len(names) // 2]
         print(f"      stopping {victim}; then {3 * len(names)} more GETs")
         instances[victim].stop()

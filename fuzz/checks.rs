@@ -1,4 +1,4 @@
-//! The checks behind the fuzz targets, shared with tests/fuzz_regressions.rs so the seed corpus (the captured
+//! The checks behind the fuzz targets, shared with tests/it/protocol/fuzz_regressions.rs so the seed corpus (the captured
 //! nginx packets) and every crash input, kept there as a named test, replay on stable Rust under `cargo test`.
 //!
 //! `packet` drives the uwsgi decoder (`ferrule::packet`), the first stage after the socket; `environ` drives the

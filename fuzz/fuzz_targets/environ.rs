@@ -1,5 +1,5 @@
 //! Fuzz target `environ`: arbitrary bytes through the uwsgi decoder and the environ builder; the checks live in
-//! fuzz/checks.rs, shared with tests/fuzz_regressions.rs.
+//! fuzz/checks.rs, shared with tests/it/protocol/fuzz_regressions.rs.
 #![no_main]
 
 #[path = "../checks.rs"]

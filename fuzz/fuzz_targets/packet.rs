@@ -1,5 +1,5 @@
 //! Fuzz target `packet`: arbitrary bytes through the uwsgi decoder; the checks live in fuzz/checks.rs, shared
-//! with tests/fuzz_regressions.rs.
+//! with tests/it/protocol/fuzz_regressions.rs.
 #![no_main]
 
 #[path = "../checks.rs"]

@@ -1,4 +1,4 @@
-"""An app whose import fails, for tests/lifecycle.rs: ferrule must stop with the traceback in its log."""
+"""An app whose import fails, for tests/it/lifecycle.rs: ferrule must stop with the traceback in its log."""
 
 
 def _fail_while_importing():

@@ -1,4 +1,4 @@
-"""A small Flask app for tests/frameworks.rs: ferrule serves it from the test venv behind nginx.
+"""A small Flask app for tests/it/request_path/frameworks.rs: ferrule serves it from the test venv behind nginx.
 
 Each route exercises one thing a real Flask deployment leans on: JSON, form parsing, multipart
 uploads (werkzeug reads wsgi.input), streaming with stream_with_context, 404s and a 500.

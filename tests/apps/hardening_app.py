@@ -1,4 +1,4 @@
-"""WSGI app for ferrule's hardening tests (tests/hardening.rs) and soak run (benches/soak): bodies read in
+"""WSGI app for ferrule's hardening tests (tests/it/hardening.rs) and soak run (benches/soak): bodies read in
 small pieces, long streams whose close() is recorded, app faults, and header injection attempts (stdlib only).
 
 Events are appended to the file named by $HARDENING_EVENT_LOG, one per line: `called <tag>` when a request with

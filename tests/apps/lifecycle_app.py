@@ -1,4 +1,4 @@
-"""WSGI app for ferrule's process-lifecycle tests (tests/lifecycle.rs): which process answered, slow and stuck
+"""WSGI app for ferrule's process-lifecycle tests (tests/it/lifecycle.rs): which process answered, slow and stuck
 requests, memory growth, and a version read at import time so a reload can be seen (stdlib only)."""
 
 import json

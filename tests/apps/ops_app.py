@@ -1,4 +1,4 @@
-"""WSGI app for tests/ops.rs (config, logs, metrics): a few routes whose answers the tests can predict (stdlib only)."""
+"""WSGI app for tests/it/operations.rs (config, logs, metrics): a few routes whose answers the tests can predict (stdlib only)."""
 
 import logging
 import os

@@ -1,4 +1,4 @@
-"""WSGI app for ferrule's `--preload` tests (tests/preload.rs): what happened at import time (in which process,
+"""WSGI app for ferrule's `--preload` tests (tests/it/preload.rs): what happened at import time (in which process,
 how often, with which side effects) and what each forked worker inherited from it (stdlib only).
 
 Environment, read at import:

@@ -1,4 +1,4 @@
-"""Settings for the minimal Django site tests/frameworks.rs serves through ferrule and nginx.
+"""Settings for the minimal Django site tests/it/request_path/frameworks.rs serves through ferrule and nginx.
 
 No database: sessions live in signed cookies, so the site runs from a read-only checkout and
 parallel tests share nothing but the code.

@@ -1,6 +1,6 @@
 """The test site with Django's admin and staticfiles installed, as `django-admin startproject` makes it, so
 `manage.py collectstatic` gathers the admin's CSS into STATIC_ROOT (given in the environment) for
-tests/frameworks.rs to serve through nginx."""
+tests/it/request_path/frameworks.rs to serve through nginx."""
 
 import os
 

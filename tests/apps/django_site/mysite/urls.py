@@ -1,4 +1,4 @@
-"""URL routes of the test site, one per behaviour tests/frameworks.rs checks."""
+"""URL routes of the test site, one per behaviour tests/it/request_path/frameworks.rs checks."""
 
 from django.urls import path
 
