@@ -238,6 +238,12 @@ pub(crate) enum ConfigError {
     RelativeUnixPath(String),
     #[error("--chdir {0}: {1}")]
     BadChdir(PathBuf, std::io::Error),
+    #[error(
+        "{option} {}: the path is not valid UTF-8, and the master hands the settings to its workers as UTF-8 \
+         text: rename it, or give a path through a symlink whose name is UTF-8",
+        path.display()
+    )]
+    NotUtf8Path { option: &'static str, path: PathBuf },
     #[error("--virtualenv {0}: not a virtualenv (no pyvenv.cfg)")]
     BadVirtualenv(PathBuf),
     #[error("--allow-from {0:?}: expected a network like 10.0.0.0/8, 127.0.0.1 or ::1/128")]
@@ -417,6 +423,31 @@ fn check_access_log_format(format: &str) -> Result<(), ConfigError> {
 }
 
 impl Options {
+    /// Refuses a path option that is not UTF-8, naming the option: the settings travel to the workers as JSON,
+    /// which holds only UTF-8 text.
+    fn require_utf8_paths(&self) -> Result<(), ConfigError> {
+        let single = [
+            ("--chdir", &self.chdir),
+            ("--virtualenv", &self.virtualenv),
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--tls-client-ca", &self.tls_client_ca),
+        ];
+        let paths = single
+            .into_iter()
+            .filter_map(|(option, path)| Some((option, path.as_ref()?)))
+            .chain(self.pythonpath.iter().map(|path| ("--pythonpath", path)));
+        for (option, path) in paths {
+            if path.to_str().is_none() {
+                return Err(ConfigError::NotUtf8Path {
+                    option,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The sockets to bind: those given, else systemd's, else the default `127.0.0.1:3031`.
     pub(crate) fn effective_sockets(&self) -> Vec<String> {
         if self.sockets.is_empty() && systemd_fds().is_empty() {
@@ -614,6 +645,7 @@ pub(crate) struct Config {
 
 impl Config {
     pub(crate) fn from_options(o: Options) -> Result<Config, ConfigError> {
+        o.require_utf8_paths()?;
         let sockets = o
             .effective_sockets()
             .iter()
@@ -685,10 +717,10 @@ impl Config {
 }
 
 impl Config {
-    /// The form in which the master hands the validated settings to a worker: one line of JSON.
-    pub(crate) fn encode(&self) -> String {
-        // Cannot fail: every field is a plain value, string, path or list of them.
-        serde_json::to_string(self).unwrap_or_default()
+    /// The form in which the master hands the validated settings to a worker: one line of JSON. It fails only
+    /// on a path that is not UTF-8, which `from_options` refuses with the option's name.
+    pub(crate) fn encode(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
     }
 
     pub(crate) fn decode(line: &str) -> Result<Config, serde_json::Error> {

@@ -72,7 +72,8 @@ impl Message {
 /// which the socket buffer takes whole).
 pub(crate) fn send_settings(stream: &UnixStream, config: &Config) -> std::io::Result<()> {
     let mut stream = stream;
-    writeln!(stream, "config {}", config.encode())
+    let line = config.encode().map_err(std::io::Error::other)?;
+    writeln!(stream, "config {line}")
 }
 
 /// The master's side: writes the session-ticket keys every worker seals and opens tickets with. The socket has

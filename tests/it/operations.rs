@@ -1422,3 +1422,32 @@ fn a_missing_socket_directory_is_named() {
         "the error does not name the directory /nonexistent-dir-xyz on its own\n{log}"
     );
 }
+
+/// A path option that is not UTF-8 (a directory named in Latin-1, say) is refused at start-up with one line
+/// naming the option, instead of the master handing its workers an empty settings line they cannot read.
+#[test]
+fn a_path_option_that_is_not_utf8_is_refused_naming_it() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = temp_dir();
+    let latin1 = dir.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    std::fs::create_dir(&latin1).expect("make a directory whose name is not UTF-8");
+    for option in ["--chdir", "--pythonpath"] {
+        let (status, log) = probe_app()
+            .arg(option)
+            .arg(latin1.as_os_str())
+            .spawn_expect_exit(EXIT_TIMEOUT);
+        assert!(
+            !status.success(),
+            "{option}: started with a path that is not UTF-8\n{log}"
+        );
+        let line = log
+            .lines()
+            .find(|l| l.contains("not valid UTF-8"))
+            .unwrap_or_else(|| panic!("{option}: no line says the path is not UTF-8\n{log}"));
+        assert!(
+            line.contains(option),
+            "{option}: the line does not name the option: {line}\n{log}"
+        );
+        assert!(!log.contains("worker started"), "{option}: a worker was started\n{log}");
+    }
+}
