@@ -96,7 +96,11 @@ fn run_worker(id: u32) -> i32 {
             return EXIT_USAGE;
         }
     };
-    if let Err(msg) = init_logging(&handoff.config.log_level, handoff.config.log_format, Role::Worker) {
+    if let Err(msg) = init_logging(
+        &handoff.config.logs.log_level,
+        handoff.config.logs.log_format,
+        Role::Worker,
+    ) {
         eprintln!("ferrule: {msg}");
         return EXIT_USAGE;
     }
@@ -119,8 +123,8 @@ fn run_zygote() -> i32 {
             return EXIT_USAGE;
         }
     };
-    let format = handoff.config.log_format;
-    if let Err(msg) = init_logging(&handoff.config.log_level, format, Role::Zygote) {
+    let format = handoff.config.logs.log_format;
+    if let Err(msg) = init_logging(&handoff.config.logs.log_level, format, Role::Zygote) {
         eprintln!("ferrule: {msg}");
         return EXIT_USAGE;
     }

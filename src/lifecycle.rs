@@ -50,15 +50,15 @@ pub(crate) struct Lifecycle {
 impl Lifecycle {
     pub(crate) fn new(config: &Config) -> (Lifecycle, mpsc::UnboundedReceiver<RetireReason>) {
         let (retire_tx, retire_rx) = mpsc::unbounded_channel();
-        let jitter = match config.max_requests_jitter {
+        let jitter = match config.workers.max_requests_jitter {
             0 => 0,
             j => random_u64() % (j + 1),
         };
         let lifecycle = Lifecycle {
             served: AtomicU64::new(0),
-            max_requests: config.max_requests.map(|m| m.saturating_add(jitter)),
-            rss_limit: config.reload_on_rss,
-            limit_private: config.preload,
+            max_requests: config.workers.max_requests.map(|m| m.saturating_add(jitter)),
+            rss_limit: config.workers.reload_on_rss,
+            limit_private: config.fixed.preload,
             over_memory: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
             retire_tx,

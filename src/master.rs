@@ -83,7 +83,7 @@ fn privileges_error(what: &str, reason: String) -> MasterError {
 
 fn resolve_identity(config: &Config) -> Result<Identity, MasterError> {
     use nix::unistd::{Gid, Group, Uid, User};
-    let user = match &config.uid {
+    let user = match &config.fixed.uid {
         Some(u) => {
             let found = match u.parse::<u32>() {
                 Ok(n) => User::from_uid(Uid::from_raw(n)),
@@ -97,7 +97,7 @@ fn resolve_identity(config: &Config) -> Result<Identity, MasterError> {
         }
         None => None,
     };
-    let gid = match &config.gid {
+    let gid = match &config.fixed.gid {
         Some(g) => {
             let found = match g.parse::<u32>() {
                 Ok(n) => Group::from_gid(Gid::from_raw(n)),
@@ -169,7 +169,7 @@ fn check_socket_dirs_writable(sockets: &[BoundSocket]) {
 /// app thread, the runtime's own, the log pipe and what importing Python and the app opens.
 fn descriptors_needed(config: &Config, sockets: usize) -> u64 {
     const BASE: u64 = 32;
-    BASE + sockets as u64 + 1 + config.threads as u64 * 2
+    BASE + sockets as u64 + 1 + config.workers.threads as u64 * 2
 }
 
 /// Raises the soft open-file limit to the hard limit, as servers commonly do (container and shell defaults can
@@ -191,7 +191,7 @@ fn check_descriptor_limit(config: &Config) -> Result<(), MasterError> {
     } else {
         soft
     };
-    let sockets = config.sockets.len().max(1) + usize::from(config.metrics.is_some());
+    let sockets = config.fixed.sockets.len().max(1) + usize::from(config.fixed.metrics.is_some());
     let needed = descriptors_needed(config, sockets);
     if soft < needed + 8 {
         return Err(MasterError::DescriptorLimit {
@@ -199,12 +199,12 @@ fn check_descriptor_limit(config: &Config) -> Result<(), MasterError> {
             needed: needed + 8,
         });
     }
-    let per_worker = needed + config.max_connections as u64 * 2;
+    let per_worker = needed + config.limits.max_connections as u64 * 2;
     if per_worker > soft {
         tracing::warn!(
             limit = soft,
-            max_connections = config.max_connections,
-            workers = config.workers,
+            max_connections = config.limits.max_connections,
+            workers = config.workers.count,
             "the open-file limit is too low for --max-connections: each of the workers needs up to {per_worker} \
              descriptors (a connection can take two, with a spooled body) but may open {soft}; raise the limit \
              (LimitNOFILE=, ulimit -n) or lower --max-connections to {}",
@@ -238,11 +238,11 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
     check_descriptor_limit(&config)?;
     let identity = resolve_identity(&config)?;
     let owner = identity.socket_owner();
-    let mut specs = config.sockets.clone();
+    let mut specs = config.fixed.sockets.clone();
     specs.extend(systemd_fds());
     let mut sockets: Vec<BoundSocket> = Vec::with_capacity(specs.len());
     for spec in &specs {
-        match listener::bind(spec, config.socket_mode, owner, config.listen_backlog) {
+        match listener::bind(spec, config.fixed.socket_mode, owner, config.fixed.listen_backlog) {
             Ok(bound) => {
                 tracing::info!(address = %bound.display_addr(), "listening");
                 sockets.push(bound);
@@ -254,7 +254,7 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
         }
     }
     let is_tls = |s: &BoundSocket| matches!(s.spec, crate::config::SocketSpec::Tls(_));
-    let client_ca = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let client_ca = config.tls.files.as_ref().is_some_and(|t| t.client_ca.is_some());
     for socket in sockets.iter().filter(|s| !s.is_unix() && !is_loopback(s)) {
         let address = socket.display_addr();
         if !is_tls(socket) {
@@ -272,8 +272,8 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
             );
         }
     }
-    let metrics_socket = match &config.metrics {
-        Some(spec) => match listener::bind(spec, config.socket_mode, owner, config.listen_backlog) {
+    let metrics_socket = match &config.fixed.metrics {
+        Some(spec) => match listener::bind(spec, config.fixed.socket_mode, owner, config.fixed.listen_backlog) {
             Ok(bound) => {
                 tracing::info!(address = %bound.display_addr(), "serving metrics");
                 Some(bound)
@@ -296,7 +296,7 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
         return Err(e);
     }
     // The files were checked as whoever started ferrule; the workers read them as --uid.
-    if let (Some(files), Some(user)) = (&config.tls, &identity.user) {
+    if let (Some(files), Some(user)) = (&config.tls.files, &identity.user) {
         if let Err(error) = crate::tls::check_files(files) {
             remove_all(&sockets);
             return Err(MasterError::TlsAsUser {
@@ -306,7 +306,7 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
         }
     }
     check_socket_dirs_writable(&sockets);
-    if config.preload {
+    if config.fixed.preload {
         // Workers forked by the zygote are its grandchildren; as a subreaper this process adopts them when
         // their parent (the short-lived middle process) exits, and so gets their exit status.
         // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only sets a flag on this process.
@@ -446,7 +446,7 @@ impl<'s> Master<'s> {
     fn new(config: Arc<Config>, launch: Launch, sockets: &'s [BoundSocket]) -> Master<'s> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Master {
-            desired: config.workers,
+            desired: config.workers.count,
             config,
             launch,
             fds: sockets.iter().map(|s| s.fd.as_raw_fd()).collect(),
@@ -497,7 +497,7 @@ impl<'s> Master<'s> {
                 _ = tick.tick() => {
                     self.kill_overdue();
                     self.rotate_ticket_keys();
-                    if self.config.preload && last_sweep.elapsed() >= STRAY_SWEEP {
+                    if self.config.fixed.preload && last_sweep.elapsed() >= STRAY_SWEEP {
                         last_sweep = Instant::now();
                         self.reap_strays();
                     }
@@ -513,7 +513,7 @@ impl<'s> Master<'s> {
     /// Starts the first generation and waits for it: a worker that cannot load the app stops the master with
     /// its error instead of being respawned forever.
     async fn start_up(&mut self) -> Result<(), MasterError> {
-        if self.config.preload {
+        if self.config.fixed.preload {
             self.preload_first().await?;
         }
         for _ in 0..self.desired {
@@ -573,7 +573,7 @@ impl<'s> Master<'s> {
 
     /// Starts one worker: a new process, or under `--preload` a fork of the preloaded app.
     fn spawn(&mut self) -> Result<u32, SpawnError> {
-        if self.config.preload {
+        if self.config.fixed.preload {
             return self.fork_worker();
         }
         let id = self.next_id;
@@ -582,7 +582,7 @@ impl<'s> Master<'s> {
         // The worker's settings go first on its control socket (a few KiB, which the socket buffer takes whole).
         // It counts as one of `desired` workers, so one added by SIGTTIN knows it is not alone.
         let mut config = (*self.config).clone();
-        config.workers = config.workers.max(self.desired);
+        config.workers.count = config.workers.count.max(self.desired);
         control::send_settings(&ours, &config)?;
         self.send_ticket_keys(&ours)?;
         let child = self.start_process(&[(ENV_WORKER_ID, id.to_string())], &[theirs.as_raw_fd()])?;
@@ -635,7 +635,7 @@ impl<'s> Master<'s> {
         };
         let id = self.next_id;
         self.next_id += 1;
-        let workers = self.config.workers.max(self.desired);
+        let workers = self.config.workers.count.max(self.desired);
         let pid = match control::request_fork(&zygote.channel, id, workers, theirs.as_fd()) {
             Ok(pid) => pid,
             Err(error) => {
@@ -695,7 +695,7 @@ impl<'s> Master<'s> {
     /// With tls:// sockets: writes the current session-ticket keys on a new worker's control line, where the
     /// worker reads them before it serves.
     fn send_ticket_keys(&mut self, ours: &std::os::unix::net::UnixStream) -> std::io::Result<()> {
-        if self.config.tls.is_none() {
+        if self.config.tls.files.is_none() {
             return Ok(());
         }
         // A new period's keys go to the other workers too, not only to this one.
@@ -706,10 +706,10 @@ impl<'s> Master<'s> {
     /// With tls:// sockets: when a new ticket period has begun, makes its keys and sends them to every worker.
     /// Each worker already holds the key of the period that just began, so nothing waits for this.
     fn rotate_ticket_keys(&mut self) {
-        if self.config.tls.is_none()
+        if self.config.tls.files.is_none()
             || !self
                 .tickets
-                .advance(crate::tls::current_period(self.config.tls_ticket_rotation))
+                .advance(crate::tls::current_period(self.config.tls.ticket_rotation))
         {
             return;
         }
@@ -752,7 +752,7 @@ impl<'s> Master<'s> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let (fork_ours, fork_theirs) = std::os::unix::net::UnixStream::pair()?;
         let mut config = (*self.config).clone();
-        config.workers = config.workers.max(self.desired);
+        config.workers.count = config.workers.count.max(self.desired);
         control::send_settings(&ours, &config)?;
         let child = self.start_process(
             &[(ENV_ZYGOTE, "1".to_owned())],
@@ -807,7 +807,9 @@ impl<'s> Master<'s> {
     /// A new process (a worker, or the zygote) could not be started.
     fn process_error(&self, error: std::io::Error) -> MasterError {
         let hint = match error.kind() {
-            std::io::ErrorKind::PermissionDenied if self.config.uid.is_some() || self.config.gid.is_some() => {
+            std::io::ErrorKind::PermissionDenied
+                if self.config.fixed.uid.is_some() || self.config.fixed.gid.is_some() =>
+            {
                 " (the --uid/--gid user cannot run this Python: a venv of a Python under a home directory, such \
                  as pyenv's, is out of its reach; install ferrule into a venv of a Python that user can read)"
             }
@@ -1074,8 +1076,8 @@ impl<'s> Master<'s> {
     fn reload(&mut self) {
         match self.reread_config() {
             Ok(config) => {
-                if config.workers != self.config.workers {
-                    self.desired = config.workers;
+                if config.workers.count != self.config.workers.count {
+                    self.desired = config.workers.count;
                 }
                 self.config = Arc::new(config);
             }
@@ -1085,7 +1087,7 @@ impl<'s> Master<'s> {
             }
         }
         self.generation += 1;
-        if self.config.preload {
+        if self.config.fixed.preload {
             // The new code is imported in a new zygote first; the workers are replaced only once it is ready,
             // and if it fails the current workers and zygote stay.
             if let Some(stale) = self.next_zygote.take() {
@@ -1126,51 +1128,17 @@ impl<'s> Master<'s> {
         }
     }
 
-    /// The configuration as the command line, environment and file now give it. What was bound or set up
-    /// before the workers started (sockets, their mode and backlog, metrics address, user and group) keeps its
-    /// current value; a change to it is logged as needing a restart.
+    /// The configuration as the command line, environment and file now give it, with what was bound or set up
+    /// before the workers started kept as it is (`Config::reloaded`); a change to that is logged as needing a
+    /// restart.
     fn reread_config(&self) -> Result<Config, crate::config::ConfigError> {
         let options = crate::config::load_options(self.launch.argv.clone())?;
-        let mut new = Config::from_options(options)?;
-        let old = &self.config;
-        let fixed = [
-            ("socket", new.sockets != old.sockets),
-            ("socket_mode", new.socket_mode != old.socket_mode),
-            ("listen_backlog", new.listen_backlog != old.listen_backlog),
-            ("metrics", new.metrics != old.metrics),
-            ("uid", new.uid != old.uid),
-            ("gid", new.gid != old.gid),
-            ("preload", new.preload != old.preload),
-        ];
-        for (option, changed) in fixed {
-            if changed {
-                tracing::warn!(
-                    option,
-                    "this option changed, but it takes a restart to apply; keeping its current value"
-                );
-            }
-        }
-        new.sockets.clone_from(&old.sockets);
-        new.socket_mode = old.socket_mode;
-        new.listen_backlog = old.listen_backlog;
-        new.metrics.clone_from(&old.metrics);
-        new.uid.clone_from(&old.uid);
-        new.gid.clone_from(&old.gid);
-        new.preload = old.preload;
-        // The TLS files go with the sockets kept: a tls:// socket still needs them, and without one they serve
-        // nothing (the new settings' sockets are not the ones bound).
-        match (&old.tls, &new.tls) {
-            (Some(_), None) => {
-                let socket = old
-                    .sockets
-                    .iter()
-                    .find(|s| matches!(s, crate::config::SocketSpec::Tls(_)));
-                return Err(crate::config::ConfigError::TlsWithoutFiles(
-                    socket.map(ToString::to_string).unwrap_or_default(),
-                ));
-            }
-            (None, Some(_)) => new.tls = None,
-            _ => {}
+        let (new, needs_restart) = self.config.reloaded(Config::from_options(options)?)?;
+        for option in needs_restart {
+            tracing::warn!(
+                option,
+                "this option changed, but it takes a restart to apply; keeping its current value"
+            );
         }
         Ok(new)
     }
@@ -1220,7 +1188,7 @@ impl<'s> Master<'s> {
 
     fn signal_worker(&mut self, id: u32, sig: Signal) {
         let grace = match sig {
-            Signal::SIGTERM => self.config.graceful_timeout + KILL_MARGIN,
+            Signal::SIGTERM => self.config.workers.graceful_timeout + KILL_MARGIN,
             _ => FAST_STOP,
         };
         if let Some(w) = self.workers.get_mut(&id) {

@@ -170,7 +170,7 @@ fn run_worker(
     json_logs: bool,
 ) -> i32 {
     let ForkRequest { id, workers, control } = request;
-    config.workers = workers;
+    config.workers.count = workers;
     app.set_multiprocess(workers > 1);
     // The worker stops on signals as any worker does (its runtime installs the handlers).
     set_stop_signals(libc::SIG_DFL);

@@ -92,7 +92,7 @@ pub(crate) async fn run(
     };
     acceptor.stop();
     let limit = match stop {
-        Stop::Graceful => ctx.config.graceful_timeout,
+        Stop::Graceful => ctx.config.workers.graceful_timeout,
         Stop::Fast => Duration::ZERO,
     };
     let in_flight = &ctx.in_flight;
@@ -139,7 +139,7 @@ impl Acceptor {
             .into_iter()
             .enumerate()
             .map(|(i, b)| {
-                let tls = matches!(ctx.config.sockets.get(i), Some(crate::config::SocketSpec::Tls(_)));
+                let tls = matches!(ctx.config.fixed.sockets.get(i), Some(crate::config::SocketSpec::Tls(_)));
                 let name = if tls {
                     format!("tls://{}", b.display_addr())
                 } else {
@@ -251,7 +251,7 @@ impl Acceptor {
     }
 
     fn allowed(&self, peer: Option<std::net::SocketAddr>, listener: &str) -> bool {
-        let (Some(addr), allowed) = (peer, &self.ctx.config.allow_from) else {
+        let (Some(addr), allowed) = (peer, &self.ctx.config.limits.allow_from) else {
             return true;
         };
         if allowed.is_empty() || allowed.iter().any(|net| net.contains(addr.ip())) {
@@ -263,7 +263,7 @@ impl Acceptor {
 
     /// Whether the async side holds as many connections as --max-connections allows.
     fn full(&self) -> bool {
-        let limit = self.ctx.config.max_connections;
+        let limit = self.ctx.config.limits.max_connections;
         if self.reading.count() < limit {
             return false;
         }

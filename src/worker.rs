@@ -123,10 +123,10 @@ pub(crate) fn serve(
     let (lifecycle, retire_rx) = Lifecycle::new(&config);
     // The files were checked by the master; each worker loads them itself, so one started by a reload uses the
     // renewed certificate. The session-ticket keys are the master's, the same in every worker.
-    let (tls, tickets) = match &config.tls {
+    let (tls, tickets) = match &config.tls.files {
         None => (None, None),
         Some(files) => {
-            match crate::tls::server_config(files, control.receive_ticket_keys()?, config.tls_ticket_rotation) {
+            match crate::tls::server_config(files, control.receive_ticket_keys()?, config.tls.ticket_rotation) {
                 Ok((tls, tickets)) => (Some(tls), Some(tickets)),
                 Err(error) => {
                     tracing::error!("{error}");

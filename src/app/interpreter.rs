@@ -12,12 +12,12 @@ use crate::config::Config;
 
 /// Changes directory and sets up `sys.path`; the interpreter is already running.
 pub(crate) fn initialize(config: &Config) -> Result<(), AppError> {
-    if let Some(dir) = &config.chdir {
+    if let Some(dir) = &config.app.chdir {
         std::env::set_current_dir(dir)
             .map_err(|e| AppError::Interpreter(format!("cannot change to {}: {e}", dir.display())))?;
     }
     Python::attach(|py| {
-        if let Some(venv) = &config.virtualenv {
+        if let Some(venv) = &config.app.virtualenv {
             let (running, executable) = running_python(py);
             check_venv_version(venv, &running, &executable)?;
             activate_venv(py, venv, &running)
@@ -91,6 +91,7 @@ fn set_up_sys_path(py: Python<'_>, config: &Config) -> PyResult<()> {
     let path = py.import("sys")?.getattr("path")?.cast_into::<PyList>()?;
     let cwd = std::env::current_dir().map_err(PyErr::from)?;
     let mut front: Vec<String> = config
+        .app
         .pythonpath
         .iter()
         .map(|p| {

@@ -37,15 +37,15 @@ impl App {
     /// Prepares the interpreter and imports the app. No thread is started: that is [`App::start_threads`].
     pub(crate) fn load(config: &Config) -> Result<App, AppError> {
         interpreter::initialize(config)?;
-        let spec = loader::AppSpec::parse(&config.app)?;
+        let spec = loader::AppSpec::parse(&config.app.callable)?;
         let app = Python::attach(|py| loader::load(py, &spec))?;
         Ok(App {
             state: Arc::new(AppState {
                 app,
-                multithread: config.threads > 1,
-                multiprocess: config.workers > 1,
+                multithread: config.workers.threads > 1,
+                multiprocess: config.workers.count > 1,
             }),
-            threads: config.threads,
+            threads: config.workers.threads,
         })
     }
 

@@ -70,12 +70,12 @@ pub(crate) fn record(
 ) {
     let elapsed = started.elapsed();
     metrics.answered(status, body_bytes, elapsed);
-    if !config.access_log {
+    if !config.logs.access_log {
         return;
     }
     let duration_us = elapsed.as_micros() as u64;
     let pid = std::process::id();
-    let text_mode = config.log_format == LogFormat::Text;
+    let text_mode = config.logs.log_format == LogFormat::Text;
     // The text log is read in terminals: whatever the client sent is escaped there. JSON escapes itself.
     let show = |b: Option<&Bytes>| match b {
         None => "-".to_owned(),
@@ -86,7 +86,7 @@ pub(crate) fn record(
     let path = show(Some(&request.path));
     let request_id = show(request.request_id.as_ref());
     let remote_addr = show(request.remote_addr.as_ref());
-    if let (Some(format), true) = (&config.access_log_format, text_mode) {
+    if let (Some(format), true) = (&config.logs.access_log_format, text_mode) {
         let line = render_template(format, |name| match name {
             "method" => Some(method.clone()),
             "path" => Some(path.clone()),

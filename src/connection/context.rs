@@ -25,7 +25,7 @@ impl WorkerContext {
     pub(crate) fn new(config: Config, lifecycle: Lifecycle, tls: Option<Arc<rustls::ServerConfig>>) -> WorkerContext {
         WorkerContext {
             tls,
-            watchdog: config.timeout.map(Watchdog::new),
+            watchdog: config.limits.timeout.map(Watchdog::new),
             config,
             lifecycle,
             metrics: WorkerMetrics::default(),

@@ -103,7 +103,7 @@ enum Opening {
 }
 
 fn open(seen: &Bytes, config: &Config) -> Result<Opening, PacketError> {
-    Ok(match packet::decode(seen, config.max_vars_size)? {
+    Ok(match packet::decode(seen, config.limits.max_vars_size)? {
         Decoded::Incomplete { .. } | Decoded::Ping { .. } | Decoded::Unsupported { .. } | Decoded::TooLarge { .. } => {
             Opening::NotARequest
         }
@@ -162,7 +162,7 @@ pub(crate) fn read_if_whole(socket: Socket, tcp: bool, span: tracing::Span, ctx:
         return Arrival::Pending(socket);
     };
     let body_len = environ.content_length;
-    if body_len > config.body_buffer_size || config.max_body_size.is_some_and(|limit| body_len > limit) {
+    if body_len > config.limits.body_buffer_size || config.limits.max_body_size.is_some_and(|limit| body_len > limit) {
         return Arrival::Pending(socket);
     }
     let total = usize::try_from(body_len).ok().and_then(|b| packet_len.checked_add(b));
@@ -172,7 +172,7 @@ pub(crate) fn read_if_whole(socket: Socket, tcp: bool, span: tracing::Span, ctx:
     ctx.metrics.received(total as u64);
     warn_about_defaults(&environ);
     let body = Body::Memory(seen.slice(packet_len..total));
-    let request = RequestInfo::of(&environ, config.access_log);
+    let request = RequestInfo::of(&environ, config.logs.access_log);
     let span = {
         let _conn = span.enter();
         request_span(&environ)
@@ -246,8 +246,8 @@ async fn read_request(
     started: Instant,
 ) -> Result<Option<Request>, ConnError> {
     let config = &ctx.config;
-    let deadline = tokio::time::Instant::now() + config.read_timeout;
-    let timeout = |_: tokio::time::error::Elapsed| ConnError::ReadTimeout(config.read_timeout);
+    let deadline = tokio::time::Instant::now() + config.limits.read_timeout;
+    let timeout = |_: tokio::time::error::Elapsed| ConnError::ReadTimeout(config.limits.read_timeout);
 
     let peeked = match tokio::time::timeout_at(deadline, read_packet(&mut stream, config))
         .await
@@ -285,13 +285,13 @@ async fn read_request(
                     content_length = environ.content_length,
                     "cannot spool the request body to the spool directory (TMPDIR); answering 503"
                 );
-                let request = RequestInfo::of(&environ, config.access_log);
+                let request = RequestInfo::of(&environ, config.logs.access_log);
                 return refuse(&mut stream, ctx, 503, &request, started).await.map(|()| None);
             }
             Err(other) => return Err(other),
         };
         ctx.metrics.received(total);
-        let request = RequestInfo::of(&environ, config.access_log);
+        let request = RequestInfo::of(&environ, config.logs.access_log);
         let span = tracing::Span::current();
         // The async side read all but the request's last byte.
         let wire = Wire::new(stream.into_socket()?, tcp, 1);
@@ -321,13 +321,16 @@ fn refusal(error: &EnvironError) -> u16 {
 /// once), and `--max-body-size`: the request to answer 413 when its body is over it.
 fn body_over_limit(environ: &Environ, config: &Config) -> Option<RequestInfo> {
     warn_about_defaults(environ);
-    let limit = config.max_body_size.filter(|&limit| environ.content_length > limit)?;
+    let limit = config
+        .limits
+        .max_body_size
+        .filter(|&limit| environ.content_length > limit)?;
     tracing::warn!(
         content_length = environ.content_length,
         limit,
         "request body larger than --max-body-size; answering 413"
     );
-    Some(RequestInfo::of(environ, config.access_log))
+    Some(RequestInfo::of(environ, config.logs.access_log))
 }
 
 /// Peeks until the header and the whole vars block are in, and decodes them; answers a ping, and says what
@@ -345,7 +348,7 @@ async fn read_packet(stream: &mut Stream, config: &Config) -> Result<Start, Conn
             };
         }
         have = n;
-        let want = match packet::decode(&buf[..n], config.max_vars_size).map_err(ConnError::Malformed)? {
+        let want = match packet::decode(&buf[..n], config.limits.max_vars_size).map_err(ConnError::Malformed)? {
             Decoded::Incomplete { want } => want,
             // Decoded again below with the environ, from the buffer the request's bytes are then shared from.
             Decoded::Request { .. } => break,
@@ -395,7 +398,7 @@ async fn read_body(
     config: &Config,
 ) -> Result<Body, ConnError> {
     let body_len = total - packet_len as u64;
-    if body_len <= config.body_buffer_size {
+    if body_len <= config.limits.body_buffer_size {
         // One buffer for packet and body: a small POST is one read, and the body is a slice of it.
         let total = usize::try_from(total).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
         // Filled by the reads without being zeroed first (a 1 MiB body would otherwise be written twice).
@@ -515,7 +518,7 @@ pub(crate) async fn read_pending_tls(socket: Socket, ctx: Arc<WorkerContext>) ->
             return None;
         }
     };
-    let deadline = tokio::time::Instant::now() + ctx.config.read_timeout;
+    let deadline = tokio::time::Instant::now() + ctx.config.limits.read_timeout;
     let failed = |why: HandshakeFailure, detail: &dyn std::fmt::Display| {
         ctx.metrics.tls_handshake_failed(why);
         tracing::warn!(reason = why.as_str(), "TLS handshake failed: {detail}; closing");
@@ -581,7 +584,7 @@ pub(crate) async fn read_pending_tls(socket: Socket, ctx: Arc<WorkerContext>) ->
             None
         }
         Err(_) => {
-            tracing::warn!(timeout = ?ctx.config.read_timeout, "the peer did not send its request in time; closing");
+            tracing::warn!(timeout = ?ctx.config.limits.read_timeout, "the peer did not send its request in time; closing");
             None
         }
     }
@@ -605,7 +608,7 @@ async fn read_tls_request(
                 Err(ConnError::Truncated(buf.len()))
             };
         }
-        match packet::decode(&buf, config.max_vars_size).map_err(ConnError::Malformed)? {
+        match packet::decode(&buf, config.limits.max_vars_size).map_err(ConnError::Malformed)? {
             Decoded::Incomplete { .. } => {}
             Decoded::Request { .. } => break,
             Decoded::Ping { .. } | Decoded::Unsupported { .. } => {
@@ -638,7 +641,7 @@ async fn read_tls_request(
         return Ok(None);
     }
     let total = packet_len as u64 + environ.content_length;
-    let body = if environ.content_length <= config.body_buffer_size {
+    let body = if environ.content_length <= config.limits.body_buffer_size {
         let total = usize::try_from(total).map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
         let mut all = seen.to_vec();
         while all.len() < total {
@@ -675,7 +678,7 @@ async fn read_tls_request(
         }
     };
     ctx.metrics.received(total);
-    let request = RequestInfo::of(&environ, config.access_log);
+    let request = RequestInfo::of(&environ, config.logs.access_log);
     let span = request_span(&environ);
     let (tcp, conn) = tls.into_inner();
     let socket = Socket::from(std::os::fd::OwnedFd::from(tcp.into_std()?));

@@ -75,7 +75,7 @@ impl Responder {
             return Ok(());
         }
         if complete {
-            if let Err(error) = self.wire.finish(self.ctx.config.write_timeout) {
+            if let Err(error) = self.wire.finish(self.ctx.config.limits.write_timeout) {
                 if self.wire.is_tls() {
                     // Through TLS the end of the response was still in the session: it did not go out, so the
                     // response is cut short, and no close_notify says otherwise.
@@ -86,7 +86,7 @@ impl Responder {
                 }
             }
         } else {
-            self.wire.reset(self.ctx.config.write_timeout);
+            self.wire.reset(self.ctx.config.limits.write_timeout);
         }
         record(
             &self.ctx.config,
@@ -124,7 +124,7 @@ impl Responder {
     }
 
     fn wait_writable(&mut self) -> Result<(), Gone> {
-        let stall = self.ctx.config.write_timeout;
+        let stall = self.ctx.config.limits.write_timeout;
         match self.wire.wait_writable(stall) {
             Ok(true) => Ok(()),
             Ok(false) => Err(self.stalled(stall)),
@@ -220,7 +220,7 @@ impl Drop for Responder {
             let stall = if self.gone {
                 Duration::ZERO
             } else {
-                self.ctx.config.write_timeout
+                self.ctx.config.limits.write_timeout
             };
             self.wire.reset(stall);
         }
