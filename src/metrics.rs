@@ -431,6 +431,139 @@ mod tests {
         );
     }
 
+    /// The exposition with the samples of each labelled family sorted: a family keeps its samples in a hash
+    /// map, so their order within the family changes from run to run, and only that. The histogram's lines
+    /// keep their order.
+    fn sorted_within_families(text: &str) -> String {
+        let mut out = Vec::new();
+        let mut samples: Vec<&str> = Vec::new();
+        let mut histogram = false;
+        for line in text.lines() {
+            if line.starts_with('#') {
+                samples.sort_unstable();
+                out.append(&mut samples);
+                out.push(line);
+                histogram = line.starts_with("# TYPE") && line.ends_with(" histogram");
+            } else if histogram {
+                out.push(line);
+            } else {
+                samples.push(line);
+            }
+        }
+        samples.sort_unstable();
+        out.append(&mut samples);
+        out.join("\n") + "\n"
+    }
+
+    #[test]
+    fn full_render() {
+        let mut master = MasterMetrics::default();
+        // Pids that cannot exist, so the memory families stay empty and the text does not depend on this process.
+        master.worker_started(1, 4_000_000_001);
+        master.worker_started(2, 4_000_000_002);
+        let mut snap = Snapshot::default();
+        snap.requests = [1, 20, 3, 4, 5];
+        snap.in_flight = 3;
+        snap.buckets[0] = 2;
+        snap.buckets[5] = 7;
+        snap.buckets[NBUCKETS - 1] = 1;
+        snap.duration_sum_us = 1_234_567;
+        snap.bytes_in = 1000;
+        snap.bytes_out = 2000;
+        snap.timeouts = 2;
+        snap.tls_handshakes = [5, 6];
+        snap.tls_failures[0] = 1;
+        master.update(1, snap);
+        master.update(2, snap);
+        master.worker_exited(2);
+        master.restarted("crash", 2);
+        master.restarted("reload", 3);
+        let text = master.render(&[("127.0.0.1:3031".into(), 4), ("[::1]:3032".into(), 0)]);
+        assert_eq!(sorted_within_families(&text), FULL_RENDER, "{text}");
+    }
+
+    const FULL_RENDER: &str = "\
+        # HELP ferrule_requests Requests answered, by status class.\n\
+        # TYPE ferrule_requests counter\n\
+        ferrule_requests_total{status_class=\"1xx\"} 2\n\
+        ferrule_requests_total{status_class=\"2xx\"} 40\n\
+        ferrule_requests_total{status_class=\"3xx\"} 6\n\
+        ferrule_requests_total{status_class=\"4xx\"} 8\n\
+        ferrule_requests_total{status_class=\"5xx\"} 10\n\
+        # HELP ferrule_requests_in_flight Requests being served now.\n\
+        # TYPE ferrule_requests_in_flight gauge\n\
+        ferrule_requests_in_flight 3\n\
+        # HELP ferrule_request_duration_seconds Time from the request's first byte to the response's last.\n\
+        # TYPE ferrule_request_duration_seconds histogram\n\
+        ferrule_request_duration_seconds_sum 2.469134\n\
+        ferrule_request_duration_seconds_count 20\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.001\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.005\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.01\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.025\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.05\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.1\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.25\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.5\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"1.0\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"2.5\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"5.0\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"10.0\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"+Inf\"} 20\n\
+        # HELP ferrule_request_bytes Request bytes received (packet and body).\n\
+        # TYPE ferrule_request_bytes counter\n\
+        ferrule_request_bytes_total 2000\n\
+        # HELP ferrule_response_bytes Response body bytes sent.\n\
+        # TYPE ferrule_response_bytes counter\n\
+        ferrule_response_bytes_total 4000\n\
+        # HELP ferrule_request_timeouts Requests answered 504 after --timeout.\n\
+        # TYPE ferrule_request_timeouts counter\n\
+        ferrule_request_timeouts_total 4\n\
+        # HELP ferrule_tls_handshakes TLS handshakes done on tls:// sockets: full, or resumed from a session ticket.\n\
+        # TYPE ferrule_tls_handshakes counter\n\
+        ferrule_tls_handshakes_total{kind=\"full\"} 10\n\
+        ferrule_tls_handshakes_total{kind=\"resumed\"} 12\n\
+        # HELP ferrule_tls_handshake_failures TLS handshakes that failed on tls:// sockets, by reason.\n\
+        # TYPE ferrule_tls_handshake_failures counter\n\
+        ferrule_tls_handshake_failures_total{reason=\"bad-certificate\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"closed\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"http\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"no-client-certificate\"} 2\n\
+        ferrule_tls_handshake_failures_total{reason=\"not-tls\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"plain-uwsgi\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"protocol\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"rejected-by-client\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"timeout\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"unknown-ca\"} 0\n\
+        # HELP ferrule_worker_restarts Workers replaced, by reason.\n\
+        # TYPE ferrule_worker_restarts counter\n\
+        ferrule_worker_restarts_total{reason=\"crash\"} 2\n\
+        ferrule_worker_restarts_total{reason=\"max-requests\"} 0\n\
+        ferrule_worker_restarts_total{reason=\"memory\"} 0\n\
+        ferrule_worker_restarts_total{reason=\"reload\"} 3\n\
+        ferrule_worker_restarts_total{reason=\"timeout\"} 0\n\
+        # HELP ferrule_workers Live worker processes.\n\
+        # TYPE ferrule_workers gauge\n\
+        ferrule_workers 1\n\
+        # HELP ferrule_listen_queue_depth Connections waiting to be accepted (TCP sockets; Linux does not report it for Unix sockets).\n\
+        # TYPE ferrule_listen_queue_depth gauge\n\
+        ferrule_listen_queue_depth{socket=\"127.0.0.1:3031\"} 4\n\
+        ferrule_listen_queue_depth{socket=\"[::1]:3032\"} 0\n\
+        # EOF\n\
+";
+
+    #[test]
+    fn memory_families_label_each_worker_with_its_number_and_pid() {
+        let mut master = MasterMetrics::default();
+        let pid = std::process::id();
+        master.worker_started(7, pid);
+        let text = master.render(&[]);
+        for family in ["worker_resident_memory_bytes", "worker_private_memory_bytes"] {
+            let sample = format!("ferrule_{family}{{worker=\"7\",pid=\"{pid}\"}} ");
+            assert!(text.contains(&sample), "no {sample:?} in\n{text}");
+        }
+    }
+
     #[test]
     fn exited_workers_keep_their_counts() {
         let mut master = MasterMetrics::default();
