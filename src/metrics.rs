@@ -217,122 +217,105 @@ impl MasterMetrics {
             in_flight += snap.in_flight;
         }
         let mut registry = Registry::with_prefix("ferrule");
-
-        let requests = Family::<Vec<(String, String)>, Counter>::default();
-        for (i, n) in total.requests.iter().enumerate() {
-            requests
-                .get_or_create(&vec![("status_class".into(), format!("{}xx", i + 1))])
-                .inc_by(*n);
-        }
-        registry.register("requests", "Requests answered, by status class", requests);
-        let gauge = |v: i64| {
-            let g = Gauge::<i64>::default();
-            g.set(v);
-            g
-        };
-        let counter = |v: u64| {
-            let c = Counter::<u64>::default();
-            c.inc_by(v);
-            c
-        };
+        let requests = (1..).zip(total.requests).map(|(i, n)| (label("status_class", format!("{i}xx")), n));
+        registry.register("requests", "Requests answered, by status class", counters(requests));
         registry.register("requests_in_flight", "Requests being served now", gauge(in_flight));
-        let mut cumulative_free = Vec::with_capacity(NBUCKETS);
-        for (i, n) in total.buckets.iter().enumerate() {
-            cumulative_free.push((DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), *n));
-        }
         registry.register(
             "request_duration_seconds",
             "Time from the request's first byte to the response's last",
-            FixedHistogram {
-                sum: total.duration_sum_us as f64 / 1e6,
-                count: total.buckets.iter().sum(),
-                buckets: cumulative_free,
-            },
+            FixedHistogram::of(&total),
         );
-        registry.register(
-            "request_bytes",
-            "Request bytes received (packet and body)",
-            counter(total.bytes_in),
-        );
-        registry.register("response_bytes", "Response body bytes sent", counter(total.bytes_out));
-        registry.register(
-            "request_timeouts",
-            "Requests answered 504 after --timeout",
-            counter(total.timeouts),
-        );
-        let handshakes = Family::<Vec<(String, String)>, Counter>::default();
-        for (kind, n) in ["full", "resumed"].into_iter().zip(total.tls_handshakes) {
-            handshakes.get_or_create(&vec![("kind".into(), kind.into())]).inc_by(n);
+        let totals = [
+            ("request_bytes", "Request bytes received (packet and body)", total.bytes_in),
+            ("response_bytes", "Response body bytes sent", total.bytes_out),
+            ("request_timeouts", "Requests answered 504 after --timeout", total.timeouts),
+        ];
+        for (name, help, n) in totals {
+            registry.register(name, help, counter(n));
         }
+        let handshakes = ["full", "resumed"].into_iter().zip(total.tls_handshakes);
         registry.register(
             "tls_handshakes",
             "TLS handshakes done on tls:// sockets: full, or resumed from a session ticket",
-            handshakes,
+            counters(handshakes.map(|(kind, n)| (label("kind", kind), n))),
         );
-        let failures = Family::<Vec<(String, String)>, Counter>::default();
-        for (why, n) in HandshakeFailure::ALL.into_iter().zip(total.tls_failures) {
-            failures
-                .get_or_create(&vec![("reason".into(), why.as_str().into())])
-                .inc_by(n);
-        }
+        let failures = HandshakeFailure::ALL.into_iter().zip(total.tls_failures);
         registry.register(
             "tls_handshake_failures",
             "TLS handshakes that failed on tls:// sockets, by reason",
-            failures,
+            counters(failures.map(|(why, n)| (label("reason", why.as_str()), n))),
         );
-        let restarts = Family::<Vec<(String, String)>, Counter>::default();
-        for reason in RESTART_REASONS {
-            let n = self.restarts.get(reason).copied().unwrap_or(0);
-            restarts
-                .get_or_create(&vec![("reason".into(), reason.into())])
-                .inc_by(n);
-        }
-        registry.register("worker_restarts", "Workers replaced, by reason", restarts);
+        let restarts = RESTART_REASONS.map(|r| (label("reason", r), self.restarts.get(r).copied().unwrap_or(0)));
+        registry.register("worker_restarts", "Workers replaced, by reason", counters(restarts));
         registry.register("workers", "Live worker processes", gauge(self.live.len() as i64));
-        let rss = Family::<Vec<(String, String)>, Gauge>::default();
-        for (id, (pid, _)) in &self.live {
-            if let Some(bytes) = process_rss(*pid) {
-                rss.get_or_create(&vec![
-                    ("worker".into(), id.to_string()),
-                    ("pid".into(), pid.to_string()),
-                ])
-                .set(bytes as i64);
-            }
-        }
-        registry.register("worker_resident_memory_bytes", "Resident memory of each worker", rss);
-        let private = Family::<Vec<(String, String)>, Gauge>::default();
-        for (id, (pid, _)) in &self.live {
-            if let Some(bytes) = process_private(*pid) {
-                private
-                    .get_or_create(&vec![
-                        ("worker".into(), id.to_string()),
-                        ("pid".into(), pid.to_string()),
-                    ])
-                    .set(bytes as i64);
-            }
-        }
+        registry.register(
+            "worker_resident_memory_bytes",
+            "Resident memory of each worker",
+            self.per_worker(process_rss),
+        );
         registry.register(
             "worker_private_memory_bytes",
             "Memory of each worker that no other process shares (with --preload, what it does not share with the \
              preloaded app)",
-            private,
+            self.per_worker(process_private),
         );
-        let queue = Family::<Vec<(String, String)>, Gauge>::default();
-        for (socket, depth) in queues {
-            queue
-                .get_or_create(&vec![("socket".into(), socket.clone())])
-                .set(*depth as i64);
-        }
+        let depths = queues.iter().map(|(socket, depth)| (label("socket", socket), *depth as i64));
         registry.register(
             "listen_queue_depth",
             "Connections waiting to be accepted (TCP sockets; Linux does not report it for Unix sockets)",
-            queue,
+            gauges(depths),
         );
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
+
+    /// A gauge per live worker (labelled with its number and pid) from what `measure` reads of its pid; a
+    /// worker it cannot read (it just exited) is left out.
+    fn per_worker(&self, measure: fn(u32) -> Option<u64>) -> Family<Labels, Gauge> {
+        gauges(self.live.iter().filter_map(|(id, (pid, _))| {
+            let labels = vec![("worker".into(), id.to_string()), ("pid".into(), pid.to_string())];
+            Some((labels, measure(*pid)? as i64))
+        }))
+    }
+}
+
+/// The labels of one sample.
+type Labels = Vec<(String, String)>;
+
+fn label(name: &str, value: impl Into<String>) -> Labels {
+    vec![(name.to_owned(), value.into())]
+}
+
+/// A family of counters, one per label set.
+fn counters(samples: impl IntoIterator<Item = (Labels, u64)>) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    for (labels, n) in samples {
+        family.get_or_create(&labels).inc_by(n);
+    }
+    family
+}
+
+/// A family of gauges, one per label set.
+fn gauges(samples: impl IntoIterator<Item = (Labels, i64)>) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    for (labels, v) in samples {
+        family.get_or_create(&labels).set(v);
+    }
+    family
+}
+
+fn counter(n: u64) -> Counter {
+    let c = Counter::<u64>::default();
+    c.inc_by(n);
+    c
+}
+
+fn gauge(v: i64) -> Gauge {
+    let g = Gauge::<i64>::default();
+    g.set(v);
+    g
 }
 
 /// A histogram whose buckets were counted elsewhere (in the workers).
@@ -342,6 +325,18 @@ struct FixedHistogram {
     count: u64,
     /// (upper bound, count in this bucket alone); the encoder makes them cumulative.
     buckets: Vec<(f64, u64)>,
+}
+
+impl FixedHistogram {
+    /// The request durations the workers counted.
+    fn of(total: &Snapshot) -> FixedHistogram {
+        let bounds = DURATION_BUCKETS.iter().copied().chain([f64::INFINITY]);
+        FixedHistogram {
+            sum: total.duration_sum_us as f64 / 1e6,
+            count: total.buckets.iter().sum(),
+            buckets: bounds.zip(total.buckets).collect(),
+        }
+    }
 }
 
 impl EncodeMetric for FixedHistogram {
