@@ -217,7 +217,9 @@ impl MasterMetrics {
             in_flight += snap.in_flight;
         }
         let mut registry = Registry::with_prefix("ferrule");
-        let requests = (1..).zip(total.requests).map(|(i, n)| (label("status_class", format!("{i}xx")), n));
+        let requests = (1..)
+            .zip(total.requests)
+            .map(|(i, n)| (label("status_class", format!("{i}xx")), n));
         registry.register("requests", "Requests answered, by status class", counters(requests));
         registry.register("requests_in_flight", "Requests being served now", gauge(in_flight));
         registry.register(
@@ -226,9 +228,17 @@ impl MasterMetrics {
             FixedHistogram::of(&total),
         );
         let totals = [
-            ("request_bytes", "Request bytes received (packet and body)", total.bytes_in),
+            (
+                "request_bytes",
+                "Request bytes received (packet and body)",
+                total.bytes_in,
+            ),
             ("response_bytes", "Response body bytes sent", total.bytes_out),
-            ("request_timeouts", "Requests answered 504 after --timeout", total.timeouts),
+            (
+                "request_timeouts",
+                "Requests answered 504 after --timeout",
+                total.timeouts,
+            ),
         ];
         for (name, help, n) in totals {
             registry.register(name, help, counter(n));
@@ -259,7 +269,9 @@ impl MasterMetrics {
              preloaded app)",
             self.per_worker(process_private),
         );
-        let depths = queues.iter().map(|(socket, depth)| (label("socket", socket), *depth as i64));
+        let depths = queues
+            .iter()
+            .map(|(socket, depth)| (label("socket", socket), *depth as i64));
         registry.register(
             "listen_queue_depth",
             "Connections waiting to be accepted (TCP sockets; Linux does not report it for Unix sockets)",
