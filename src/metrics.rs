@@ -468,18 +468,21 @@ mod tests {
         // Pids that cannot exist, so the memory families stay empty and the text does not depend on this process.
         master.worker_started(1, 4_000_000_001);
         master.worker_started(2, 4_000_000_002);
-        let mut snap = Snapshot::default();
-        snap.requests = [1, 20, 3, 4, 5];
-        snap.in_flight = 3;
-        snap.buckets[0] = 2;
-        snap.buckets[5] = 7;
-        snap.buckets[NBUCKETS - 1] = 1;
-        snap.duration_sum_us = 1_234_567;
-        snap.bytes_in = 1000;
-        snap.bytes_out = 2000;
-        snap.timeouts = 2;
-        snap.tls_handshakes = [5, 6];
-        snap.tls_failures[0] = 1;
+        let mut buckets = [0; NBUCKETS];
+        (buckets[0], buckets[5], buckets[NBUCKETS - 1]) = (2, 7, 1);
+        let mut tls_failures = [0; NFAILURES];
+        tls_failures[0] = 1;
+        let snap = Snapshot {
+            requests: [1, 20, 3, 4, 5],
+            in_flight: 3,
+            buckets,
+            duration_sum_us: 1_234_567,
+            bytes_in: 1000,
+            bytes_out: 2000,
+            timeouts: 2,
+            tls_handshakes: [5, 6],
+            tls_failures,
+        };
         master.update(1, snap);
         master.update(2, snap);
         master.worker_exited(2);

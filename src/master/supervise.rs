@@ -215,7 +215,8 @@ impl<'s> Master<'s> {
         // Waiting on the line when the forked worker starts to read it.
         self.tickets.send_to_new(&ours, &self.config, &mut self.workers)?;
         let id = self.workers.next_id();
-        let pid = self.zygotes.fork(id, self.settings().workers, theirs.as_fd())?;
+        let workers = self.config.workers.max(self.desired);
+        let pid = self.zygotes.fork(id, workers, theirs.as_fd())?;
         drop(theirs);
         self.watch_worker(id, pid, true, ours)?;
         Ok(id)
