@@ -33,6 +33,8 @@ pub(crate) const ENV_WORKER_ID: &str = "FERRULE_WORKER_ID";
 pub(crate) const ENV_WORKER_FDS: &str = "FERRULE_WORKER_FDS";
 /// Set (to `1`) for the zygote that `--preload` starts instead of a worker.
 pub(crate) const ENV_ZYGOTE: &str = "FERRULE_ZYGOTE";
+/// The master's pid, for the zygote: its parent pid stops being this one when the master dies.
+pub(crate) const ENV_MASTER_PID: &str = "FERRULE_MASTER_PID";
 
 /// How long a new worker waits for its settings; the master writes them right after starting it.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
@@ -125,6 +127,8 @@ pub(crate) struct Handoff {
     pub(crate) sockets: Vec<BoundSocket>,
     pub(crate) control: ToMaster,
     pub(crate) fork_channel: Option<UnixStream>,
+    /// For the zygote: the pid of the master that started it.
+    pub(crate) master_pid: Option<nix::unistd::Pid>,
 }
 
 impl Handoff {
@@ -141,10 +145,15 @@ impl Handoff {
         // SAFETY: this runs first thing in main, before any other thread exists, so no thread reads the
         // environment concurrently.
         let zygote = is_zygote();
+        let master_pid = std::env::var(ENV_MASTER_PID)
+            .ok()
+            .and_then(|pid| pid.parse().ok())
+            .map(nix::unistd::Pid::from_raw);
         unsafe {
             std::env::remove_var(ENV_WORKER_ID);
             std::env::remove_var(ENV_WORKER_FDS);
             std::env::remove_var(ENV_ZYGOTE);
+            std::env::remove_var(ENV_MASTER_PID);
         }
         let sockets = (3..3 + count)
             .map(BoundSocket::inherit)
@@ -173,6 +182,7 @@ impl Handoff {
             sockets,
             control: ToMaster { stream, pending },
             fork_channel,
+            master_pid,
         })
     }
 }

@@ -217,122 +217,117 @@ impl MasterMetrics {
             in_flight += snap.in_flight;
         }
         let mut registry = Registry::with_prefix("ferrule");
-
-        let requests = Family::<Vec<(String, String)>, Counter>::default();
-        for (i, n) in total.requests.iter().enumerate() {
-            requests
-                .get_or_create(&vec![("status_class".into(), format!("{}xx", i + 1))])
-                .inc_by(*n);
-        }
-        registry.register("requests", "Requests answered, by status class", requests);
-        let gauge = |v: i64| {
-            let g = Gauge::<i64>::default();
-            g.set(v);
-            g
-        };
-        let counter = |v: u64| {
-            let c = Counter::<u64>::default();
-            c.inc_by(v);
-            c
-        };
+        let requests = (1..)
+            .zip(total.requests)
+            .map(|(i, n)| (label("status_class", format!("{i}xx")), n));
+        registry.register("requests", "Requests answered, by status class", counters(requests));
         registry.register("requests_in_flight", "Requests being served now", gauge(in_flight));
-        let mut cumulative_free = Vec::with_capacity(NBUCKETS);
-        for (i, n) in total.buckets.iter().enumerate() {
-            cumulative_free.push((DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), *n));
-        }
         registry.register(
             "request_duration_seconds",
             "Time from the request's first byte to the response's last",
-            FixedHistogram {
-                sum: total.duration_sum_us as f64 / 1e6,
-                count: total.buckets.iter().sum(),
-                buckets: cumulative_free,
-            },
+            FixedHistogram::of(&total),
         );
-        registry.register(
-            "request_bytes",
-            "Request bytes received (packet and body)",
-            counter(total.bytes_in),
-        );
-        registry.register("response_bytes", "Response body bytes sent", counter(total.bytes_out));
-        registry.register(
-            "request_timeouts",
-            "Requests answered 504 after --timeout",
-            counter(total.timeouts),
-        );
-        let handshakes = Family::<Vec<(String, String)>, Counter>::default();
-        for (kind, n) in ["full", "resumed"].into_iter().zip(total.tls_handshakes) {
-            handshakes.get_or_create(&vec![("kind".into(), kind.into())]).inc_by(n);
+        let totals = [
+            (
+                "request_bytes",
+                "Request bytes received (packet and body)",
+                total.bytes_in,
+            ),
+            ("response_bytes", "Response body bytes sent", total.bytes_out),
+            (
+                "request_timeouts",
+                "Requests answered 504 after --timeout",
+                total.timeouts,
+            ),
+        ];
+        for (name, help, n) in totals {
+            registry.register(name, help, counter(n));
         }
+        let handshakes = ["full", "resumed"].into_iter().zip(total.tls_handshakes);
         registry.register(
             "tls_handshakes",
             "TLS handshakes done on tls:// sockets: full, or resumed from a session ticket",
-            handshakes,
+            counters(handshakes.map(|(kind, n)| (label("kind", kind), n))),
         );
-        let failures = Family::<Vec<(String, String)>, Counter>::default();
-        for (why, n) in HandshakeFailure::ALL.into_iter().zip(total.tls_failures) {
-            failures
-                .get_or_create(&vec![("reason".into(), why.as_str().into())])
-                .inc_by(n);
-        }
+        let failures = HandshakeFailure::ALL.into_iter().zip(total.tls_failures);
         registry.register(
             "tls_handshake_failures",
             "TLS handshakes that failed on tls:// sockets, by reason",
-            failures,
+            counters(failures.map(|(why, n)| (label("reason", why.as_str()), n))),
         );
-        let restarts = Family::<Vec<(String, String)>, Counter>::default();
-        for reason in RESTART_REASONS {
-            let n = self.restarts.get(reason).copied().unwrap_or(0);
-            restarts
-                .get_or_create(&vec![("reason".into(), reason.into())])
-                .inc_by(n);
-        }
-        registry.register("worker_restarts", "Workers replaced, by reason", restarts);
+        let restarts = RESTART_REASONS.map(|r| (label("reason", r), self.restarts.get(r).copied().unwrap_or(0)));
+        registry.register("worker_restarts", "Workers replaced, by reason", counters(restarts));
         registry.register("workers", "Live worker processes", gauge(self.live.len() as i64));
-        let rss = Family::<Vec<(String, String)>, Gauge>::default();
-        for (id, (pid, _)) in &self.live {
-            if let Some(bytes) = process_rss(*pid) {
-                rss.get_or_create(&vec![
-                    ("worker".into(), id.to_string()),
-                    ("pid".into(), pid.to_string()),
-                ])
-                .set(bytes as i64);
-            }
-        }
-        registry.register("worker_resident_memory_bytes", "Resident memory of each worker", rss);
-        let private = Family::<Vec<(String, String)>, Gauge>::default();
-        for (id, (pid, _)) in &self.live {
-            if let Some(bytes) = process_private(*pid) {
-                private
-                    .get_or_create(&vec![
-                        ("worker".into(), id.to_string()),
-                        ("pid".into(), pid.to_string()),
-                    ])
-                    .set(bytes as i64);
-            }
-        }
+        registry.register(
+            "worker_resident_memory_bytes",
+            "Resident memory of each worker",
+            self.per_worker(process_rss),
+        );
         registry.register(
             "worker_private_memory_bytes",
             "Memory of each worker that no other process shares (with --preload, what it does not share with the \
              preloaded app)",
-            private,
+            self.per_worker(process_private),
         );
-        let queue = Family::<Vec<(String, String)>, Gauge>::default();
-        for (socket, depth) in queues {
-            queue
-                .get_or_create(&vec![("socket".into(), socket.clone())])
-                .set(*depth as i64);
-        }
+        let depths = queues
+            .iter()
+            .map(|(socket, depth)| (label("socket", socket), *depth as i64));
         registry.register(
             "listen_queue_depth",
             "Connections waiting to be accepted (TCP sockets; Linux does not report it for Unix sockets)",
-            queue,
+            gauges(depths),
         );
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
+
+    /// A gauge per live worker (labelled with its number and pid) from what `measure` reads of its pid; a
+    /// worker it cannot read (it just exited) is left out.
+    fn per_worker(&self, measure: fn(u32) -> Option<u64>) -> Family<Labels, Gauge> {
+        gauges(self.live.iter().filter_map(|(id, (pid, _))| {
+            let labels = vec![("worker".into(), id.to_string()), ("pid".into(), pid.to_string())];
+            Some((labels, measure(*pid)? as i64))
+        }))
+    }
+}
+
+/// The labels of one sample.
+type Labels = Vec<(String, String)>;
+
+fn label(name: &str, value: impl Into<String>) -> Labels {
+    vec![(name.to_owned(), value.into())]
+}
+
+/// A family of counters, one per label set.
+fn counters(samples: impl IntoIterator<Item = (Labels, u64)>) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    for (labels, n) in samples {
+        family.get_or_create(&labels).inc_by(n);
+    }
+    family
+}
+
+/// A family of gauges, one per label set.
+fn gauges(samples: impl IntoIterator<Item = (Labels, i64)>) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    for (labels, v) in samples {
+        family.get_or_create(&labels).set(v);
+    }
+    family
+}
+
+fn counter(n: u64) -> Counter {
+    let c = Counter::<u64>::default();
+    c.inc_by(n);
+    c
+}
+
+fn gauge(v: i64) -> Gauge {
+    let g = Gauge::<i64>::default();
+    g.set(v);
+    g
 }
 
 /// A histogram whose buckets were counted elsewhere (in the workers).
@@ -342,6 +337,18 @@ struct FixedHistogram {
     count: u64,
     /// (upper bound, count in this bucket alone); the encoder makes them cumulative.
     buckets: Vec<(f64, u64)>,
+}
+
+impl FixedHistogram {
+    /// The request durations the workers counted.
+    fn of(total: &Snapshot) -> FixedHistogram {
+        let bounds = DURATION_BUCKETS.iter().copied().chain([f64::INFINITY]);
+        FixedHistogram {
+            sum: total.duration_sum_us as f64 / 1e6,
+            count: total.buckets.iter().sum(),
+            buckets: bounds.zip(total.buckets).collect(),
+        }
+    }
 }
 
 impl EncodeMetric for FixedHistogram {
@@ -429,6 +436,142 @@ mod tests {
             text.contains("ferrule_tls_handshake_failures_total{reason=\"timeout\"} 0"),
             "{text}"
         );
+    }
+
+    /// The exposition with the samples of each labelled family sorted: a family keeps its samples in a hash
+    /// map, so their order within the family changes from run to run, and only that. The histogram's lines
+    /// keep their order.
+    fn sorted_within_families(text: &str) -> String {
+        let mut out = Vec::new();
+        let mut samples: Vec<&str> = Vec::new();
+        let mut histogram = false;
+        for line in text.lines() {
+            if line.starts_with('#') {
+                samples.sort_unstable();
+                out.append(&mut samples);
+                out.push(line);
+                histogram = line.starts_with("# TYPE") && line.ends_with(" histogram");
+            } else if histogram {
+                out.push(line);
+            } else {
+                samples.push(line);
+            }
+        }
+        samples.sort_unstable();
+        out.append(&mut samples);
+        out.join("\n") + "\n"
+    }
+
+    #[test]
+    fn full_render() {
+        let mut master = MasterMetrics::default();
+        // Pids that cannot exist, so the memory families stay empty and the text does not depend on this process.
+        master.worker_started(1, 4_000_000_001);
+        master.worker_started(2, 4_000_000_002);
+        let mut buckets = [0; NBUCKETS];
+        (buckets[0], buckets[5], buckets[NBUCKETS - 1]) = (2, 7, 1);
+        let mut tls_failures = [0; NFAILURES];
+        tls_failures[0] = 1;
+        let snap = Snapshot {
+            requests: [1, 20, 3, 4, 5],
+            in_flight: 3,
+            buckets,
+            duration_sum_us: 1_234_567,
+            bytes_in: 1000,
+            bytes_out: 2000,
+            timeouts: 2,
+            tls_handshakes: [5, 6],
+            tls_failures,
+        };
+        master.update(1, snap);
+        master.update(2, snap);
+        master.worker_exited(2);
+        master.restarted("crash", 2);
+        master.restarted("reload", 3);
+        let text = master.render(&[("127.0.0.1:3031".into(), 4), ("[::1]:3032".into(), 0)]);
+        assert_eq!(sorted_within_families(&text), FULL_RENDER, "{text}");
+    }
+
+    const FULL_RENDER: &str = "\
+        # HELP ferrule_requests Requests answered, by status class.\n\
+        # TYPE ferrule_requests counter\n\
+        ferrule_requests_total{status_class=\"1xx\"} 2\n\
+        ferrule_requests_total{status_class=\"2xx\"} 40\n\
+        ferrule_requests_total{status_class=\"3xx\"} 6\n\
+        ferrule_requests_total{status_class=\"4xx\"} 8\n\
+        ferrule_requests_total{status_class=\"5xx\"} 10\n\
+        # HELP ferrule_requests_in_flight Requests being served now.\n\
+        # TYPE ferrule_requests_in_flight gauge\n\
+        ferrule_requests_in_flight 3\n\
+        # HELP ferrule_request_duration_seconds Time from the request's first byte to the response's last.\n\
+        # TYPE ferrule_request_duration_seconds histogram\n\
+        ferrule_request_duration_seconds_sum 2.469134\n\
+        ferrule_request_duration_seconds_count 20\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.001\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.005\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.01\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.025\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.05\"} 4\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.1\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.25\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"0.5\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"1.0\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"2.5\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"5.0\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"10.0\"} 18\n\
+        ferrule_request_duration_seconds_bucket{le=\"+Inf\"} 20\n\
+        # HELP ferrule_request_bytes Request bytes received (packet and body).\n\
+        # TYPE ferrule_request_bytes counter\n\
+        ferrule_request_bytes_total 2000\n\
+        # HELP ferrule_response_bytes Response body bytes sent.\n\
+        # TYPE ferrule_response_bytes counter\n\
+        ferrule_response_bytes_total 4000\n\
+        # HELP ferrule_request_timeouts Requests answered 504 after --timeout.\n\
+        # TYPE ferrule_request_timeouts counter\n\
+        ferrule_request_timeouts_total 4\n\
+        # HELP ferrule_tls_handshakes TLS handshakes done on tls:// sockets: full, or resumed from a session ticket.\n\
+        # TYPE ferrule_tls_handshakes counter\n\
+        ferrule_tls_handshakes_total{kind=\"full\"} 10\n\
+        ferrule_tls_handshakes_total{kind=\"resumed\"} 12\n\
+        # HELP ferrule_tls_handshake_failures TLS handshakes that failed on tls:// sockets, by reason.\n\
+        # TYPE ferrule_tls_handshake_failures counter\n\
+        ferrule_tls_handshake_failures_total{reason=\"bad-certificate\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"closed\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"http\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"no-client-certificate\"} 2\n\
+        ferrule_tls_handshake_failures_total{reason=\"not-tls\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"plain-uwsgi\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"protocol\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"rejected-by-client\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"timeout\"} 0\n\
+        ferrule_tls_handshake_failures_total{reason=\"unknown-ca\"} 0\n\
+        # HELP ferrule_worker_restarts Workers replaced, by reason.\n\
+        # TYPE ferrule_worker_restarts counter\n\
+        ferrule_worker_restarts_total{reason=\"crash\"} 2\n\
+        ferrule_worker_restarts_total{reason=\"max-requests\"} 0\n\
+        ferrule_worker_restarts_total{reason=\"memory\"} 0\n\
+        ferrule_worker_restarts_total{reason=\"reload\"} 3\n\
+        ferrule_worker_restarts_total{reason=\"timeout\"} 0\n\
+        # HELP ferrule_workers Live worker processes.\n\
+        # TYPE ferrule_workers gauge\n\
+        ferrule_workers 1\n\
+        # HELP ferrule_listen_queue_depth Connections waiting to be accepted (TCP sockets; Linux does not report it for Unix sockets).\n\
+        # TYPE ferrule_listen_queue_depth gauge\n\
+        ferrule_listen_queue_depth{socket=\"127.0.0.1:3031\"} 4\n\
+        ferrule_listen_queue_depth{socket=\"[::1]:3032\"} 0\n\
+        # EOF\n\
+";
+
+    #[test]
+    fn memory_families_label_each_worker_with_its_number_and_pid() {
+        let mut master = MasterMetrics::default();
+        let pid = std::process::id();
+        master.worker_started(7, pid);
+        let text = master.render(&[]);
+        for family in ["worker_resident_memory_bytes", "worker_private_memory_bytes"] {
+            let sample = format!("ferrule_{family}{{worker=\"7\",pid=\"{pid}\"}} ");
+            assert!(text.contains(&sample), "no {sample:?} in\n{text}");
+        }
     }
 
     #[test]

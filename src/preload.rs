@@ -28,13 +28,15 @@ pub(crate) fn run(handoff: Handoff, json_logs: bool) -> i32 {
         sockets,
         mut control,
         fork_channel,
+        master_pid,
     } = handoff;
     let Some(channel) = fork_channel else {
         tracing::error!("the zygote has no fork channel: this process was not started by a ferrule master");
         return 1;
     };
     let span = tracing::info_span!("zygote", pid = std::process::id()).entered();
-    die_with_the_master();
+    // Without the variable (a master of an older ferrule), the parent now is the best guess.
+    die_with_the_master(master_pid.unwrap_or_else(nix::unistd::getppid));
     set_stop_signals(libc::SIG_IGN);
     // The app's output at import becomes log lines too, without the capture thread a worker uses.
     let loaded = if json_logs {
@@ -123,16 +125,18 @@ fn fork_twice(request: ForkRequest) -> Forked {
     }
 }
 
-/// Ties the zygote's life to the master's: it ignores stop signals (see `set_stop_signals`), so if the master
-/// dies, even by SIGKILL, the kernel kills the zygote, wherever it is (a hung import included). Forked
-/// processes do not inherit this.
-fn die_with_the_master() {
+/// Ties the zygote's life to the master's (`master`, the pid the master passed down): it ignores stop signals
+/// (see `set_stop_signals`), so if the master dies, even by SIGKILL, the kernel kills the zygote, wherever it
+/// is (a hung import included). Forked processes do not inherit this.
+fn die_with_the_master(master: nix::unistd::Pid) {
     // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag on this process.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot tie the zygote to the master");
     }
-    // The master may have died before the flag was set: then this process was already re-parented.
-    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+    // The master may have died before the flag was set: then this process was already re-parented, to PID 1
+    // or to the nearest subreaper (systemd --user, a container's init), so the parent is compared with the
+    // master's pid, not with 1.
+    if nix::unistd::getppid() != master {
         // SAFETY: ends this process at once; nothing was started that needs cleaning up.
         unsafe { libc::_exit(1) };
     }

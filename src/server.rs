@@ -267,7 +267,7 @@ impl Acceptor {
         if self.reading.count() < limit {
             return false;
         }
-        let mut warned = self.full_warned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut warned = crate::sync::lock(&self.full_warned);
         if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
             *warned = Some(Instant::now());
             tracing::warn!(

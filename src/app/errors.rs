@@ -41,7 +41,7 @@ impl ErrorStream {
 impl ErrorStream {
     fn write(&self, s: &str) -> usize {
         // A poisoned lock only means another writer panicked mid-line; the text is still usable.
-        let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+        let mut partial = crate::sync::lock(&self.partial);
         partial.push_str(s);
         if let Some(nl) = partial.rfind('\n') {
             Self::emit(&partial[..nl]);
@@ -58,7 +58,7 @@ impl ErrorStream {
     }
 
     pub(super) fn flush(&self) {
-        let mut partial = self.partial.lock().unwrap_or_else(|e| e.into_inner());
+        let mut partial = crate::sync::lock(&self.partial);
         if !partial.is_empty() {
             Self::emit(&partial);
             partial.clear();

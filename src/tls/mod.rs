@@ -58,7 +58,7 @@ pub(crate) fn check_files(files: &TlsFiles) -> Result<(), TlsError> {
 /// SIGHUP, and the same certificate need not be explained twice.
 fn warn_version_one(files: &TlsFiles, common_name: &str, der: Vec<u8>) {
     static WARNED: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut warned = crate::sync::lock(&WARNED);
     if *warned == der {
         return;
     }

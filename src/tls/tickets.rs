@@ -152,12 +152,12 @@ impl SharedTickets {
 
     /// Installs the keys the master handed over, replacing the old ones.
     pub(crate) fn set_keys(&self, keys: Vec<TicketKey>) {
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        *crate::sync::write(&self.keys) = keys;
     }
 
     /// Seals with the key of `period`; no ticket (a full handshake next time) without one.
     pub(super) fn encrypt_in(&self, period: u64, plain: &[u8]) -> Option<Vec<u8>> {
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let keys = crate::sync::read(&self.keys);
         let key = keys.iter().find(|k| k.period == period)?;
         let mut nonce = [0u8; NONCE_LEN];
         self.random.fill(&mut nonce).ok()?;
@@ -186,7 +186,7 @@ impl SharedTickets {
         if ticket_period > period || ticket_period.saturating_add(1) < period {
             return None;
         }
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let keys = crate::sync::read(&self.keys);
         let key = keys.iter().find(|k| k.period == ticket_period)?;
         let mut opened = sealed.to_vec();
         let plain_len = key

@@ -7,7 +7,7 @@
 //! load comes from tests/apps/load.py run as a second process. Run with `cargo test --release --test it lifecycle::`.
 
 mod failover;
-
+mod master_exit;
 mod support;
 
 use crate::harness::json::{Json, env_bool, parse_json};
