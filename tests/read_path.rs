@@ -70,7 +70,12 @@ fn a_ping_over_tls_gets_a_pong() {
     let get = encode_request(nginx_vars("GET", "/hello", b"").as_slice(), b"");
     let answer = tls_request(addr, pki.client(false), &get).expect("a request after the ping");
     let response = parse_response(&answer.bytes);
-    assert_eq!(response.status, 200, "a request after the ping: {}", response.body_str());
+    assert_eq!(
+        response.status,
+        200,
+        "a request after the ping: {}",
+        response.body_str()
+    );
 }
 
 /// A small tmpfs mounted on a temp dir, unmounted on drop.
