@@ -84,7 +84,7 @@ enum Start {
 }
 
 /// `read` within `deadline`, or [`ConnError::ReadTimeout`].
-async fn by<X>(
+async fn within<X>(
     deadline: tokio::time::Instant,
     config: &Config,
     read: impl Future<Output = Result<X, ConnError>>,
@@ -101,7 +101,7 @@ async fn read_request<T: Transport>(
     deadline: tokio::time::Instant,
 ) -> Result<Option<Request>, ConnError> {
     let config = &ctx.config;
-    let head = match by(deadline, config, read_head(&mut transport, config)).await? {
+    let head = match within(deadline, config, read_head(&mut transport, config)).await? {
         Start::Request(head) => head,
         Start::Answered => return Ok(None),
         Start::Refuse(status, request) => {
@@ -139,7 +139,7 @@ async fn read_rest<T: Transport>(
     } = head;
     let total = packet_len as u64 + environ.content_length;
     let read = read_body(&mut transport, &seen, packet_len, total, config.body_buffer_size);
-    let body = match by(deadline, config, read).await {
+    let body = match within(deadline, config, read).await {
         Ok(body) => body,
         // The server's own failure, not the peer's: answer it, before the app runs, instead of a reset that
         // nginx would turn into a 502 that says nothing.
