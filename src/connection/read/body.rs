@@ -118,3 +118,96 @@ pub(super) async fn consume<T: Transport>(transport: &mut T, scratch: &mut [u8],
 async fn last_byte<T: Transport>(transport: &mut T, got: usize) -> Result<u8, ConnError> {
     transport.last_byte().await?.ok_or(ConnError::Truncated(got))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use tokio::io::DuplexStream;
+
+    /// A transport that reads what it shows, as a TLS session does, over an in-memory pipe.
+    impl Transport for DuplexStream {
+        const PEEKS: bool = false;
+
+        async fn show_more(&mut self, seen: &mut Vec<u8>) -> io::Result<()> {
+            self.read_buf(seen).await.map(drop)
+        }
+
+        async fn last_byte(&mut self) -> io::Result<Option<u8>> {
+            let mut one = [0u8; 1];
+            Ok((self.read(&mut one).await? == 1).then_some(one[0]))
+        }
+
+        fn into_wire(self) -> io::Result<crate::connection::wire::Wire> {
+            Err(io::Error::other("no socket under an in-memory pipe"))
+        }
+    }
+
+    const PACKET: &[u8] = b"PACKET";
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// Reads a body of `body.len()` bytes after `PACKET`, the transport having read `seen` already, with
+    /// `rest` still to come, then the pipe closed.
+    fn read(seen: &[u8], rest: &[u8], body_len: usize, buffer: u64) -> Result<Body, ConnError> {
+        run(async {
+            let (mut ours, mut theirs) = tokio::io::duplex(1 << 20);
+            theirs.write_all(rest).await.unwrap();
+            drop(theirs);
+            let total = (PACKET.len() + body_len) as u64;
+            read_body(&mut ours, &Bytes::copy_from_slice(seen), PACKET.len(), total, buffer).await
+        })
+    }
+
+    fn bytes_of(body: Body) -> Vec<u8> {
+        match body {
+            Body::Memory(bytes) => bytes.to_vec(),
+            Body::Spooled { file, len } => {
+                let mut got = vec![0u8; usize::try_from(len).unwrap()];
+                file.read_exact_at(&mut got, 0).unwrap();
+                got
+            }
+        }
+    }
+
+    #[test]
+    fn a_body_read_partly_with_the_packet_is_whole_in_memory_and_spooled() {
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut seen = PACKET.to_vec();
+        seen.extend_from_slice(&body[..1000]);
+        for buffer in [1 << 20, 0] {
+            let got = read(&seen, &body[1000..], body.len(), buffer).unwrap();
+            assert_eq!(matches!(got, Body::Spooled { .. }), buffer == 0);
+            assert!(
+                bytes_of(got) == body,
+                "buffer {buffer}: the body arrives whole, in order"
+            );
+        }
+    }
+
+    #[test]
+    fn bytes_past_content_length_read_with_the_packet_are_not_body() {
+        let mut seen = PACKET.to_vec();
+        seen.extend_from_slice(b"bodyNEXT");
+        for buffer in [1 << 20, 0] {
+            let got = read(&seen, b"", 4, buffer).unwrap();
+            assert_eq!(bytes_of(got), b"body", "buffer {buffer}");
+        }
+    }
+
+    #[test]
+    fn a_body_cut_short_is_truncated_in_memory_and_spooled() {
+        let mut seen = PACKET.to_vec();
+        seen.extend_from_slice(b"ab");
+        for buffer in [1 << 20, 0] {
+            let got = read(&seen, b"cd", 10, buffer);
+            assert!(matches!(got, Err(ConnError::Truncated(_))), "buffer {buffer}: {got:?}");
+        }
+    }
+}
