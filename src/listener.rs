@@ -402,16 +402,15 @@ impl Stream {
         Ok(Socket::from(fd))
     }
 
-    /// Peeks at the queued bytes without consuming them, waiting until more than `have` bytes are queued.
-    /// Returns `have` or fewer when the peer closed before sending more.
-    pub(crate) async fn peek_more(&self, buf: &mut [u8], have: usize) -> io::Result<usize> {
-        // SAFETY: viewing initialised bytes as MaybeUninit is sound as long as nothing writes uninitialised
-        // bytes through the view; recv(2) (via socket2's peek) only ever writes received bytes.
-        let buf: &mut [MaybeUninit<u8>] = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+    /// Peeks at the queued bytes without consuming them, into the capacity of `buf` (whose length becomes what
+    /// was peeked; no zeroing first), waiting until more than `have` bytes are queued. Peeks `have` or fewer
+    /// when the peer closed before sending more.
+    pub(crate) async fn peek_more(&self, buf: &mut Vec<u8>, have: usize) -> io::Result<()> {
+        buf.clear();
         loop {
             let ready = each!(self, s => s.ready(Interest::READABLE).await)?;
             let result = each!(self, s => s.try_io(Interest::READABLE, || {
-                let n = SockRef::from(s).peek(buf)?;
+                let n = SockRef::from(s).peek(buf.spare_capacity_mut())?;
                 if n > have || n == 0 || ready.is_read_closed() {
                     Ok(n)
                 } else {
@@ -420,26 +419,21 @@ impl Stream {
                 }
             }));
             match result {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity, and `n` is at most
+                    // its length.
+                    unsafe { buf.set_len(n) };
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Reads (consumes) up to `buf.len()` bytes.
-    pub(crate) async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        each!(self, s => s.read(buf).await)
-    }
-
     /// Reads exactly `buf.len()` bytes; `UnexpectedEof` if the peer closes first.
     pub(crate) async fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         each!(self, s => s.read_exact(buf).await).map(|_| ())
-    }
-
-    /// Reads (consumes) into the spare room of `buf`, which need not be initialised.
-    pub(crate) async fn read_buf(&mut self, buf: &mut impl bytes::BufMut) -> io::Result<usize> {
-        each!(self, s => s.read_buf(buf).await)
     }
 
     pub(crate) async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {

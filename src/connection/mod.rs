@@ -2,8 +2,10 @@
 //! the socket in both directions and implements the app's [`ResponseSink`](crate::app::ResponseSink); it also
 //! answers requests past `--timeout` and writes the access log.
 //!
-//! Files, in the order of the flow: `read` (the fast path on the app thread, and the async side for everything
-//! else), `wire` (the socket as the response side uses it), `responder` (the response sink), `watchdog`
+//! Files, in the order of the flow: `read/` (the fast path on the app thread for plain sockets, and one async
+//! read path, generic over the stream, for plain and TLS connections alike: see its module doc), `wire` (the
+//! socket as the response side uses it), `tls_wire` (rustls under `wire` for tls:// connections: sealing,
+//! close_notify, the fatal alert of an aborted response), `responder` (the response sink), `watchdog`
 //! (`--timeout`), `access` (the access log and the per-request counters), `context` (what every connection of
 //! a worker shares).
 //!
@@ -16,8 +18,8 @@ mod access;
 mod context;
 mod read;
 mod responder;
-mod watchdog;
 mod tls_wire;
+mod watchdog;
 mod wire;
 
 use std::sync::Arc;

@@ -8,14 +8,6 @@
 
 mod support;
 
-use crate::harness::LOG_WAIT;
-use crate::harness::ferrule::{Stream, temp_dir};
-use crate::harness::http::{self, ReqBody, sha256_hex};
-use crate::harness::json::{env_str, parse_json};
-use crate::harness::log::{count, field};
-use crate::harness::nginx::Nginx;
-use crate::harness::procs::{POLL, nofile_limits, poll_until, require_root, workers_rss_kib};
-use crate::harness::server::{Server, probe_app};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -25,7 +17,15 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::harness::LOG_WAIT;
+use crate::harness::ferrule::{Stream, temp_dir};
 use crate::harness::fixtures::FIXTURES;
+use crate::harness::http::{self, ReqBody, sha256_hex};
+use crate::harness::json::{env_str, parse_json};
+use crate::harness::log::{count, field};
+use crate::harness::nginx::Nginx;
+use crate::harness::procs::{POLL, nofile_limits, poll_until, require_root, workers_rss_kib};
+use crate::harness::server::{Server, probe_app};
 use crate::harness::uwsgi::{
     self, datasize_of, encode_packet_with_block, encode_request, encode_vars, nginx_vars, parse_response,
     read_to_close, read_until,

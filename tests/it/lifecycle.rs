@@ -10,11 +10,6 @@ mod failover;
 mod master_exit;
 mod support;
 
-use crate::harness::json::{Json, env_bool, parse_json};
-use crate::harness::procs::{alive, live_children, poll_until, rss_kib};
-use crate::harness::server::{Server, probe_app};
-use crate::harness::uwsgi::{nginx_vars, parse_response};
-use crate::harness::{LOG_WAIT, WORKER_TIMEOUT, http};
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -24,9 +19,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::harness::ferrule::{Addr, FerruleBuilder, Inherit, apps_dir, temp_dir};
+use crate::harness::json::{Json, env_bool, parse_json};
 use crate::harness::log::{count, field, worker_lines};
 use crate::harness::nginx::Nginx;
+use crate::harness::procs::{alive, live_children, poll_until, rss_kib};
+use crate::harness::server::{Server, probe_app};
 use crate::harness::stack::Stack;
+use crate::harness::uwsgi::{nginx_vars, parse_response};
+use crate::harness::{LOG_WAIT, WORKER_TIMEOUT, http};
 use support::{Load, lifecycle_app, write_version_module};
 
 /// Bound for a load.py run: thousands of requests through nginx on a 2-core box take a few seconds.

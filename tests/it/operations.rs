@@ -7,12 +7,6 @@
 
 mod openmetrics;
 
-use crate::harness::json::{Json, json_log_objects, json_records_with, parse_json};
-use crate::harness::nginx::Nginx;
-use crate::harness::procs::{self, all_threads_stopped, id_of, live_children, poll_until, require_root};
-use crate::harness::server::{Server, probe_app};
-use crate::harness::venv::{system_venv_ferrule, test_venv};
-use crate::harness::{EXIT_TIMEOUT, LOG_WAIT, STOP_TIMEOUT};
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,8 +18,14 @@ use std::time::Duration;
 
 use crate::harness::ferrule::{Addr, Ferrule, FerruleBuilder, Output, apps_dir, listening_addrs, temp_dir};
 use crate::harness::http::{self, ReqBody, raw_http};
+use crate::harness::json::{Json, json_log_objects, json_records_with, parse_json};
+use crate::harness::nginx::Nginx;
+use crate::harness::procs::{self, all_threads_stopped, id_of, live_children, poll_until, require_root};
+use crate::harness::server::{Server, probe_app};
 use crate::harness::stack::Stack;
 use crate::harness::uwsgi::{self, MODIFIER_PING, encode_header, nginx_vars, parse_response, read_to_close};
+use crate::harness::venv::{system_venv_ferrule, test_venv};
+use crate::harness::{EXIT_TIMEOUT, LOG_WAIT, STOP_TIMEOUT};
 use openmetrics::{Scrape, parse_openmetrics};
 
 /// `--check-config` and a refused start never load Python; this only bounds a hang.

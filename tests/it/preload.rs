@@ -10,8 +10,6 @@
 //! file named by PRELOAD_IMPORT_LOG, which is how a test counts imports. Run with
 //! `cargo test --release --test it preload::`.
 
-use crate::harness::server::Server;
-use crate::harness::{EXIT_TIMEOUT, LOG_WAIT, STOP_TIMEOUT, WORKER_TIMEOUT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
@@ -24,7 +22,9 @@ use crate::harness::json::{Json, json_log_objects, parse_json};
 use crate::harness::log::{count, field, worker_lines};
 use crate::harness::procs::{alive, live_children, poll_until, rss_kib};
 use crate::harness::response::Response;
+use crate::harness::server::Server;
 use crate::harness::uwsgi::{self, encode_request, nginx_vars, parse_response};
+use crate::harness::{EXIT_TIMEOUT, LOG_WAIT, STOP_TIMEOUT, WORKER_TIMEOUT};
 
 const APP: &str = "preload_app:application";
 /// Bound for rounds of concurrent requests to reach the workers a test wants to hear from.

@@ -6,11 +6,6 @@
 mod end_to_end;
 mod frameworks;
 
-use crate::harness::json::{env_str, parse_json};
-use crate::harness::log::count;
-use crate::harness::nginx::Nginx;
-use crate::harness::server::{Server, probe_app};
-use crate::harness::{LOG_WAIT, http};
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,12 +16,17 @@ use std::{fs, thread};
 
 use crate::harness::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir, listening_addrs};
 use crate::harness::http::sha256_hex;
+use crate::harness::json::{env_str, parse_json};
+use crate::harness::log::count;
+use crate::harness::nginx::Nginx;
 use crate::harness::procs::poll_until;
 use crate::harness::response::Response;
+use crate::harness::server::{Server, probe_app};
 use crate::harness::uwsgi::{
     MODIFIER_PING, Vars, encode_packet, encode_packet_with_block, encode_request, encode_vars, is_reset_error,
     nginx_vars, parse_response, read_to_close, read_until, request, send_raw,
 };
+use crate::harness::{LOG_WAIT, http};
 
 /// How long a failing start-up or a graceful stop may take.
 const EXIT_WAIT: Duration = Duration::from_secs(20);

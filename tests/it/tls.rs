@@ -6,7 +6,9 @@
 //! Each test makes its own PKI (tests/it/harness/tls.rs) and starts its own ferrule and nginx on free ports, so the
 //! tests share no state and run in parallel. Run with `cargo test --release --test it tls::`.
 
-use crate::harness::LOG_WAIT;
+mod certificate_v1;
+mod read_path;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::harness::LOG_WAIT;
 use crate::harness::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir, listening_addrs, temp_dir};
 use crate::harness::http::{self, ReqBody, pseudo_random_bytes, sha256_hex};
 use crate::harness::json::{Json, parse_json};

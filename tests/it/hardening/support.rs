@@ -2,13 +2,13 @@
 //! mutations derived from the captured nginx packets, raw sends that must end in a close, and connections from a
 //! chosen loopback address.
 
-use crate::harness::STOP_TIMEOUT;
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::harness::STOP_TIMEOUT;
 use crate::harness::ferrule::{Addr, Ferrule, FerruleBuilder, Stream, apps_dir};
 use crate::harness::procs::poll_until;
 use crate::harness::response::Response;

@@ -1,12 +1,13 @@
 //! The one nginx launcher of the test harness: a real nginx in front of one ferrule (or an `upstream` group of
 //! several), generated config in a temp dir, a free loopback port, started in the foreground and stopped on drop.
 
-use crate::harness::STOP_TIMEOUT;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::harness::STOP_TIMEOUT;
 
 use tempfile::TempDir;
 

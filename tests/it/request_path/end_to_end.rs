@@ -3,9 +3,9 @@
 //!
 //! Each test starts its own ferrule and nginx, so tests share no state and run in parallel.
 
-use crate::harness::LOG_WAIT;
 use std::time::{Duration, Instant};
 
+use crate::harness::LOG_WAIT;
 use crate::harness::ferrule::{FerruleBuilder, apps_dir};
 use crate::harness::http::{ReqBody, StreamEvent, pseudo_random_bytes, sha256_hex};
 use crate::harness::response::{BodyEnd, Response};

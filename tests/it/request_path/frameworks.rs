@@ -3,16 +3,16 @@
 //!
 //! The first run builds `target/test-venv` with pip (needs PyPI); later runs reuse it.
 
-use crate::harness::LOG_WAIT;
-use crate::harness::http::{Client, ReqBody, form_encode, multipart, pseudo_random_bytes, sha256_hex};
-use crate::harness::server::Server;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::harness::LOG_WAIT;
 use crate::harness::ferrule::{Ferrule, FerruleBuilder, apps_dir};
+use crate::harness::http::{Client, ReqBody, form_encode, multipart, pseudo_random_bytes, sha256_hex};
 use crate::harness::nginx::Nginx;
 use crate::harness::response::{BodyEnd, Response};
+use crate::harness::server::Server;
 use crate::harness::stack::Stack;
 use crate::harness::venv::test_venv;
 
