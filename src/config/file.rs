@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, parser::ValueSource};
 
-use super::ConfigError;
+use super::error::ConfigError;
 use super::options::Options;
 
 /// Parses the command line and the environment, then fills in what neither set from the `--config` file.

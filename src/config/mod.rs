@@ -5,6 +5,7 @@
 //! where to listen. `Config` groups the settings by what they govern, and keeps apart what a reload may change
 //! from what was bound or set up before the first worker started (`Fixed`), which takes a restart.
 
+mod error;
 mod file;
 mod options;
 mod socket;
@@ -12,59 +13,13 @@ mod socket;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub(crate) use error::ConfigError;
 pub(crate) use file::load_options;
 pub(crate) use options::{LogFormat, Options};
 pub(crate) use socket::{Cidr, SocketSpec, parse_socket, systemd_fds};
 
 use options::check_access_log_format;
 use socket::parse_metrics_socket;
-
-/// A bad option, named so the operator can fix it.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ConfigError {
-    #[error("--socket {0:?}: expected unix:/path, /abs/path, HOST:PORT or [v6]:PORT")]
-    BadSocket(String),
-    #[error("--socket {0:?}: a Unix socket path must be absolute")]
-    RelativeUnixPath(String),
-    #[error("--chdir {0}: {1}")]
-    BadChdir(PathBuf, std::io::Error),
-    #[error(
-        "{option} {}: the path is not valid UTF-8, and the master hands the settings to its workers as UTF-8 \
-         text: rename it, or give a path through a symlink whose name is UTF-8",
-        path.display()
-    )]
-    NotUtf8Path { option: &'static str, path: PathBuf },
-    #[error("--virtualenv {0}: not a virtualenv (no pyvenv.cfg)")]
-    BadVirtualenv(PathBuf),
-    #[error("--allow-from {0:?}: expected a network like 10.0.0.0/8, 127.0.0.1 or ::1/128")]
-    BadCidr(String),
-    #[error("--access-log-format: unknown field {{{field}}}; the known ones are {known}")]
-    UnknownLogField { field: String, known: String },
-    #[error("no APP given: name it on the command line, in FERRULE_APP, or as `app` in the config file")]
-    NoApp,
-    #[error("--metrics: {0}")]
-    BadMetrics(Box<ConfigError>),
-    #[error(
-        "{0}: the metrics socket speaks plain uwsgi, not TLS: give it a Unix socket or a loopback address for \
-         an nginx on the same machine, or a private address with --allow-from (see nginx/metrics.conf)"
-    )]
-    MetricsOverTls(String),
-    #[error("config file {file}: {error}")]
-    File { file: PathBuf, error: String },
-    #[error("config file {file}: unknown key `{key}`")]
-    UnknownKey { file: PathBuf, key: String },
-    #[error("config file {file}: key `{key}`: {error}")]
-    BadValue { file: PathBuf, key: String, error: String },
-    #[error("--socket {0}: a tls:// socket needs --tls-cert and --tls-key")]
-    TlsWithoutFiles(String),
-    #[error(
-        "--tls-cert, --tls-key, --tls-client-ca and --tls-ticket-rotation are for tls:// sockets, and no --socket \
-         is one"
-    )]
-    TlsFilesWithoutSocket,
-    #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
-}
 
 /// The TLS files when a tls:// socket is given, checked now (readable, a certificate valid today, the key
 /// that matches it, usable client CAs), so a bad file stops start-up (and `--check-config`) with its name.
@@ -189,6 +144,8 @@ impl Config {
         if let Some(format) = &o.access_log_format {
             check_access_log_format(format)?;
         }
+        let workers = Workers::from_options(&o);
+        let limits = Limits::from_options(&o)?;
         let files = tls_files(&sockets, o.tls_cert, o.tls_key, o.tls_client_ca)?;
         if files.is_none() && o.tls_ticket_rotation.is_some() {
             return Err(ConfigError::TlsFilesWithoutSocket);
@@ -227,29 +184,6 @@ impl Config {
             chdir,
             pythonpath: o.pythonpath,
             virtualenv,
-        };
-        let workers = Workers {
-            count: o.workers as usize,
-            threads: o.threads as usize,
-            graceful_timeout: Duration::from_secs(o.graceful_timeout),
-            max_requests: (o.max_requests > 0).then_some(o.max_requests),
-            max_requests_jitter: o.max_requests_jitter,
-            reload_on_rss: (o.reload_on_rss > 0).then(|| o.reload_on_rss.saturating_mul(1 << 20)),
-        };
-        let limits = Limits {
-            max_vars_size: o.buffer_size as usize,
-            body_buffer_size: o.body_buffer_size,
-            read_timeout: Duration::from_secs(o.read_timeout.max(1)),
-            write_timeout: Duration::from_secs(o.write_timeout.unwrap_or(o.read_timeout).max(1)),
-            timeout: (o.timeout > 0).then(|| Duration::from_secs(o.timeout)),
-            max_body_size: (o.max_body_size > 0).then_some(o.max_body_size),
-            max_connections: o.max_connections as usize,
-            allow_from: o
-                .allow_from
-                .iter()
-                .filter(|c| !c.trim().is_empty())
-                .map(|c| Cidr::parse(c))
-                .collect::<Result<_, _>>()?,
         };
         let logs = Logs {
             access_log: o.access_log,
@@ -295,6 +229,39 @@ impl Config {
 
     pub(crate) fn decode(line: &str) -> Result<Config, serde_json::Error> {
         serde_json::from_str(line)
+    }
+}
+
+impl Workers {
+    fn from_options(o: &Options) -> Workers {
+        Workers {
+            count: o.workers as usize,
+            threads: o.threads as usize,
+            graceful_timeout: Duration::from_secs(o.graceful_timeout),
+            max_requests: (o.max_requests > 0).then_some(o.max_requests),
+            max_requests_jitter: o.max_requests_jitter,
+            reload_on_rss: (o.reload_on_rss > 0).then(|| o.reload_on_rss.saturating_mul(1 << 20)),
+        }
+    }
+}
+
+impl Limits {
+    fn from_options(o: &Options) -> Result<Limits, ConfigError> {
+        Ok(Limits {
+            max_vars_size: o.buffer_size as usize,
+            body_buffer_size: o.body_buffer_size,
+            read_timeout: Duration::from_secs(o.read_timeout.max(1)),
+            write_timeout: Duration::from_secs(o.write_timeout.unwrap_or(o.read_timeout).max(1)),
+            timeout: (o.timeout > 0).then(|| Duration::from_secs(o.timeout)),
+            max_body_size: (o.max_body_size > 0).then_some(o.max_body_size),
+            max_connections: o.max_connections as usize,
+            allow_from: o
+                .allow_from
+                .iter()
+                .filter(|c| !c.trim().is_empty())
+                .map(|c| Cidr::parse(c))
+                .collect::<Result<_, _>>()?,
+        })
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use clap::builder::BoolishValueParser;
 
-use super::ConfigError;
+use super::error::ConfigError;
 use super::socket::{DEFAULT_SOCKET, systemd_fds};
 
 /// Serve a Python WSGI app to nginx over the uwsgi protocol.

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
-use super::ConfigError;
+use super::error::ConfigError;
 
 /// Where ferrule listens when no socket is given anywhere (uWSGI's customary port).
 pub(crate) const DEFAULT_SOCKET: &str = "127.0.0.1:3031";

@@ -6,7 +6,7 @@
 //! made under it, and the watchdog steps in only between writes of a response that has not ended.
 
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::access::{RequestInfo, record};
@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::lifecycle::{InFlightGuard, Lifecycle, RetireReason};
 use crate::metrics::WorkerMetrics;
 use crate::response;
+use crate::sync::lock;
 
 /// How long a timed-out request's stack dump may wait for the GIL.
 const STACK_DUMP_LIMIT: Duration = Duration::from_secs(5);
@@ -45,11 +46,6 @@ struct WatchState {
     /// The request's place in the worker's count of work in flight: let go when the response ends on time, or
     /// after a timed-out request's stack is logged, since the worker's exit waits for that.
     in_flight: Option<InFlightGuard>,
-}
-
-/// A lock that survives a panic elsewhere: the state is plain flags, valid at every step.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Watch {

@@ -66,7 +66,7 @@ impl Wire {
     }
 
     fn session(tls: &Tls) -> std::sync::MutexGuard<'_, rustls::ServerConnection> {
-        tls.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(tls)
     }
 
     /// One non-blocking writev (through TLS: the plaintext taken).
