@@ -8,12 +8,14 @@
 //! -> socket. The modules are layered: each imports only those listed before it (`.ci/import_cycles.py`
 //! checks that no import runs the other way).
 //!
-//! 1. Pure, no I/O: `packet` (the uwsgi wire format: one `decode` for every read path), `sync` (locks that a
-//!    panic does not poison for everyone after it), `tls` (the files of tls:// sockets checked, the rustls
-//!    configuration, the shared session tickets), `config` (the options, validated once and handed to
-//!    workers), `environ` (packet vars to the PEP 3333 environ), `body` (the request body), `response`
-//!    (HTTP/1.1 heads, response framing, the server's own answers), `metrics` (counters and their exposition),
-//!    `lifecycle` (when a worker retires, and the count of work in flight that a stop drains).
+//! 1. The foundation, no sockets and no Python: `packet` (the uwsgi wire format: one `decode` for every read
+//!    path), `sync` (locks that a panic does not poison for everyone after it), `tls` (reads and checks the
+//!    files of tls:// sockets, builds the rustls configuration, the shared session tickets), `config` (the
+//!    options from the command line, the environment and the `--config` file, validated once and handed to
+//!    workers), `environ` (packet vars to the PEP 3333 environ), `body` (the request body, in memory or spooled
+//!    to a file), `response` (HTTP/1.1 heads, response framing, the server's own answers), `metrics` (counters,
+//!    the memory read from /proc, their exposition), `lifecycle` (when a worker retires, and the count of work
+//!    in flight that a stop drains). Pure functions except where a part says it reads a file.
 //! 2. `listener`: bind Unix and TCP sockets (or inherit them), accept, peek, sendfile.
 //! 3. `control`: the line between the master and a worker, both ends.
 //! 4. `app`: the Python boundary: the interpreter, the app, its threads, `start_response`, `wsgi.input`. It
