@@ -10,15 +10,13 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::harness::LOG_WAIT;
-use crate::harness::ferrule::{Stream, temp_dir};
+use crate::harness::ferrule::Stream;
 use crate::harness::fixtures::FIXTURES;
 use crate::harness::http::{self, ReqBody, sha256_hex};
 use crate::harness::json::{env_str, parse_json};
@@ -26,6 +24,7 @@ use crate::harness::log::{count, field};
 use crate::harness::nginx::Nginx;
 use crate::harness::procs::{POLL, nofile_limits, poll_until, require_root, workers_rss_kib};
 use crate::harness::server::{Server, probe_app};
+use crate::harness::tmpfs::Tmpfs;
 use crate::harness::uwsgi::{
     self, datasize_of, encode_packet_with_block, encode_request, encode_vars, nginx_vars, parse_response,
     read_to_close, read_until,
@@ -869,47 +868,6 @@ fn runaway_recursion_is_a_500_and_the_worker_serves_on() {
 // ---------------------------------------------------------------------------------------------------------
 // A full spool disk
 // ---------------------------------------------------------------------------------------------------------
-
-/// A small tmpfs mounted on a temp dir, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = temp_dir();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=1777"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(out.status.success(), "mount tmpfs on {}: {out:?}", dir.path().display());
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Bytes in use on the file system.
-    fn used(&self) -> u64 {
-        let path = std::ffi::CString::new(self.path().to_str().expect("utf-8 path")).expect("no NUL");
-        let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-        // SAFETY: statvfs writes one struct into the zeroed storage it is given; the path is NUL-terminated.
-        let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
-        assert_eq!(rc, 0, "statvfs: {}", std::io::Error::last_os_error());
-        // SAFETY: statvfs succeeded, so it filled the struct.
-        let st = unsafe { st.assume_init() };
-        (st.f_blocks - st.f_bfree) * st.f_frsize
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazy: a process that still holds a file there cannot keep the temp dir from being removed.
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
-    }
-}
 
 /// A body that does not fit the spool directory (ENOSPC) is the server's problem, not a broken upstream: 503,
 /// one log line naming the method, the path and the directory, no file left behind, and the next request

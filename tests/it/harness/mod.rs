@@ -14,6 +14,7 @@ pub mod response;
 pub mod server;
 pub mod stack;
 pub mod tls;
+pub mod tmpfs;
 pub mod uwsgi;
 pub mod venv;
 

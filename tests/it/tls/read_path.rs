@@ -6,15 +6,14 @@
 //! Run with `cargo test --release --test it tls::read_path::` (the spool test mounts a tmpfs: as root).
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 
 use crate::harness::LOG_WAIT;
-use crate::harness::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir, temp_dir};
+use crate::harness::ferrule::{Addr, Ferrule, FerruleBuilder, apps_dir};
 use crate::harness::http::{self, ReqBody, sha256_hex};
 use crate::harness::nginx::Nginx;
 use crate::harness::procs::poll_until;
 use crate::harness::tls::{Pki, TlsEnd, tls_request};
+use crate::harness::tmpfs::Tmpfs;
 use crate::harness::uwsgi::{MODIFIER_PING, encode_header, encode_request, nginx_vars, parse_response};
 
 const PONG: [u8; 4] = [100, 0, 0, 1];
@@ -65,50 +64,6 @@ fn a_ping_over_tls_gets_a_pong() {
     let answer = tls_request(addr, pki.client(false), &get).expect("a request after the ping");
     let response = parse_response(&answer.bytes);
     assert_eq!(response.status, 200, "a request after the ping: {}", response.text());
-}
-
-/// A small tmpfs mounted on a temp dir, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(euid, 0, "mounting a tmpfs needs root (CI runs the tests as root)");
-        let dir = temp_dir();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=1777"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(out.status.success(), "mount tmpfs on {}: {out:?}", dir.path().display());
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Bytes in use on the file system.
-    fn used(&self) -> u64 {
-        let path = std::ffi::CString::new(self.path().to_str().expect("utf-8 path")).expect("no NUL");
-        let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
-        // SAFETY: statvfs writes one struct into the zeroed storage it is given; the path is NUL-terminated.
-        let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
-        assert_eq!(rc, 0, "statvfs: {}", std::io::Error::last_os_error());
-        // SAFETY: statvfs succeeded, so it filled the struct.
-        let st = unsafe { st.assume_init() };
-        (st.f_blocks - st.f_bfree) * st.f_frsize
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazy: a process that still holds a file there cannot keep the temp dir from being removed.
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
-    }
 }
 
 /// A body that does not fit the spool directory is the server's problem, not a broken upstream, over TLS as
