@@ -40,7 +40,8 @@ from ci_common import (ROOT, Failure, Timer, fail, free_port, http_get, main_gua
 from roots import Root, ensure, mounted  # noqa: E402
 
 SID_AMD64 = Root("sid", "amd64", ("python3.14", "python3.14-venv", "python3.15", "python3.15-venv"))
-BOOKWORM_ARM64 = Root("bookworm", "arm64", ("python3.11", "python3.11-venv"))
+# debootstrap does not follow python3.11-venv to python3-distutils, which it needs, by itself.
+BOOKWORM_ARM64 = Root("bookworm", "arm64", ("python3.11", "python3.11-venv", "python3-distutils"))
 TRIXIE_ARM64 = Root("trixie", "arm64", ("python3.13", "python3.13-venv"))
 SID_ARM64 = Root("sid", "arm64", ("python3.14", "python3.14-venv", "python3.15", "python3.15-venv"))
 
