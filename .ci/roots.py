@@ -17,6 +17,8 @@ CACHE = Path(os.environ.get("FERRULE_CI_CACHE", "/var/cache/ferrule-ci")) / "roo
 MIRROR = "http://deb.debian.org/debian"
 MAX_AGE = 7 * 24 * 3600
 STAMP = ".ferrule-ci-root"
+# Where a root gets a copy of the host's CA bundle; commands in the root point PIP_CERT at it.
+ROOT_CA_BUNDLE = "/etc/ferrule-ci/host-ca.crt"
 # debootstrap of a root takes minutes (far more under qemu); a stuck mirror must not hang CI for longer.
 DEBOOTSTRAP_TIMEOUT = 30 * 60
 
@@ -79,8 +81,13 @@ def ensure(root: Root) -> Path:
         (new / STAMP).write_text(root.spec())
         shutil.rmtree(root.path, ignore_errors=True)
         new.rename(root.path)
-    # pip inside the root reaches PyPI with the host's resolver (the chroot shares the host's network).
+    # pip inside the root reaches PyPI with the host's resolver (the chroot shares the host's network) and
+    # trusts what the host trusts (a TLS-intercepting proxy's CA, for one): ROOT_CA_BUNDLE in the root.
     shutil.copyfile("/etc/resolv.conf", root.path / "etc" / "resolv.conf")
+    bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt"
+    inside = root.path / ROOT_CA_BUNDLE.lstrip("/")
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundle, inside)
     return root.path
 
 

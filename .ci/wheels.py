@@ -84,7 +84,8 @@ def glibc_versions(so: Path) -> set:
 def check(version: str, arch: str, wheel: Path) -> None:
     cell = f"cell {version}/{arch} ({wheel.name})"
     tag = "cp" + version.replace(".", "")
-    if not wheel.name.endswith(f"-{tag}-{tag}-manylinux_2_17_{arch}.manylinux2014_{arch}.whl"):
+    _, _, python_tag, abi_tag, platforms = wheel.name.removesuffix(".whl").split("-")
+    if (python_tag, abi_tag) != (tag, tag) or f"manylinux2014_{arch}" not in platforms.split("."):
         fail(f"{cell}: not tagged {tag}-{tag}-manylinux2014_{arch}")
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as z:
         modules = [n for n in z.namelist() if n.startswith("ferrule/_ferrule") and n.endswith(".so")]

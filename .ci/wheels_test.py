@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ci_common import (ROOT, Failure, Timer, fail, free_port, http_get, main_guard, note, port_open,  # noqa: E402
                        run, step, wait_for)
-from roots import Root, ensure, mounted  # noqa: E402
+from roots import ROOT_CA_BUNDLE, Root, ensure, mounted  # noqa: E402
 
 SID_AMD64 = Root("sid", "amd64", ("python3.14", "python3.14-venv", "python3.15", "python3.15-venv"))
 # debootstrap does not follow python3.11-venv to python3-distutils, which it needs, by itself.
@@ -79,7 +79,7 @@ NOT_RUN = {
 }
 # The environment of commands run in a root: nothing of the host's (pyenv, virtualenvs) leaks in.
 ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-            "LANG": "C.UTF-8", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+            "LANG": "C.UTF-8", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_CERT": ROOT_CA_BUNDLE}
 THREAD_WARNING = "started threads while it was imported"
 
 FLASK_APP = '''
