@@ -76,7 +76,8 @@ def ensure(root: Root) -> Path:
         shutil.rmtree(new, ignore_errors=True)
         new.parent.mkdir(parents=True, exist_ok=True)
         run(["debootstrap", f"--arch={root.arch}", "--variant=minbase", f"--include={','.join(root.packages)}",
-             root.suite, new, MIRROR], what=f"making root {root.name}", timeout=DEBOOTSTRAP_TIMEOUT,
+             root.suite, new, MIRROR], what=f"making root {root.name} (its log: {new}/debootstrap/debootstrap.log)",
+            timeout=DEBOOTSTRAP_TIMEOUT,
             stdout=subprocess.DEVNULL)
         (new / STAMP).write_text(root.spec())
         shutil.rmtree(root.path, ignore_errors=True)
@@ -89,16 +90,6 @@ def ensure(root: Root) -> Path:
     inside.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(bundle, inside)
     return root.path
-
-
-def apt_install(root: Root, packages: list) -> None:
-    """Installs more packages into a root with its own apt (the mirror's Release file may be older than its
-    validity, hence Check-Valid-Until=false)."""
-    opts = ["-o", "Acquire::Check-Valid-Until=false"]
-    with mounted(root.path):
-        run(["chroot", root.path, "apt-get", *opts, "update", "-qq"], what=f"apt-get update in {root.name}")
-        run(["chroot", root.path, "apt-get", *opts, "install", "-y", "-qq", "--no-install-recommends", *packages],
-            what=f"apt-get install in {root.name}", env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
 
 
 @contextlib.contextmanager
