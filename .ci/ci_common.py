@@ -1,6 +1,7 @@
 """Helpers shared by the CI scripts in .ci/: progress lines, failing with one clear message, running commands,
 bounded waits, and small HTTP and port utilities for the tests that go through a real nginx."""
 
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +46,14 @@ def run(cmd, what: str = "", **kw) -> subprocess.CompletedProcess:
 
 
 def main_guard(main) -> None:
-    """Runs `main`, turning a Failure into one line on stderr and exit status 1."""
+    """Runs `main`, turning a Failure into one line on stderr and exit status 1. SIGTERM (and SIGINT, which a
+    background job ignores) become an exception, so `finally` blocks still unmount and kill what they made."""
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         main()
     except Failure as e:

@@ -12,8 +12,8 @@ The matrix (CPython version x CPU) and where each cell's interpreter comes from:
 On x86_64, a Flask app and a Django app from PyPI: SIGHUP under light load with no failed request, a request
 past --timeout answered 504 with its Python stack logged, SIGTERM draining an in-flight request, and
 --preload behind a tls:// socket that nginx reaches with suwsgi://. On aarch64 (emulated, about ten times
-slower) a plain WSGI app under --preload: served through nginx, no warning about threads, SIGHUP under load,
-SIGTERM draining. ferrule listens on TCP loopback, which a chroot shares with the host, so the host's nginx
+slower) a plain WSGI app: served through nginx, SIGHUP under load, SIGTERM draining (not --preload: qemu-user
+refuses the prctl it needs). ferrule listens on TCP loopback, which a chroot shares with the host, so the host's nginx
 reaches it directly. The roots are cached (see roots.py); runs as root.
 
 Usage: .ci/wheels_test.py [--wheels DIR] [--only VERSION/ARCH]...   (exits non-zero if any cell failed)
@@ -412,10 +412,11 @@ def short_set(place: Place, wheel: Path) -> list:
     install(place, wheel, [], timeout=900)
     (place.outside / "plain_app.py").write_text(PLAIN_APP)
     done = []
-    with Server(place, "plain-preload", ["--workers", "2", "--preload", "plain_app:app"], wait) as s:
+    # No --preload here: qemu-user (7.2, Debian bookworm's) refuses prctl(PR_SET_CHILD_SUBREAPER) with EINVAL,
+    # which the master needs for --preload, so the emulator cannot run it at all.
+    with Server(place, "plain", ["--workers", "2", "plain_app:app"], wait) as s:
         s.answer("plain")
         done.append("a WSGI app through nginx")
-        done.append(s.preloaded_without_thread_warning())
         done.append(s.sighup_under_load(2))
         done.append(s.sigterm_drain(2))
     return done
