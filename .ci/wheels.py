@@ -1,68 +1,37 @@
 #!/usr/bin/env python3
-"""Build ferrule's release wheels and try them as a user would.
+"""Build ferrule's release wheels and check them; needs no root and no Python of the versions it builds for.
 
-Builds one manylinux2014 wheel per supported CPython (3.10 to 3.13, plus 3.14 where one is installed) with
-maturin and zig (no Docker), checks each wheel (platform tag, no libpython dependency, no RUNPATH, stripped,
-its size), then installs the wheels of the oldest and the newest Python into fresh venvs and runs a smoke test
-through a real nginx: a Flask app answers, SIGHUP replaces the workers with no failed request, SIGTERM stops
-everything and removes the socket.
+Builds one manylinux2014 wheel per CPython version (3.10 to 3.15) and CPU (x86_64, aarch64) with maturin
+and zig (no Docker, no emulator: maturin knows each CPython's build settings, so the interpreters need not
+be installed), then checks every wheel: its tag, one extension module for the right CPU, no libpython
+dependency, no RUNPATH, stripped, and no glibc symbol newer than 2.17 (what manylinux2014 promises).
+Installing and using the wheels is .ci/wheels_test.py's job.
 
-Usage: .ci/wheels.py [--out DIR]   (run from anywhere; exits non-zero on the first failure)
+Usage: .ci/wheels.py [--out DIR] [--arch x86_64|aarch64]...   (exits non-zero on the first failure)
 """
 
 import argparse
-import glob
-import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SUPPORTED = ["3.10", "3.11", "3.12", "3.13"]
-OPTIONAL = ["3.14"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ci_common import ROOT, Timer, fail, main_guard, note, run, step  # noqa: E402
+
+VERSIONS = ["3.10", "3.11", "3.12", "3.13", "3.14", "3.15"]
+ARCHES = ["x86_64", "aarch64"]
+# What readelf -h says of each CPU's ELF files.
+ELF_MACHINE = {"x86_64": "X86-64", "aarch64": "AArch64"}
+# manylinux2014 is glibc 2.17 on every CPU.
+GLIBC_MAX = (2, 17)
 # zig releases after 0.14 broke C builds of crates such as ring and aws-lc-sys; 0.14.1 is the one tested here.
 TOOLS = ["maturin>=1.9,<2", "ziglang==0.14.1"]
 TOOLS_VENV = ROOT / "target" / "ci-tools"
-# Every bounded wait of the smoke test.
-WAIT = 30
-
-
-def step(msg: str) -> None:
-    print(f"==> {msg}", flush=True)
-
-
-def fail(msg: str) -> None:
-    print(f"wheels: FAILED: {msg}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
-def run(cmd, **kw) -> subprocess.CompletedProcess:
-    printable = " ".join(str(c) for c in cmd)
-    done = subprocess.run([str(c) for c in cmd], **kw)
-    if done.returncode != 0:
-        fail(f"{printable} exited with {done.returncode}")
-    return done
-
-
-def find_python(version: str):
-    """The interpreter for `version`: on PATH if it runs, else pyenv's."""
-    candidates = [shutil.which(f"python{version}")]
-    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
-    candidates += sorted(glob.glob(f"{pyenv_root}/versions/{version}.*/bin/python{version}"), reverse=True)
-    for candidate in filter(None, candidates):
-        probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True)
-        if probe.returncode == 0:
-            return candidate
-    return None
 
 
 def tools() -> Path:
@@ -73,205 +42,99 @@ def tools() -> Path:
     return TOOLS_VENV / "bin"
 
 
-def build(pythons: dict, out: Path) -> list:
+def rust_target(arch: str) -> str:
+    target = f"{arch}-unknown-linux-gnu"
+    installed = subprocess.run(["rustup", "target", "list", "--installed"], capture_output=True, text=True)
+    if installed.returncode == 0 and target not in installed.stdout.split():
+        step(f"rustup target add {target}")
+        run(["rustup", "target", "add", target])
+    return target
+
+
+def build(arch: str, out: Path) -> list:
+    """One maturin run per CPU builds every version's wheel. Each CPU has its own cargo target directory, so a
+    run for one does not throw away the other's build."""
     bin_dir = tools()
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [bin_dir / "maturin", "build", "--release", "--zig", "--compatibility", "manylinux2014", "--out", out]
-    for python in pythons.values():
-        cmd += ["-i", python]
-    step(f"maturin build --release --zig --compatibility manylinux2014 for CPython {', '.join(pythons)}")
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CARGO_TARGET_DIR=str(ROOT / "target" / "wheel-zig"))
-    run(cmd, cwd=ROOT, env=env)
-    wheels = sorted(out.glob("*.whl"))
-    if len(wheels) != len(pythons):
-        fail(f"expected {len(pythons)} wheels in {out}, found {[w.name for w in wheels]}")
+    target = rust_target(arch)
+    cmd = [bin_dir / "maturin", "build", "--release", "--zig", "--compatibility", "manylinux2014",
+           "--target", target, "--out", out]
+    for version in VERSIONS:
+        cmd += ["-i", f"python{version}"]
+    step(f"maturin build --release --zig --compatibility manylinux2014 --target {target} for CPython "
+         f"{', '.join(VERSIONS)}")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}",
+               CARGO_TARGET_DIR=str(ROOT / "target" / "wheel-zig" / arch))
+    run(cmd, what=f"building the {arch} wheels", cwd=ROOT, env=env)
+    wheels = {}
+    for version in VERSIONS:
+        tag = "cp" + version.replace(".", "")
+        found = sorted(out.glob(f"ferrule-*-{tag}-{tag}-*{arch}.whl"))
+        if len(found) != 1:
+            fail(f"cell {version}/{arch}: expected one wheel in {out}, found {[w.name for w in found]}")
+        wheels[version] = found[0]
     return wheels
 
 
-def check(wheel: Path) -> None:
-    if "manylinux2014_x86_64" not in wheel.name:
-        fail(f"{wheel.name} is not tagged manylinux2014_x86_64")
+def glibc_versions(so: Path) -> set:
+    """The GLIBC_x.y versions of the symbols the module imports."""
+    symbols = run(["readelf", "--dyn-syms", "--wide", so], capture_output=True, text=True).stdout
+    return {tuple(int(n) for n in v.split(".")) for v in re.findall(r"@GLIBC_([0-9.]+)", symbols)}
+
+
+def check(version: str, arch: str, wheel: Path) -> None:
+    cell = f"cell {version}/{arch} ({wheel.name})"
+    tag = "cp" + version.replace(".", "")
+    _, _, python_tag, abi_tag, platforms = wheel.name.removesuffix(".whl").split("-")
+    if (python_tag, abi_tag) != (tag, tag) or f"manylinux2014_{arch}" not in platforms.split("."):
+        fail(f"{cell}: not tagged {tag}-{tag}-manylinux2014_{arch}")
     with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as z:
         modules = [n for n in z.namelist() if n.startswith("ferrule/_ferrule") and n.endswith(".so")]
         if len(modules) != 1:
-            fail(f"{wheel.name}: expected one extension module, found {modules}")
+            fail(f"{cell}: expected one extension module, found {modules}")
+        if f"-{arch}-linux-gnu" not in modules[0] or f"cpython-{tag[2:]}-" not in modules[0]:
+            fail(f"{cell}: the module's name {modules[0]} is not CPython {version}'s for {arch}")
         so = Path(z.extract(modules[0], tmp))
+        header = run(["readelf", "-h", so], capture_output=True, text=True).stdout
         dynamic = run(["readelf", "-d", so], capture_output=True, text=True).stdout
         sections = run(["readelf", "-S", so], capture_output=True, text=True).stdout
+        machine = re.search(r"Machine:\s*(.*)", header)
+        if not machine or ELF_MACHINE[arch] not in machine.group(1):
+            fail(f"{cell}: the module is built for {machine and machine.group(1)}, not {arch}")
         if "libpython" in dynamic:
-            fail(f"{wheel.name}: the extension links libpython:\n{dynamic}")
+            fail(f"{cell}: the extension links libpython:\n{dynamic}")
         if "RPATH" in dynamic or "RUNPATH" in dynamic:
-            fail(f"{wheel.name}: the extension has a RPATH/RUNPATH:\n{dynamic}")
-        if ".debug_info" in sections:
-            fail(f"{wheel.name}: the extension carries debug info (not stripped)")
+            fail(f"{cell}: the extension has a RPATH/RUNPATH:\n{dynamic}")
+        if ".debug_info" in sections or ".symtab" in sections:
+            fail(f"{cell}: the extension is not stripped (it has .debug_info or .symtab)")
+        glibc = glibc_versions(so)
+        newest = max(glibc, default=(0, 0))
+        if newest > GLIBC_MAX:
+            too_new = sorted(".".join(map(str, v)) for v in glibc if v > GLIBC_MAX)
+            fail(f"{cell}: the extension needs glibc {', '.join(too_new)}, newer than manylinux2014's 2.17")
         size = so.stat().st_size
-    print(f"    {wheel.name}: {wheel.stat().st_size / 1e6:.2f} MB wheel, {size / 1e6:.2f} MB module, "
-          "no libpython, no RUNPATH, stripped", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str) -> tuple:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=WAIT) as r:
-        return r.status, r.read()
-
-
-def wait_for(what: str, done, log: Path) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if done():
-            return
-        time.sleep(0.05)
-    fail(f"{what} within {WAIT}s; ferrule's log:\n{log.read_text(errors='replace')}")
-
-
-SMOKE_APP = '''
-import os, sys
-from flask import Flask, jsonify
-app = Flask(__name__)
-
-@app.get("/")
-def index():
-    return jsonify(pid=os.getpid(), version="%d.%d" % sys.version_info[:2], prefix=sys.prefix)
-'''
-
-
-def smoke(version: str, python: str, wheel: Path) -> None:
-    step(f"smoke test: CPython {version}, fresh venv, {wheel.name}, behind nginx")
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    with tempfile.TemporaryDirectory(prefix="ferrule-wheel-", dir="/tmp") as tmp:
-        tmp = Path(tmp)
-        venv = tmp / "venv"
-        run([python, "-m", "venv", venv])
-        run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check", wheel, "flask>=3,<4"])
-        (tmp / "smoke_app.py").write_text(SMOKE_APP)
-        version_out = run([venv / "bin" / "ferrule", "--version"], capture_output=True, text=True).stdout
-        print(f"    ferrule --version: {version_out.strip()}")
-        run([venv / "bin" / "python", "-m", "ferrule", "--check-config", "--chdir", tmp, "smoke_app:app"],
-            capture_output=True)
-
-        sock = tmp / "app.sock"
-        port = free_port()
-        (tmp / "nginx.conf").write_text(f"""
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-{"user root;" if os.geteuid() == 0 else ""}
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/cbt; proxy_temp_path {tmp}/pt; fastcgi_temp_path {tmp}/ft;
-    uwsgi_temp_path {tmp}/ut; scgi_temp_path {tmp}/st;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ include /etc/nginx/uwsgi_params; uwsgi_pass unix:{sock}; }}
-    }}
-}}
-""")
-        log = tmp / "ferrule.log"
-        with open(log, "w") as out:
-            ferrule = subprocess.Popen(
-                [venv / "bin" / "ferrule", "--socket", f"unix:{sock}", "--workers", "2", "--chdir", tmp,
-                 "smoke_app:app"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        proxy = subprocess.Popen([nginx, "-e", tmp / "nginx-error.log", "-p", tmp, "-c", tmp / "nginx.conf"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            wait_for("ferrule was not ready", lambda: "ready workers=" in log.read_text(errors="replace"), log)
-            wait_for("nginx did not accept", lambda: port_open(port), log)
-            status, body = http_get(port, "/")
-            answer = json.loads(body)
-            if status != 200 or answer["version"] != version or answer["prefix"] != str(venv):
-                fail(f"unexpected answer {status} {answer} (want Python {version} in {venv})")
-            pids(port, 8)
-            before = generation_pids(log, 0)
-            if len(before) != 2:
-                fail(f"expected two workers of generation 0, found {before}\n{log.read_text()}")
-
-            ferrule.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + WAIT
-            after = set()
-            while time.monotonic() < deadline:
-                after = pids(port, 4)  # every request must succeed throughout the reload
-                exited = {int(p) for p in re.findall(r"worker exited worker=\d+ pid=(\d+)", log.read_text())}
-                if before <= exited and not after & before:
-                    break
-            if after & before or not before <= exited:
-                fail(f"SIGHUP: the old workers {before} were not replaced\n{log.read_text()}")
-            after = generation_pids(log, 1)
-
-            ferrule.send_signal(signal.SIGTERM)
-            try:
-                code = ferrule.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                fail(f"no exit within {WAIT}s of SIGTERM\n{log.read_text()}")
-            if code != 0:
-                fail(f"exit status {code} after SIGTERM\n{log.read_text()}")
-            if sock.exists():
-                fail(f"{sock} is still there after SIGTERM")
-            print(f"    Python {answer['version']} from {answer['prefix']}: served, reloaded "
-                  f"({sorted(before)} -> {sorted(after)}), stopped cleanly", flush=True)
-        finally:
-            for proc in (proxy, ferrule):
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-
-
-def generation_pids(log: Path, generation: int) -> set:
-    """The pids of the workers the master started for a generation (0 at start, 1 after the first SIGHUP)."""
-    pattern = rf"worker started worker=\d+ pid=(\d+) generation={generation}\b"
-    return {int(p) for p in re.findall(pattern, log.read_text(errors="replace"))}
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def pids(port: int, requests: int) -> set:
-    seen = set()
-    for _ in range(requests):
-        status, body = http_get(port, "/")
-        if status != 200:
-            fail(f"a request failed with {status}")
-        seen.add(json.loads(body)["pid"])
-    return seen
+    note(f"{wheel.name}: {wheel.stat().st_size / 1e6:.2f} MB wheel, {size / 1e6:.2f} MB module, no libpython, "
+         f"no RUNPATH, stripped, glibc <= {'.'.join(map(str, newest))}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "target" / "wheels"), help="where the wheels go")
+    p.add_argument("--arch", action="append", choices=ARCHES, help="build only this CPU (repeatable)")
     args = p.parse_args()
-    pythons = {}
-    for version in SUPPORTED:
-        python = find_python(version)
-        if python is None:
-            fail(f"no CPython {version} found (pyenv install {version}): every supported version is built")
-        pythons[version] = python
-    for version in OPTIONAL:
-        python = find_python(version)
-        if python:
-            pythons[version] = python
-        else:
-            print(f"    CPython {version}: not installed here, no wheel built for it", flush=True)
-    wheels = build(pythons, Path(args.out))
-    for wheel in wheels:
-        check(wheel)
-    oldest, newest = list(pythons)[0], list(pythons)[-1]
-    for version in (oldest, newest):
-        tag = "cp" + version.replace(".", "")
-        wheel = next(w for w in wheels if f"-{tag}-" in w.name)
-        smoke(version, pythons[version], wheel)
-    step(f"wheels: {len(wheels)} built and checked, smoke tests passed on CPython {oldest} and {newest}")
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    timer = Timer()
+    count = 0
+    for arch in args.arch or ARCHES:
+        with timer.part(f"build {arch} wheels"):
+            wheels = build(arch, out)
+        for version, wheel in wheels.items():
+            check(version, arch, wheel)
+            count += 1
+    timer.report()
+    step(f"wheels: {count} built and checked in {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -9,6 +9,7 @@
 //! adopted by the master (a child subreaper), which so sees its exit status as it does for a worker it started
 //! itself, and supervises it the same way.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 
@@ -38,6 +39,7 @@ pub(crate) fn run(handoff: Handoff, json_logs: bool) -> i32 {
     // Without the variable (a master of an older ferrule), the parent now is the best guess.
     die_with_the_master(master_pid.unwrap_or_else(nix::unistd::getppid));
     set_stop_signals(libc::SIG_IGN);
+    let threads_before_import = thread_ids();
     // The app's output at import becomes log lines too, without the capture thread a worker uses.
     let loaded = if json_logs {
         worker::log_app_output_of(|| App::load(&config))
@@ -54,7 +56,7 @@ pub(crate) fn run(handoff: Handoff, json_logs: bool) -> i32 {
     if let Err(error) = app.freeze() {
         tracing::warn!(%error, "forking without gc.freeze()");
     }
-    warn_about_threads();
+    warn_about_threads(&threads_before_import);
     tracing::info!("app preloaded; forking the workers from it");
     control.send(&Message::Ready);
     drop(span);
@@ -206,14 +208,70 @@ fn set_stop_signals(disposition: libc::sighandler_t) {
 
 /// Threads alive in the zygote after the import (the app's, or a C library's, which `threading` does not
 /// list) are not carried into the forked workers, and whatever they were doing is left half done there.
-fn warn_about_threads() {
-    let threads = std::fs::read_dir("/proc/self/task").map_or(1, |tasks| tasks.count());
-    if threads > 1 {
+/// Threads that were already there before the import are not the app's: under an emulator such as
+/// qemu-user, `/proc/self/task` lists the emulator's own thread from the start, and it is no concern here.
+fn warn_about_threads(before_import: &BTreeSet<u32>) {
+    let threads = started_since(before_import, &thread_ids());
+    if threads > 0 {
         tracing::warn!(
             threads,
             "the app started threads while it was imported; a forked worker gets none of them, and a lock one \
              held stays locked there: start threads after the fork, for example on the first request (see the \
              README's --preload section)"
         );
+    }
+}
+
+/// The ids of this process's threads; empty if `/proc` cannot be read, which then warns of nothing.
+fn thread_ids() -> BTreeSet<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return BTreeSet::new();
+    };
+    tasks
+        .filter_map(|task| task.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// How many of the threads in `now` were not in `before`: those started in between.
+fn started_since(before: &BTreeSet<u32>, now: &BTreeSet<u32>) -> usize {
+    now.difference(before).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Barrier};
+
+    use super::{started_since, thread_ids};
+
+    #[test]
+    fn a_thread_present_before_the_import_is_not_counted() {
+        // The main thread (1) and an emulator's thread (2) were there before; the app started 3.
+        let before = BTreeSet::from([1, 2]);
+        assert_eq!(started_since(&before, &BTreeSet::from([1, 2])), 0);
+        assert_eq!(started_since(&before, &BTreeSet::from([1, 2, 3])), 1);
+        // A thread that was there and has ended makes no difference either way.
+        assert_eq!(started_since(&before, &BTreeSet::from([1, 3])), 1);
+    }
+
+    #[test]
+    fn a_thread_started_after_the_snapshot_is_seen_in_proc() {
+        let before = thread_ids();
+        assert!(!before.is_empty(), "/proc/self/task lists no thread");
+        let started = Arc::new(Barrier::new(2));
+        let stop = Arc::new(Barrier::new(2));
+        let thread = std::thread::spawn({
+            let (started, stop) = (Arc::clone(&started), Arc::clone(&stop));
+            move || {
+                started.wait();
+                stop.wait();
+            }
+        });
+        started.wait();
+        // Other tests of this binary may start threads too, so at least one, not exactly one.
+        let seen = started_since(&before, &thread_ids());
+        stop.wait();
+        thread.join().expect("the test thread does not panic");
+        assert!(seen >= 1, "the spawned thread is not in /proc/self/task: {seen}");
     }
 }
