@@ -155,6 +155,7 @@ fn init_logging(level: &str, format: LogFormat, role: Role) -> Result<(), String
         .log_internal_errors(false);
     match format {
         LogFormat::Text => builder
+            .fmt_fields(crate::log_fields::PlainFields)
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
             .init(),

@@ -7,7 +7,7 @@
 //! connection in flight has counted itself out.
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
@@ -107,11 +107,32 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// A listening socket, with the name the log uses for it.
+struct Listening {
+    fd: OwnedFd,
+    name: String,
+    tls: bool,
+    /// The span of every connection on a Unix socket: their fields (`peer="unix"`, the listener) are all the
+    /// same, so one span, made at the first connection, serves them all, and a connection costs a clone of it
+    /// instead of a new span with its fields formatted.
+    unix_span: OnceLock<tracing::Span>,
+}
+
+impl Listening {
+    /// The span of a connection from `peer` (none: a Unix socket's peer).
+    fn span_for(&self, peer: Option<std::net::SocketAddr>) -> tracing::Span {
+        match peer {
+            Some(_) => connection::conn_span(peer, &self.name),
+            None => self.unix_span.get_or_init(|| connection::conn_span(None, &self.name)).clone(),
+        }
+    }
+}
+
 /// The worker's intake, shared by the app threads and the async side: the listeners, the requests the async
 /// side has read for the next free app thread, the connection limit and the stop.
 struct Acceptor {
-    /// The listening sockets, with the names the log uses for them.
-    listeners: Vec<(OwnedFd, String, bool)>,
+    /// The listening sockets.
+    listeners: Vec<Listening>,
     ctx: Arc<WorkerContext>,
     /// Requests the async side has read, waiting for an app thread.
     ready_tx: crossbeam_channel::Sender<Request>,
@@ -145,7 +166,12 @@ impl Acceptor {
                 } else {
                     b.display_addr()
                 };
-                (b.fd, name, tls)
+                Listening {
+                    fd: b.fd,
+                    name,
+                    tls,
+                    unix_span: OnceLock::new(),
+                }
             })
             .collect();
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
@@ -309,8 +335,8 @@ impl AppThreadFeed {
     fn new(acceptor: &Arc<Acceptor>) -> std::io::Result<AppThreadFeed> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let one = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-        for (fd, _, _) in &acceptor.listeners {
-            epoll.add(fd, EpollEvent::new(one, LISTENER_EVENT))?;
+        for listening in &acceptor.listeners {
+            epoll.add(&listening.fd, EpollEvent::new(one, LISTENER_EVENT))?;
         }
         epoll.add(&acceptor.ready_signal, EpollEvent::new(one, OTHER_EVENT))?;
         epoll.add(&acceptor.stop_signal, EpollEvent::new(EpollFlags::EPOLLIN, OTHER_EVENT))?;
@@ -324,7 +350,8 @@ impl AppThreadFeed {
     /// Accepts on each listener until one gives a connection.
     fn accept(&self) -> Accepted {
         let acceptor = &self.acceptor;
-        for (fd, name, tls) in &acceptor.listeners {
+        for listening in &acceptor.listeners {
+            let Listening { fd, name, tls, .. } = listening;
             let (socket, peer) = match listener::accept_now(fd) {
                 Ok(Some(accepted)) => accepted,
                 Ok(None) => continue,
@@ -338,7 +365,7 @@ impl AppThreadFeed {
             if !acceptor.allowed(peer, name) {
                 return Accepted::Handled;
             }
-            let span = connection::conn_span(peer, name);
+            let span = listening.span_for(peer);
             let tcp = peer.is_some();
             // No peek-and-run for TLS: the handshake and the request are read on the async side.
             if *tls {

@@ -97,6 +97,9 @@ struct ThreadContext<'py> {
     /// The constant part of every environ; each request starts from a copy.
     base: Bound<'py, PyDict>,
     keys: RefCell<HashMap<Bytes, Py<PyString>>>,
+    /// The keys of the last request by position: nginx sends the same params in the same order every time,
+    /// so a key is nearly always found by one comparison, without hashing it.
+    by_position: RefCell<Vec<(Bytes, Py<PyString>)>>,
     /// This thread's `wsgi.errors`, flushed after each request so a last line without a newline is logged.
     errors: Bound<'py, ErrorStream>,
 }
@@ -116,6 +119,7 @@ impl<'py> ThreadContext<'py> {
             app: state.app.bind(py).clone(),
             base,
             keys: RefCell::new(HashMap::new()),
+            by_position: RefCell::new(Vec::new()),
             errors,
         })
     }
@@ -161,8 +165,8 @@ impl<'py> ThreadContext<'py> {
 
     fn environ_dict(&self, py: Python<'py>, environ: &Environ, body: Body) -> PyResult<Bound<'py, PyDict>> {
         let env = self.base.copy()?;
-        for (key, value) in &environ.vars {
-            env.set_item(self.key(py, key), latin1(py, value))?;
+        for (at, (key, value)) in environ.vars.iter().enumerate() {
+            env.set_item(self.key_at(py, at, key)?, latin1(py, value)?)?;
         }
         let scheme = match environ.url_scheme {
             UrlScheme::Http => intern!(py, "http"),
@@ -173,28 +177,51 @@ impl<'py> ThreadContext<'py> {
         Ok(env)
     }
 
+    /// The key at position `at` of this request's vars: the last request's key at the same place when it is the
+    /// same, else [`Self::key`], which then takes that place.
+    fn key_at(&self, py: Python<'py>, at: usize, key: &Bytes) -> PyResult<Bound<'py, PyString>> {
+        let mut by_position = self.by_position.borrow_mut();
+        if let Some((known, k)) = by_position.get(at) {
+            if known == key {
+                return Ok(k.bind(py).clone());
+            }
+        }
+        let k = self.key(py, key)?;
+        // A copy, so the cache does not hold on to the buffer of the request the key came in.
+        let entry = (Bytes::copy_from_slice(key), k.clone().unbind());
+        if let Some(slot) = by_position.get_mut(at) {
+            *slot = entry;
+        } else if at == by_position.len() && at < KEY_CACHE_LIMIT {
+            by_position.push(entry);
+        }
+        Ok(k)
+    }
+
     /// Environ keys repeat on every request: keep them as ready Python strings.
-    fn key(&self, py: Python<'py>, key: &Bytes) -> Bound<'py, PyString> {
+    fn key(&self, py: Python<'py>, key: &Bytes) -> PyResult<Bound<'py, PyString>> {
         let mut keys = self.keys.borrow_mut();
         if let Some(k) = keys.get(key) {
-            return k.bind(py).clone();
+            return Ok(k.bind(py).clone());
         }
-        let k = latin1(py, key);
+        let k = latin1(py, key)?;
         if keys.len() < KEY_CACHE_LIMIT {
-            keys.insert(key.clone(), k.clone().unbind());
+            keys.insert(Bytes::copy_from_slice(key), k.clone().unbind());
         }
-        k
+        Ok(k)
     }
 }
 
-/// PEP 3333 "native strings": every byte becomes the code point of the same number (latin-1).
-fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> Bound<'py, PyString> {
-    match std::str::from_utf8(bytes) {
-        Ok(s) if bytes.is_ascii() => PyString::new(py, s),
-        _ => {
-            let s: String = bytes.iter().map(|&b| char::from(b)).collect();
-            PyString::new(py, &s)
-        }
+/// PEP 3333 "native strings": every byte becomes the code point of the same number (latin-1). CPython's own
+/// latin-1 decoder makes the string in one pass (ASCII, the usual case, is a copy).
+fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyString>> {
+    let len = pyo3::ffi::Py_ssize_t::try_from(bytes.len())
+        .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("environ value too long"))?;
+    // SAFETY: the pointer and length describe `bytes`, which outlives the call; a NULL errors argument is
+    // "strict", and latin-1 decodes every byte, so the call fails only when out of memory, which is returned
+    // as the Python exception it set.
+    unsafe {
+        let s = pyo3::ffi::PyUnicode_DecodeLatin1(bytes.as_ptr().cast(), len, std::ptr::null());
+        Ok(Bound::from_owned_ptr_or_err(py, s)?.cast_into_unchecked())
     }
 }
 
@@ -345,6 +372,9 @@ fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
 struct ResponseState {
     framing: Framing,
     sink: Option<Box<dyn ResponseSink>>,
+    /// The response went out complete when a chunk brought its body to the app's Content-Length: what the app
+    /// produces after it is only counted (and dropped, with the warning an overlong body gets).
+    ended_early: bool,
 }
 
 impl ResponseState {
@@ -352,17 +382,22 @@ impl ResponseState {
         ResponseState {
             framing: Framing::new(is_head),
             sink: Some(sink),
+            ended_early: false,
         }
     }
 
-    /// Writes `bufs` before returning, without the GIL and straight from the app's bytes objects (no copy:
-    /// they are immutable and referenced by the caller until this returns).
+    /// Writes `bufs` before returning, straight from the app's bytes objects (no copy: they are immutable and
+    /// referenced by the caller until this returns); without the GIL unless the write cannot wait.
     fn write(&mut self, py: Python<'_>, bufs: &[&[u8]]) -> Result<(), Failure> {
         let sink = self.sink.as_mut().ok_or(Failure::ClientGone)?;
+        if sink.at_once(total_len(bufs)) {
+            return Ok(sink.send(bufs)?);
+        }
         Ok(py.detach(|| sink.send(bufs))?)
     }
 
-    /// Writes the response's last bytes and ends it, complete or aborted, all in one release of the GIL.
+    /// Writes the response's last bytes and ends it, complete or aborted, all in one release of the GIL (none
+    /// when it cannot wait).
     fn end(
         &mut self,
         py: Python<'_>,
@@ -372,14 +407,15 @@ impl ResponseState {
         complete: bool,
     ) -> Result<(), Failure> {
         let sink = self.sink.take().ok_or(Failure::ClientGone)?;
-        let ended = py.detach(move || {
+        let at_once = sink.at_once(total_len(last));
+        let end = move || {
             if complete {
                 sink.complete(last, status, body_bytes)
             } else {
                 sink.abort(last, status, body_bytes)
             }
-        });
-        Ok(ended?)
+        };
+        Ok(if at_once { end() } else { py.detach(end) }?)
     }
 
     /// A body known in full (a list or tuple): head and chunks in one writev, with a Content-Length.
@@ -399,12 +435,24 @@ impl ResponseState {
     }
 
     fn send_chunk(&mut self, py: Python<'_>, data: &[u8]) -> Result<(), Failure> {
-        match self.framing.chunk(data)? {
-            None => Ok(()),
-            // The head and the first chunk go out in one writev.
-            Some(Chunk { head: Some(head), data }) => self.write(py, &[&head, data]),
-            Some(Chunk { head: None, data }) => self.write(py, &[data]),
+        let chunk = self.framing.chunk(data)?;
+        if self.ended_early {
+            return Ok(());
         }
+        let (head, data) = match chunk {
+            None => return Ok(()),
+            Some(Chunk { head, data }) => (head, data),
+        };
+        // The head and the first chunk go out in one writev.
+        let head = head.as_deref().unwrap_or_default();
+        if self.framing.body_complete() {
+            // The app's Content-Length is reached (a framework's one-chunk body, nearly always): the response
+            // ends with this write, as a list's would, instead of after the app is asked for more.
+            self.ended_early = true;
+            let body_bytes = self.framing.body_bytes();
+            return self.end(py, &[head, data], self.framing.status_code(), body_bytes, true);
+        }
+        self.write(py, &[head, data])
     }
 
     fn send_file(&mut self, py: Python<'_>, file: SendableFile) -> Result<(), Failure> {
@@ -425,6 +473,9 @@ impl ResponseState {
     /// Writes `last`, the response's final bytes (after the head, if no chunk carried it), and ends the
     /// response: complete, or reset if the app sent less than its Content-Length.
     fn finish_with(&mut self, py: Python<'_>, last: &[&[u8]]) -> Result<(), Failure> {
+        if self.ended_early {
+            return Ok(());
+        }
         let (head, ending) = self.framing.finish()?;
         let body_bytes = self.framing.body_bytes();
         match head {
@@ -432,6 +483,11 @@ impl ResponseState {
             None => self.end(py, last, ending.status, body_bytes, ending.complete),
         }
     }
+}
+
+/// The bytes of a response's buffers together.
+fn total_len(bufs: &[&[u8]]) -> usize {
+    bufs.iter().map(|b| b.len()).sum()
 }
 
 /// The `start_response` callable handed to the app; its `write` method is the PEP 3333 write() callable.

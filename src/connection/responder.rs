@@ -19,6 +19,10 @@ use crate::lifecycle::InFlightGuard;
 const MAX_IOV: usize = 512;
 /// Most bytes per sendfile(2) call: big enough to keep the socket buffer full.
 const SENDFILE_CHUNK: u64 = 1 << 20;
+/// Most bytes a response's first write may hold for it to count as taken at once by the socket: a fresh socket
+/// has nothing queued, and its send buffer (at least 16 KiB for TCP, about 200 KiB for a Unix socket, by
+/// Linux's defaults) takes this much whole. An API's answer is well under it.
+const AT_ONCE_MAX: usize = 8 * 1024;
 
 /// Writes one response and ends its connection.
 pub(crate) struct Responder {
@@ -32,6 +36,8 @@ pub(crate) struct Responder {
     in_flight: Option<InFlightGuard>,
     /// A write failed and the peer is gone (already logged).
     gone: bool,
+    /// Some of the response was written.
+    wrote: bool,
     /// The response was completed or aborted.
     ended: bool,
 }
@@ -61,6 +67,7 @@ impl Responder {
             watch,
             in_flight,
             gone: false,
+            wrote: false,
             ended: false,
         }
     }
@@ -70,11 +77,19 @@ impl Responder {
     /// have the answer and send its next request.
     fn end_with(mut self, last: &[&[u8]], status: u16, body_bytes: u64, complete: bool) -> Result<(), Gone> {
         self.ctx.lifecycle.check_memory();
+        // A complete response in one small write: the request is consumed first, so the close follows the
+        // write at once and nginx finds the response and its end together, in one wake-up instead of two.
+        let whole_at_once = complete && !self.wrote && self.takes_at_once(total_len(last));
+        if whole_at_once {
+            if let Err(error) = self.wire.consume() {
+                tracing::debug!(%error, "cannot read the rest of the request");
+            }
+        }
         self.send(last)?;
         if !self.end() {
             return Ok(());
         }
-        if complete {
+        if complete && !whole_at_once {
             if let Err(error) = self.wire.finish(self.ctx.config.limits.write_timeout) {
                 if self.wire.is_tls() {
                     // Through TLS the end of the response was still in the session: it did not go out, so the
@@ -85,7 +100,7 @@ impl Responder {
                     tracing::debug!(%error, "cannot read the rest of the request");
                 }
             }
-        } else {
+        } else if !complete {
             self.wire.reset(self.ctx.config.limits.write_timeout);
         }
         record(
@@ -148,6 +163,12 @@ impl Responder {
         Gone
     }
 
+    /// Whether a write of `bytes` goes out at once on this connection: a plain socket that has taken nothing
+    /// of the response yet, and a write small enough for its buffer (see [`AT_ONCE_MAX`]).
+    fn takes_at_once(&self, bytes: usize) -> bool {
+        !self.wire.is_tls() && !self.wrote && bytes <= AT_ONCE_MAX
+    }
+
     /// Marks the response ended; false if the watchdog already answered it, leaving nothing to do.
     fn end(&mut self) -> bool {
         if self.ended {
@@ -160,7 +181,16 @@ impl Responder {
     }
 }
 
+/// The bytes of a response's buffers together.
+fn total_len(bufs: &[&[u8]]) -> usize {
+    bufs.iter().map(|b| b.len()).sum()
+}
+
 impl ResponseSink for Responder {
+    fn at_once(&self, bytes: usize) -> bool {
+        !self.gone && !self.wire.is_tls() && (bytes == 0 || self.takes_at_once(bytes))
+    }
+
     fn running_on(&self, python_thread: u64) {
         if let Some(watch) = &self.watch {
             watch.running_on(python_thread);
@@ -177,6 +207,7 @@ impl ResponseSink for Responder {
         while !rest.is_empty() {
             let batch = rest.len().min(MAX_IOV);
             if let Some(n) = self.write_step(|wire| wire.write_vectored(&rest[..batch]))? {
+                self.wrote |= n > 0;
                 IoSlice::advance_slices(&mut rest, n);
             }
         }
@@ -192,6 +223,7 @@ impl ResponseSink for Responder {
         while offset < end {
             let count = (end - offset).min(SENDFILE_CHUNK) as usize;
             let step = self.write_step(|wire| wire.send_file(file, &mut offset, count))?;
+            self.wrote |= step.is_some_and(|n| n > 0);
             if step == Some(0) {
                 let short = io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced");
                 return Err(self.lost(short));
