@@ -13,7 +13,19 @@ One nginx (generated config in a temp dir) has one location per server, all load
     /nginx/     nginx answers the same bytes itself: the ceiling, where that makes sense
 
 Every server listens on a Unix socket, so the servers differ only in protocol and implementation. wrk drives each
-location in turn (A B C D A B C D ...) for several rounds per scenario; the tables report medians across rounds.
+location in turn (A B C D A B C D ...) for several rounds per scenario; the tables report medians across rounds,
+and ferrule's ratio to each peer pair by pair (a round's ferrule run against the same round's peer run) with the
+median of those pair ratios. The whole run is repeated for each thread count of --threads (default 1,4), the
+servers and nginx restarted for each; every output is grouped by thread count.
+
+The flask and django scenarios run the same small view in each framework: a JSON document of the path, a header
+wrk sends and the query string. The Django one is benches/apps/djsite's /django/json under the site's whole
+middleware stack (sessions, CSRF, common, auth, messages...), mounted by bench_app; it reads neither session nor
+user, and the servers run it without a database (DJSITE_DIR is an empty folder).
+
+--per-worker sets the defaults of the per-worker method: one worker of ferrule and of uWSGI, each alone behind one
+nginx worker, wrk -t1 -c16, 2 s of warm-up, 5 alternating pairs of 10 s on hello, flask and django at 1 and 4
+threads, into per-worker.* instead of latest.* (--name); every option given explicitly still wins.
 
 The TLS scenario (tls-hello) runs a second instance of each server that speaks uwsgi over TLS, on a TCP port of
 127.0.0.1, with the same workers and threads, behind locations of the same nginx:
@@ -24,12 +36,14 @@ The TLS scenario (tls-hello) runs a second instance of each server that speaks u
 with `uwsgi_ssl_session_reuse on` and `uwsgi_ssl_verify on` against a private CA that deploy/make-certs writes
 into the temp dir. gunicorn (its uwsgi protocol has no TLS) and granian (HTTP only) do not take part.
 
-Per server and scenario it records requests/s, p50 and p99 latency, failed requests (non-2xx plus socket errors),
-CPU time of the server's whole process tree per request (from /proc/<pid>/stat before and after each run), and
+Per server, thread count and scenario it records requests/s, p50 and p99 latency, failed requests (non-2xx plus
+socket errors), CPU time per request (from /proc/<pid>/stat before and after each run) of the workers alone (the
+tree minus the master's own utime+stime) and of the server's whole process tree, nginx's CPU time per request, and
 resident memory per worker, at idle (after start-up, before any load) and at its peak under load.
 
-Outputs: tables on stdout, and in the results folder latest.csv (medians), latest-runs.csv (every run),
-latest.md (tables, settings, machine, versions) and latest.png (throughput ratios).
+Outputs: tables on stdout, and in the results folder NAME.csv (medians), NAME-runs.csv (every run), NAME.md
+(tables, pair ratios, settings, machine, versions) and NAME.png (throughput ratios), NAME being latest unless
+--name or --per-worker says otherwise; each has a threads column or a section per thread count.
 
 This script holds the data the scenarios send, the answer checks and the run's loop; the scenarios, servers, runs
 and report are in benches/load, the machinery it shares with memory.py in benches/harness.
@@ -387,7 +401,7 @@ def run_thread_count(s: Session, threads: int, certs: Path | None) -> None:
     s.threads = threads
     backends = build_backends(args, s.tmp, threads)
     s.backends[threads] = backends
-    print(f"{args.workers} workers × {threads} threads", file=sys.stderr)
+    print(f"workers {args.workers}, threads {threads}", file=sys.stderr)
     start_servers(s, backends)
     s.port = free_port()
     conf = nginx_config(args, s.tmp, s.port, [b for b in backends if b.status == "ok"])

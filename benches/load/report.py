@@ -198,8 +198,8 @@ def write_outputs(
     threads = ", ".join(str(n) for n in backends)
     settings = (
         f"{args.workers} {'worker' if args.workers == 1 else 'workers'} × {threads} threads per server (the servers "
-        f"restarted for each thread count), nginx `worker_processes {args.nginx_workers}`, wrk {args.wrk_threads} "
-        f"threads, {args.connections} connections ({FILE_CONNECTIONS} for the file), {args.warmup} s of warm-up, "
+        f"restarted for each thread count), nginx `worker_processes {args.nginx_workers}`, `wrk -t{args.wrk_threads}`, "
+        f"{args.connections} connections ({FILE_CONNECTIONS} for the file), {args.warmup} s of warm-up, "
         f"then {args.rounds} round(s) × {args.duration} s per server and scenario, servers in turn "
         f"({' '.join(server_names(first))}), medians across rounds."
     )
