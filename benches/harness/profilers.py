@@ -40,18 +40,20 @@ class Symbol:
 
 def perf_symbols(data: Path) -> tuple[int, list[Symbol]]:
     """(samples, symbols by share of the samples, largest first) of a perf.data file: self time only."""
-    cmd = ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym", "--stdio", "-g", "none",
+    # -n: each line's sample count too (the header rounds the total to thousands).
+    cmd = ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,sym", "--stdio", "-g", "none", "-n",
            "--percent-limit", "0"]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
-    samples = re.search(r"^# Samples: (\d+)", out, re.MULTILINE)
+    samples = 0
     symbols = []
     for line in out.splitlines():
-        m = re.match(r"^\s+([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*?)\s*$", line)
+        m = re.match(r"^\s+([\d.]+)%\s+(\d+)\s+(\S+)\s+\[(.)\]\s+(.*?)\s*$", line)
         if m:
-            dso = m.group(2)
-            symbols.append(Symbol(float(m.group(1)), dso, module_of(dso), m.group(3) == "k", m.group(4)))
+            dso = m.group(3)
+            samples += int(m.group(2))
+            symbols.append(Symbol(float(m.group(1)), dso, module_of(dso), m.group(4) == "k", m.group(5)))
     symbols.sort(key=lambda s: -s.percent)
-    return (int(samples.group(1)) if samples else 0), symbols
+    return samples, symbols
 
 
 def by_module(symbols: list[Symbol]) -> dict[str, float]:

@@ -114,7 +114,8 @@ def write_report(args, sc, profiles, problems: list[str]) -> tuple[str, Path]:
         "",
         f"`perf record -e cpu-clock -F 1999 -g -p WORKER` during {args.duration} s of `wrk -t1 -c{args.connections}` "
         f"through one nginx worker, after {args.warmup} s of warm-up: each module's share of the worker's samples "
-        "(self time). uWSGI runs with --master here.",
+        "(self time). uWSGI runs with --master here. For the call chains, run with --keep-tmp and read "
+        "`perf report -i TMP/perf-SERVER.data` (recorded with -g).",
         "",
         _modules(profiles),
         "",
