@@ -194,7 +194,10 @@ def thread_counts(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="benches/run --profile SCENARIO profiles one worker instead (benches/worker_profile.py; "
+        "benches/run --profile hello --help lists its options).",
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes per server (default 2)")
     p.add_argument(

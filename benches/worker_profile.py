@@ -76,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     usable = [s.name for s in SCENARIOS if s.method == "GET" and not s.tls]
     p.add_argument("--profile", required=True, metavar="SCENARIO", help=f"the scenario: one of {', '.join(usable)}")
-    p.add_argument("--requests", type=int, default=2000, help="sequential requests counted by strace and callgrind")
+    p.add_argument(
+        "--requests", type=int, default=2000, help="sequential requests counted by strace and callgrind (default 2000)"
+    )
     p.add_argument("--duration", type=int, default=10, help="seconds of wrk load under perf (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="seconds of wrk load before perf records (default 2)")
     p.add_argument("--connections", type=int, default=16, help="wrk connections under perf (default 16)")

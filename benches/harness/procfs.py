@@ -52,10 +52,6 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def tree_cpu_seconds(root: int) -> float:
-    return tree_and_worker_cpu_seconds(root)[0]
-
-
 def own_cpu_ticks(pid: int) -> int | None:
     """utime+stime of the process alone (not its reaped children), in ticks, or None if it is gone."""
     try:
