@@ -8,12 +8,15 @@ Each scenario of benches/bench.py is one route here, so all servers run exactly 
     /file       a big file (BENCH_FILE) through wsgi.file_wrapper, so a server may use sendfile(2)
     /stream     a generator of 16 chunks of 4 KiB, no Content-Length
     /flask/...  the small Flask app in flask_app.py
+    /django/... the Django site in djsite (its /django/json view), imported on the first such request, with
+                DJSITE_DIR set to a folder (the view needs no database; the site's settings ask for the folder)
     /sleep      sleeps 50 ms, then answers: shows how many requests a server runs at once
 
 The route handlers are plain functions over the environ; nothing here is specific to one server.
 """
 
 import os
+import threading
 import time
 import zlib
 
@@ -109,6 +112,24 @@ def sleep(environ, start_response):
     return _plain(start_response, b"slept 50 ms")
 
 
+_django_app = None
+_django_lock = threading.Lock()
+
+
+def django(environ, start_response):
+    # Imported when first asked for, so that the other scenarios' memory figures do not carry Django.
+    global _django_app
+    if _django_app is None:
+        with _django_lock:
+            if _django_app is None:
+                if not os.environ.get("DJSITE_DIR"):
+                    return _plain(start_response, b"DJSITE_DIR is not set\n", "500 Internal Server Error")
+                from djsite.wsgi import application as django_app
+
+                _django_app = django_app
+    return _django_app(environ, start_response)
+
+
 ROUTES = {
     "/hello": hello,
     "/bytes64k": bytes64k,
@@ -126,4 +147,6 @@ def application(environ, start_response):
         return handler(environ, start_response)
     if path.startswith("/flask/"):
         return flask_app(environ, start_response)
+    if path.startswith("/django/"):
+        return django(environ, start_response)
     return _plain(start_response, b"not found\n", "404 Not Found")

@@ -99,11 +99,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(port: int, path: str, method: str = "GET", body: bytes | None = None, timeout: float = REQUEST_TIMEOUT):
+def request(
+    port: int,
+    path: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    timeout: float = REQUEST_TIMEOUT,
+    headers: dict[str, str] | None = None,
+):
     """One request through nginx; returns (status, headers, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+        headers = dict(headers or {})
+        if body is not None:
+            headers["Content-Type"] = "application/octet-stream"
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, dict(resp.getheaders()), resp.read()

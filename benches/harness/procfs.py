@@ -52,13 +52,28 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def tree_cpu_seconds(root: int) -> float:
+def own_cpu_ticks(pid: int) -> int | None:
+    """utime+stime of the process alone (not its reaped children), in ticks, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def tree_and_worker_cpu_seconds(root: int) -> tuple[float, float]:
+    """CPU time of the whole tree under `root`, and of its workers: the tree minus the root's own utime+stime.
+
+    The workers' figure keeps the root's cutime+cstime, the time of children it reaped, so a worker replaced
+    during a run still counts as worker time."""
     total = 0
     for pid in process_tree(root):
         st = proc_stat(pid)
         if st is not None:
             total += st[1]
-    return total / CLOCK_TICKS
+    own = own_cpu_ticks(root) or 0
+    return total / CLOCK_TICKS, (total - own) / CLOCK_TICKS
 
 
 def workers_of(root: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""The load benchmark's report: tables on stdout and in latest.md, latest.csv, latest-runs.csv and latest.png."""
+"""The load benchmark's report: tables on stdout and in NAME.md, NAME.csv, NAME-runs.csv and NAME.png (NAME is
+`latest` unless --name says otherwise), one section per thread count."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 from harness.report import csv_value, fmt, md_table, ratio
 from harness.versions import machine_rows, package_version, run_quiet
 
+from .chart import draw_chart
+from .pairs import pair_ratios, pairs_table
 from .runs import CSV_FIELDS, RATIO_METRICS, Run
 from .scenarios import FILE_CONNECTIONS, SCENARIOS
 from .servers import Backend
-
 
 def server_names(backends: list[Backend]) -> list[str]:
     """Each server once, in the order of the run (a server's TLS instance is the same server)."""
@@ -35,7 +37,8 @@ def _throughput_table(rows: list[dict], names: list[str]) -> str:
 
 
 def _ratio_table(rows: list[dict], servers: list[str]) -> str:
-    head = ["scenario", "peer", "req/s", "p50", "p99", "CPU/req", "RSS/worker (load)", "RSS/worker (idle)"]
+    head = ["scenario", "peer", "req/s", "p50", "p99", "worker CPU/req", "tree CPU/req", "RSS/worker (load)",
+            "RSS/worker (idle)"]  # fmt: skip
     body = []
     for sc in SCENARIOS:
         for n in servers:
@@ -45,15 +48,15 @@ def _ratio_table(rows: list[dict], servers: list[str]) -> str:
             if r:
                 body.append([sc.name, n] + [ratio(r[f"ferrule_over_{m}"]) for m in RATIO_METRICS])
     return (
-        "### ferrule / peer\n\nEach cell is ferrule's value divided by the peer's: above 1 is better for req/s, "
-        "below 1 is better for latency, CPU and memory.\n\n" + md_table(head, body)
+        "### ferrule / peer, medians\n\nEach cell is ferrule's median divided by the peer's: above 1 is better for "
+        "req/s, below 1 is better for latency, CPU and memory.\n\n" + md_table(head, body)
     )
 
 
-def _scenario_tables(rows: list[dict], args, notes: dict[str, list[str]]) -> list[str]:
+def _scenario_tables(rows: list[dict], args, notes: list[str], threads: int) -> list[str]:
     """Every metric, one table per scenario."""
-    head = ["server", "req/s", "of nginx", "p50 ms", "p99 ms", "failed", "CPU µs/req", "nginx CPU µs/req",
-            "RSS MiB/worker load", "RSS MiB/worker idle", "PSS MiB/worker load"]  # fmt: skip
+    head = ["server", "req/s", "of nginx", "p50 ms", "p99 ms", "failed", "worker CPU µs/req", "tree CPU µs/req",
+            "nginx CPU µs/req", "RSS MiB/worker load", "RSS MiB/worker idle", "PSS MiB/worker load"]  # fmt: skip
     parts = []
     for sc in SCENARIOS:
         mine = [x for x in rows if x["scenario"] == sc.name]
@@ -69,6 +72,7 @@ def _scenario_tables(rows: list[dict], args, notes: dict[str, list[str]]) -> lis
                     fmt(r["p50_ms"], 2),
                     fmt(r["p99_ms"], 2),
                     str(r["failed"]),
+                    fmt(r["worker_cpu_us_per_req"], 0),
                     fmt(r["cpu_us_per_req"], 0),
                     fmt(r["nginx_cpu_us_per_req"], 0),
                     fmt(r["rss_mib"], 1),
@@ -77,17 +81,36 @@ def _scenario_tables(rows: list[dict], args, notes: dict[str, list[str]]) -> lis
                 ]
             )
         conns = sc.connections or args.connections
-        text = f"### {sc.name}: {sc.description}, {conns} connections\n\n" + md_table(head, body)
-        if notes.get(sc.name):
-            text += "\n\n" + "\n".join(f"- {n}" for n in notes[sc.name])
+        text = f"### {sc.name}, {threads} {_threads(threads)}: {sc.description}, {conns} connections\n\n"
+        text += md_table(head, body)
+        if notes.get((threads, sc.name)):
+            text += "\n\n" + "\n".join(f"- {n}" for n in notes[(threads, sc.name)])
         parts.append(text)
     return parts
 
 
-def results_tables(rows: list[dict], backends: list[Backend], args, notes: dict[str, list[str]]) -> str:
-    names = server_names(backends)
-    servers = [n for n in names if n != "nginx"]
-    parts = [_throughput_table(rows, names), _ratio_table(rows, servers), *_scenario_tables(rows, args, notes)]
+def _threads(n: int) -> str:
+    return "thread" if n == 1 else "threads"
+
+
+def results_tables(
+    rows: list[dict], runs: list[Run], backends: dict[int, list[Backend]], args, notes: dict
+) -> str:
+    """One section per thread count: throughput, ratios of the medians, pair ratios, a table per scenario."""
+    parts = []
+    for threads, mine in backends.items():
+        these = [r for r in rows if r["threads"] == threads]
+        if not these:
+            continue
+        names = server_names(mine)
+        servers = [n for n in names if n != "nginx"]
+        parts += [
+            f"## {args.workers} {'worker' if args.workers == 1 else 'workers'} × {threads} {_threads(threads)}",
+            _throughput_table(these, names),
+            _ratio_table(these, servers),
+            pairs_table(pair_ratios(runs, threads, [n for n in servers if n != "ferrule"])),
+            *_scenario_tables(these, args, notes, threads),
+        ]
     return "\n\n".join(parts)
 
 
@@ -101,6 +124,7 @@ def machine_info(args, backends: list[Backend]) -> list[tuple[str, str]]:
             continue  # the same server as its Unix-socket instance
         info.append((b.prefix, b.version + ("" if b.status == "ok" else f" ({b.status})")))
     info.append(("flask", package_version(args.venv, "flask")))
+    info.append(("django", package_version(args.venv, "django")))
     return info
 
 
@@ -121,6 +145,13 @@ SETUP_NOTES = [
     ),
     "granian: `--interface wsgi --http 1 --blocking-threads T --uds`.",
     (
+        "flask and django: the same view in each framework, a JSON document of the path, the `X-Bench-Client` header "
+        "and the query string. The Django view is `benches/apps/djsite`'s `/django/json` (mounted by bench_app, "
+        "imported on the first request) under the site's whole middleware stack (security, sessions, common, CSRF, "
+        "auth, messages, clickjacking); it reads neither the session nor the user, so no request touches the "
+        "database."
+    ),
+    (
         "nginx: `uwsgi_max_temp_file_size 0` and `proxy_max_temp_file_size 0`, so big responses flow through its "
         "memory buffers instead of temp files; `client_body_buffer_size 2m` keeps the 1 MiB POST in memory; the "
         "ceiling's 64 KiB and 50 MB answers are static files sent with `sendfile on`."
@@ -138,13 +169,13 @@ TLS_NOTE = (
 )
 
 
-def _write_csvs(out: Path, rows: list[dict], runs: list[Run]) -> None:
-    with open(out / "latest.csv", "w", newline="") as f:
+def _write_csvs(out: Path, name: str, rows: list[dict], runs: list[Run]) -> None:
+    with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: csv_value(v) for k, v in r.items()})
-    with open(out / "latest-runs.csv", "w", newline="") as f:
+    with open(out / f"{name}-runs.csv", "w", newline="") as f:
         w = csv.writer(f)
         fields = list(Run.__dataclass_fields__)
         w.writerow(fields)
@@ -152,96 +183,55 @@ def _write_csvs(out: Path, rows: list[dict], runs: list[Run]) -> None:
             w.writerow([csv_value(v) for v in (getattr(r, k) for k in fields)])
 
 
+def _command(args) -> str:
+    """How the run was asked for, as far as the presets go."""
+    return "`benches/run" + (" --per-worker" if args.per_worker else "") + (" --quick" if args.quick else "") + "`"
+
+
 def write_outputs(
-    args, rows: list[dict], runs: list[Run], backends: list[Backend], problems: list[str], notes: dict[str, list[str]]
+    args, rows: list[dict], runs: list[Run], backends: dict[int, list[Backend]], problems: list[str], notes: dict
 ) -> str:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_csvs(out, rows, runs)
+    _write_csvs(out, args.name, rows, runs)
+    first = next(iter(backends.values()))
+    threads = ", ".join(str(n) for n in backends)
     settings = (
-        f"{args.workers} workers × {args.threads} threads per server, nginx `worker_processes {args.nginx_workers}`, "
-        f"wrk {args.wrk_threads} threads, {args.connections} connections ({FILE_CONNECTIONS} for the file), "
-        f"{args.rounds} round(s) × {args.duration} s per server and scenario, servers in turn "
-        f"({' '.join(server_names(backends))}), medians across rounds."
+        f"{args.workers} {'worker' if args.workers == 1 else 'workers'} × {threads} threads per server (the servers "
+        f"restarted for each thread count), nginx `worker_processes {args.nginx_workers}`, `wrk -t{args.wrk_threads}`, "
+        f"{args.connections} connections ({FILE_CONNECTIONS} for the file), {args.warmup} s of warm-up, "
+        f"then {args.rounds} round(s) × {args.duration} s per server and scenario, servers in turn "
+        f"({' '.join(server_names(first))}), medians across rounds."
     )
     md = [
         "# ferrule benchmark",
         "",
-        "Generated by `benches/run`" + (" --quick" if args.quick else "") + ". " + settings,
+        f"Generated by {_command(args)}. " + settings,
         "",
         (
-            "CPU is the user+system time of the server's whole process tree (master and workers) during the run, "
-            "divided by the requests served; nginx's own CPU is shown apart. RSS and PSS are per worker process: "
-            "idle after start-up, and the peak of the workers' mean during the load (PSS splits pages shared "
-            "after fork between the processes that share them)."
+            "Worker CPU is the user+system time of the server's workers during the run (its process tree minus the "
+            "master's own time; a worker that exits is counted through its master's reaped-children time), divided "
+            "by the requests served; tree CPU adds the master's own. nginx's own CPU is shown apart. RSS and PSS are "
+            "per worker process: idle after start-up, and the peak of the workers' mean during the load (PSS splits "
+            "pages shared after fork between the processes that share them)."
         ),
         "",
-        results_tables(rows, backends, args, notes),
+        results_tables(rows, runs, backends, args, notes),
         "",
-        "### How each server runs",
+        "## How each server runs",
         "",
         *[f"- {note}" for note in SETUP_NOTES + ([TLS_NOTE] if any(sc.tls for sc in SCENARIOS) else [])],
         "",
-        "### Machine and versions",
+        "## Machine and versions",
         "",
-        md_table(["", ""], [[k, v] for k, v in machine_info(args, backends)], numeric=False),
+        md_table(["", ""], [[k, v] for k, v in machine_info(args, first)], numeric=False),
     ]
     try:
-        draw_chart(out / "latest.png", rows, backends)
+        draw_chart(out / f"{args.name}.png", rows, server_names(first), list(backends))
     except Exception as e:  # noqa: BLE001  (a missing or broken matplotlib must not lose the numbers)
         problems.append(f"chart not drawn: {e}")
     if problems:
-        md += ["", "### Problems", ""] + [f"- {p}" for p in problems]
+        md += ["", "## Problems", ""] + [f"- {p}" for p in problems]
     text = "\n".join(md) + "\n"
-    (out / "latest.md").write_text(text)
+    (out / f"{args.name}.md").write_text(text)
     return text
-
-
-def draw_chart(path: Path, rows: list[dict], backends: list[Backend]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    scenarios = [sc.name for sc in SCENARIOS if any(r["scenario"] == sc.name for r in rows)]
-    peers = [n for n in server_names(backends) if n not in ("ferrule", "nginx")]
-    servers = [n for n in server_names(backends) if n != "nginx"]
-    ceiling_scenarios = [s for s in scenarios if any(r["scenario"] == s and r["server"] == "nginx" for r in rows)]
-
-    def value(scenario, server, key):
-        r = next((x for x in rows if x["scenario"] == scenario and x["server"] == server), None)
-        return (r or {}).get(key) or 0.0
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
-    width = 0.8 / max(len(scenarios), 1)
-    for i, sc in enumerate(scenarios):
-        xs = [p + (i - (len(scenarios) - 1) / 2) * width for p in range(len(peers))]
-        ax1.bar(xs, [value(sc, p, "ferrule_over_rps") for p in peers], width, label=sc)
-    ax1.axhline(1.0, color="black", linewidth=0.8)
-    # Ratios on a log scale, so that twice as fast and half as fast are the same distance from 1.
-    ax1.set_yscale("log", base=2)
-    ratios = [value(sc, p, "ferrule_over_rps") for sc in scenarios for p in peers]
-    lo, hi = min([1.0, *[r for r in ratios if r > 0]]), max([1.0, *ratios])
-    ax1.set_ylim(lo / 1.15, hi * 1.15)
-    ax1.set_yticks(
-        [t for t in (0.125, 0.25, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4, 8, 16) if lo / 1.15 <= t <= hi * 1.15]
-    )
-    ax1.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax1.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax1.set_xticks(range(len(peers)), [f"vs {p}" for p in peers])
-    ax1.set_ylabel("ferrule req/s ÷ peer req/s (above 1: ferrule faster)")
-    ax1.set_title("ferrule's throughput relative to each peer")
-    ax1.legend(fontsize=8, ncol=2)
-
-    width = 0.8 / max(len(servers), 1)
-    for i, s in enumerate(servers):
-        xs = [p + (i - (len(servers) - 1) / 2) * width for p in range(len(ceiling_scenarios))]
-        ax2.bar(xs, [value(sc, s, "of_ceiling") for sc in ceiling_scenarios], width, label=s)
-    ax2.set_xticks(range(len(ceiling_scenarios)), ceiling_scenarios)
-    ax2.set_ylabel("fraction of nginx answering itself")
-    ax2.set_title("Throughput as a fraction of the nginx ceiling")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

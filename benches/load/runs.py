@@ -7,21 +7,23 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.procfs import MemorySampler, tree_cpu_seconds
+from harness.procfs import MemorySampler, tree_and_worker_cpu_seconds
 from harness.wrk import parse_wrk, run_wrk
 
 from .scenarios import SCENARIOS, Scenario
 from .servers import Backend
 
-RATIO_METRICS = ["rps", "p50_ms", "p99_ms", "cpu_us_per_req", "rss_mib", "idle_rss_mib"]
+RATIO_METRICS = ["rps", "p50_ms", "p99_ms", "worker_cpu_us_per_req", "cpu_us_per_req", "rss_mib", "idle_rss_mib"]
 CSV_FIELDS = [
-    "scenario", "server", "rounds", "requests", "rps", "of_ceiling", "p50_ms", "p99_ms", "failed",
-    "cpu_us_per_req", "nginx_cpu_us_per_req", "rss_mib", "idle_rss_mib", "pss_mib", "idle_pss_mib",
+    "threads", "scenario", "server", "rounds", "requests", "rps", "of_ceiling", "p50_ms", "p99_ms", "failed",
+    "worker_cpu_us_per_req", "cpu_us_per_req", "nginx_cpu_us_per_req", "rss_mib", "idle_rss_mib", "pss_mib",
+    "idle_pss_mib",
 ] + [f"ferrule_over_{m}" for m in RATIO_METRICS]  # fmt: skip
 
 
 @dataclass
 class Run:
+    threads: int  # app threads per worker of this run's servers
     scenario: str
     server: str
     round: int
@@ -30,6 +32,8 @@ class Run:
     p50_ms: float
     p99_ms: float
     failed: int
+    # The workers' own CPU (the tree minus the master's own utime+stime), then the whole tree's.
+    worker_cpu_us_per_req: float | None
     cpu_us_per_req: float | None
     nginx_cpu_us_per_req: float | None
     rss_mib: float | None
@@ -45,24 +49,27 @@ def wrk_command(args, port: int, backend: Backend, scenario: Scenario, duration:
         f"--timeout={scenario.wrk_timeout}s",
         "--latency",
     ]
+    for name, value in scenario.headers:
+        cmd.append(f"--header={name}: {value}")
     if scenario.method == "POST":
         cmd.append(f"--script={tmp / 'post.lua'}")
     cmd.append(f"http://127.0.0.1:{port}/{backend.prefix}{scenario.path}")
     return cmd
 
 
-def measure(args, port, backend: Backend, nginx_proc, scenario: Scenario, rnd: int, tmp: Path) -> Run:
+def measure(args, port, backend: Backend, nginx_proc, scenario: Scenario, rnd: int, tmp: Path, threads: int) -> Run:
     root = backend.proc.pid if backend.proc else None
     cmd = wrk_command(args, port, backend, scenario, args.duration, tmp)
     with MemorySampler(root) as mem:
-        cpu0 = tree_cpu_seconds(root) if root else None
-        ngx0 = tree_cpu_seconds(nginx_proc.pid)
+        cpu0, wcpu0 = tree_and_worker_cpu_seconds(root) if root else (None, None)
+        ngx0, _ = tree_and_worker_cpu_seconds(nginx_proc.pid)
         out = run_wrk(cmd, args.duration)
-        cpu1 = tree_cpu_seconds(root) if root else None
-        ngx1 = tree_cpu_seconds(nginx_proc.pid)
+        cpu1, wcpu1 = tree_and_worker_cpu_seconds(root) if root else (None, None)
+        ngx1, _ = tree_and_worker_cpu_seconds(nginx_proc.pid)
     res = parse_wrk(out)
     per_req = 1e6 / res.requests if res.requests else None
     return Run(
+        threads=threads,
         scenario=scenario.name,
         server=backend.name,
         round=rnd,
@@ -71,6 +78,7 @@ def measure(args, port, backend: Backend, nginx_proc, scenario: Scenario, rnd: i
         p50_ms=res.p50_ms,
         p99_ms=res.p99_ms,
         failed=res.non2xx + res.socket_errors,
+        worker_cpu_us_per_req=(wcpu1 - wcpu0) * per_req if root and per_req else None,
         cpu_us_per_req=(cpu1 - cpu0) * per_req if root and per_req else None,
         nginx_cpu_us_per_req=(ngx1 - ngx0) * per_req if per_req else None,
         rss_mib=mem.peak_rss,
@@ -83,8 +91,9 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def _row(sc: Scenario, b: Backend, mine: list[Run]) -> dict:
+def _row(threads: int, sc: Scenario, b: Backend, mine: list[Run]) -> dict:
     return {
+        "threads": threads,
         "scenario": sc.name,
         "server": b.name,
         "rounds": len(mine),
@@ -93,6 +102,7 @@ def _row(sc: Scenario, b: Backend, mine: list[Run]) -> dict:
         "p50_ms": median(r.p50_ms for r in mine),
         "p99_ms": median(r.p99_ms for r in mine),
         "failed": sum(r.failed for r in mine),
+        "worker_cpu_us_per_req": median(r.worker_cpu_us_per_req for r in mine),
         "cpu_us_per_req": median(r.cpu_us_per_req for r in mine),
         "nginx_cpu_us_per_req": median(r.nginx_cpu_us_per_req for r in mine),
         "rss_mib": median(r.rss_mib for r in mine),
@@ -102,16 +112,17 @@ def _row(sc: Scenario, b: Backend, mine: list[Run]) -> dict:
     }
 
 
-def summarise(runs: list[Run], backends: list[Backend]) -> list[dict]:
-    """One row per server and scenario: medians across rounds, the fraction of the ceiling, ferrule/peer ratios."""
+def summarise(runs: list[Run], backends: list[Backend], threads: int) -> list[dict]:
+    """One row per server and scenario of one thread count (`backends` are its servers): medians across rounds,
+    the fraction of the ceiling, ferrule/peer ratios of the medians."""
     rows = []
     for sc in SCENARIOS:
         for b in backends:
             if not b.serves(sc):
                 continue
-            mine = [r for r in runs if r.scenario == sc.name and r.server == b.name]
+            mine = [r for r in runs if r.threads == threads and r.scenario == sc.name and r.server == b.name]
             if mine:
-                rows.append(_row(sc, b, mine))
+                rows.append(_row(threads, sc, b, mine))
     # Fractions of the ceiling, and ferrule/peer ratios for every metric.
     by_key = {(r["scenario"], r["server"]): r for r in rows}
     for r in rows:

@@ -22,6 +22,8 @@ class Scenario:
     wrk_timeout: int = 10
     # uwsgi over TLS (nginx's suwsgi://) to the servers' TLS instances, instead of a Unix socket.
     tls: bool = False
+    # Request headers wrk and the answer check send.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 # Servers with no uwsgi-over-TLS to measure, and why; the report says so under the TLS scenario.
@@ -29,6 +31,10 @@ NO_TLS = {
     "gunicorn": "its uwsgi protocol has no TLS",
     "granian": "it speaks HTTP, not uwsgi",
 }
+
+# The framework views answer a JSON document built from the path, this header and the query.
+VIEW_QUERY = "page=2&sort=title"
+VIEW_HEADERS = (("X-Bench-Client", "wrk"),)
 
 # The scenarios of this run: bench.py's --scenarios narrows the list in place.
 SCENARIOS = [
@@ -43,7 +49,19 @@ SCENARIOS = [
     ),
     Scenario("bytes64k", "/bytes64k", "GET, 64 KiB body from memory", ceiling=True),
     Scenario("stream", "/stream", "GET, generator of 16 x 4 KiB chunks, no Content-Length"),
-    Scenario("flask", "/flask/json", "GET, small Flask JSON view"),
+    Scenario(
+        "flask",
+        f"/flask/json?{VIEW_QUERY}",
+        "GET, small Flask JSON view (the path, a header and the query as JSON)",
+        headers=VIEW_HEADERS,
+    ),
+    Scenario(
+        "django",
+        f"/django/json?{VIEW_QUERY}",
+        "GET, small Django JsonResponse view (the path, a header and the query) through session, CSRF, common, "
+        "auth and messages middleware, no database",
+        headers=VIEW_HEADERS,
+    ),
     Scenario("sleep", "/sleep", "GET, the app sleeps 50 ms (threads matter)"),
     Scenario("echo", "/echo", "POST 1 MiB, echoed back with its CRC-32", method="POST"),
     Scenario(

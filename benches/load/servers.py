@@ -59,8 +59,9 @@ class Backend:
         return self.protocol == "nginx" or self.tls == scenario.tls
 
 
-def build_backends(args: argparse.Namespace, tmp: Path) -> list[Backend]:
-    w, t, venv = args.workers, args.threads, args.venv
+def build_backends(args: argparse.Namespace, tmp: Path, threads: int) -> list[Backend]:
+    """The servers of one thread count (each thread count of a run has its own instances)."""
+    w, t, venv = args.workers, threads, args.venv
     backends = [
         Backend(
             "ferrule",
@@ -86,14 +87,14 @@ def build_backends(args: argparse.Namespace, tmp: Path) -> list[Backend]:
     wanted = set(args.servers)
     chosen = [b for b in backends if b.name in wanted] if any(not sc.tls for sc in SCENARIOS) else []
     if any(sc.tls for sc in SCENARIOS):
-        chosen += [b for b in tls_backends(args, tmp) if b.name in wanted]
+        chosen += [b for b in tls_backends(args, tmp, threads) if b.name in wanted]
     return chosen + [Backend("nginx", "nginx")]
 
 
-def tls_backends(args: argparse.Namespace, tmp: Path) -> list[Backend]:
+def tls_backends(args: argparse.Namespace, tmp: Path, threads: int) -> list[Backend]:
     """The TLS instances: the same servers with the same settings, each on a TLS port of 127.0.0.1, with the
     certificate and key that make_certs writes into tmp/tls."""
-    w, t, venv = args.workers, args.threads, args.venv
+    w, t, venv = args.workers, threads, args.venv
     cert, key = tmp / "tls" / "ferrule.crt", tmp / "tls" / "ferrule.key"
     ferrule_port, uwsgi_port = free_port(), free_port()
     ferrule_socket = [

@@ -11,4 +11,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include(router.urls)),
     path("page/", views.page, name="page"),
+    # The load benchmark's view, mounted by benches/apps/bench_app.py under /django/.
+    path("django/json", views.bench_json),
 ]
