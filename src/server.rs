@@ -73,7 +73,7 @@ pub(crate) async fn run(
 
     // Counters go to the master once a second, which is plenty for a scrape interval of seconds; with
     // --max-workers four times a second, so that the master sees requests wait within its 1 s reaction.
-    let every = if ctx.config.workers.adaptive() {
+    let every = if ctx.config.workers.max.is_some() {
         ADAPTIVE_REPORT
     } else {
         REPORT

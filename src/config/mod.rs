@@ -290,11 +290,6 @@ impl Workers {
         }
         out
     }
-
-    /// Whether the master adds and retires workers with the load.
-    pub(crate) fn adaptive(&self) -> bool {
-        self.max.is_some_and(|max| max > self.count)
-    }
 }
 
 impl Limits {

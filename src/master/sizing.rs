@@ -15,7 +15,7 @@ pub(super) fn log_counts(config: &Config) {
             "workers" => workers.clamped_from.unwrap_or(workers.count),
             _ => workers.max.unwrap_or(workers.count),
         };
-        tracing::info!(target: LOG, option, count, source = %cpus.source, "{option}=auto → {count} ({})", cpus.source);
+        tracing::info!(target: LOG, option, count, source = cpus.source.as_str(), "{option}=auto → {count} ({})", cpus.source);
     }
     if let Some(found) = workers.clamped_from {
         tracing::warn!(target: LOG,
