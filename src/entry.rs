@@ -197,7 +197,7 @@ fn check_config(mut options: Options) -> i32 {
         tracing::error!("{error}");
         return EXIT_USAGE;
     }
-    match shown {
+    match shown.map(|text| config.workers.annotate_auto(&text)) {
         Ok(text) => {
             use std::io::Write;
             print!("{text}");

@@ -10,8 +10,9 @@
 //!
 //! 1. The foundation, no sockets and no Python: `packet` (the uwsgi wire format: one `decode` for every read
 //!    path), `sync` (locks that a panic does not poison for everyone after it), `log_fields` (the text log's
-//!    fields, written without styling when there is no colour), `tls` (reads and checks the
-//!    files of tls:// sockets, builds the rustls configuration, the shared session tickets), `config` (the
+//!    fields, written without styling when there is no colour), `tls` (reads and checks the files of tls://
+//!    sockets, builds the rustls configuration, the shared session tickets), `resources` (the CPUs and memory
+//!    this process may use: affinity, cpuset, CPU quota and memory limit), `config` (the
 //!    options from the command line, the environment and the `--config` file, validated once and handed to
 //!    workers), `environ` (packet vars to the PEP 3333 environ), `body` (the request body, in memory or spooled
 //!    to a file), `response` (HTTP/1.1 heads, response framing, the server's own answers), `metrics` (counters,
@@ -33,6 +34,7 @@ pub mod packet;
 pub(crate) mod sync;
 pub(crate) mod log_fields;
 pub(crate) mod tls;
+pub(crate) mod resources;
 pub(crate) mod config;
 pub mod environ;
 pub(crate) mod body;

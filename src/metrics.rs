@@ -181,6 +181,9 @@ pub(crate) struct MasterMetrics {
     live: HashMap<u32, (u32, Snapshot)>,
     exited: Snapshot,
     restarts: BTreeMap<&'static str, u64>,
+    /// Workers added and retired by `--max-workers`.
+    scaled_up: u64,
+    scaled_down: u64,
 }
 
 /// Why the master replaced a worker, for `ferrule_worker_restarts_total`.
@@ -201,6 +204,15 @@ impl MasterMetrics {
     pub(crate) fn worker_exited(&mut self, id: u32) {
         if let Some((_, last)) = self.live.remove(&id) {
             self.exited.add_counters(&last);
+        }
+    }
+
+    /// `--max-workers` added (`up`) or retired a worker.
+    pub(crate) fn scaled(&mut self, up: bool) {
+        if up {
+            self.scaled_up += 1;
+        } else {
+            self.scaled_down += 1;
         }
     }
 
@@ -258,6 +270,12 @@ impl MasterMetrics {
         let restarts = RESTART_REASONS.map(|r| (label("reason", r), self.restarts.get(r).copied().unwrap_or(0)));
         registry.register("worker_restarts", "Workers replaced, by reason", counters(restarts));
         registry.register("workers", "Live worker processes", gauge(self.live.len() as i64));
+        let scaled = [("up", self.scaled_up), ("down", self.scaled_down)];
+        registry.register(
+            "worker_scalings",
+            "Workers added while requests waited (up) and retired while idle (down), with --max-workers",
+            counters(scaled.map(|(direction, n)| (label("direction", direction), n))),
+        );
         registry.register(
             "worker_resident_memory_bytes",
             "Resident memory of each worker",
@@ -468,6 +486,9 @@ mod tests {
         // Pids that cannot exist, so the memory families stay empty and the text does not depend on this process.
         master.worker_started(1, 4_000_000_001);
         master.worker_started(2, 4_000_000_002);
+        master.scaled(true);
+        master.scaled(true);
+        master.scaled(false);
         let mut buckets = [0; NBUCKETS];
         (buckets[0], buckets[5], buckets[NBUCKETS - 1]) = (2, 7, 1);
         let mut tls_failures = [0; NFAILURES];
@@ -555,6 +576,10 @@ mod tests {
         # HELP ferrule_workers Live worker processes.\n\
         # TYPE ferrule_workers gauge\n\
         ferrule_workers 1\n\
+        # HELP ferrule_worker_scalings Workers added while requests waited (up) and retired while idle (down), with --max-workers.\n\
+        # TYPE ferrule_worker_scalings counter\n\
+        ferrule_worker_scalings_total{direction=\"down\"} 1\n\
+        ferrule_worker_scalings_total{direction=\"up\"} 2\n\
         # HELP ferrule_listen_queue_depth Connections waiting to be accepted (TCP sockets; Linux does not report it for Unix sockets).\n\
         # TYPE ferrule_listen_queue_depth gauge\n\
         ferrule_listen_queue_depth{socket=\"127.0.0.1:3031\"} 4\n\

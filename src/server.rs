@@ -39,6 +39,10 @@ pub(crate) enum Stop {
 const FULL_RECHECK: Duration = Duration::from_millis(10);
 /// How long an idle app thread sleeps before it looks again on its own (it is normally woken well before).
 const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How often a worker reports its counters to the master.
+const REPORT: Duration = Duration::from_secs(1);
+/// How often with `--max-workers`, whose decisions read the in-flight count.
+const ADAPTIVE_REPORT: Duration = Duration::from_millis(250);
 /// How long an app thread backs off after accept failed (out of descriptors or memory).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -67,8 +71,14 @@ pub(crate) async fn run(
     control.send(&Message::Ready);
     tracing::info!(threads = app.threads(), "ready");
 
-    // Counters go to the master once a second, which is plenty for a scrape interval of seconds.
-    let mut report = tokio::time::interval(Duration::from_secs(1));
+    // Counters go to the master once a second, which is plenty for a scrape interval of seconds; with
+    // --max-workers four times a second, so that the master sees requests wait within its 1 s reaction.
+    let every = if ctx.config.workers.max.is_some() {
+        ADAPTIVE_REPORT
+    } else {
+        REPORT
+    };
+    let mut report = tokio::time::interval(every);
     let stop = loop {
         tokio::select! {
             _ = report.tick() => control.send(&Message::Stats(Box::new(ctx.metrics.snapshot()))),

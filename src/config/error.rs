@@ -46,6 +46,11 @@ pub(crate) enum ConfigError {
          is one"
     )]
     TlsFilesWithoutSocket,
+    #[error(
+        "--max-workers {max} is below --workers {workers}: --workers is the fewest workers and --max-workers the \
+         most; raise --max-workers or lower --workers"
+    )]
+    MaxWorkersBelowWorkers { max: String, workers: usize },
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }

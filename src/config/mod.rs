@@ -9,6 +9,7 @@ mod error;
 mod file;
 mod options;
 mod socket;
+mod workers;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -90,7 +91,18 @@ pub(crate) struct App {
 /// How many workers, their app threads, and when a worker is replaced or must have stopped.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Workers {
+    /// How many start; with `max`, the fewest there are.
     pub(crate) count: usize,
+    /// `--max-workers`: the most there may be, added while requests wait and retired when idle.
+    pub(crate) max: Option<usize>,
+    pub(crate) scale_up_after: Duration,
+    pub(crate) scale_down_after: Duration,
+    /// What `auto` found, when `--workers` or `--max-workers` was `auto`.
+    pub(crate) auto: Option<crate::resources::Cpus>,
+    /// The options given as `auto`: `workers`, `max-workers`.
+    pub(crate) auto_options: Vec<String>,
+    /// `--workers auto` found this many, more than `--max-workers`, and was lowered to it.
+    pub(crate) clamped_from: Option<usize>,
     pub(crate) threads: usize,
     pub(crate) graceful_timeout: Duration,
     pub(crate) max_requests: Option<u64>,
@@ -144,7 +156,7 @@ impl Config {
         if let Some(format) = &o.access_log_format {
             check_access_log_format(format)?;
         }
-        let workers = Workers::from_options(&o);
+        let workers = Workers::from_options(&o)?;
         let limits = Limits::from_options(&o)?;
         let files = tls_files(&sockets, o.tls_cert, o.tls_key, o.tls_client_ca)?;
         if files.is_none() && o.tls_ticket_rotation.is_some() {
@@ -233,15 +245,50 @@ impl Config {
 }
 
 impl Workers {
-    fn from_options(o: &Options) -> Workers {
-        Workers {
-            count: o.workers as usize,
+    fn from_options(o: &Options) -> Result<Workers, ConfigError> {
+        let counts = workers::resolve(o.workers, o.max_workers, crate::resources::usable_cpus)?;
+        Ok(Workers {
+            count: counts.count,
+            max: counts.max,
+            scale_up_after: Duration::from_secs(o.scale_up_after),
+            scale_down_after: Duration::from_secs(o.scale_down_after),
+            auto: counts.auto,
+            auto_options: counts.auto_options,
+            clamped_from: counts.clamped_from,
             threads: o.threads as usize,
             graceful_timeout: Duration::from_secs(o.graceful_timeout),
             max_requests: (o.max_requests > 0).then_some(o.max_requests),
             max_requests_jitter: o.max_requests_jitter,
             reload_on_rss: (o.reload_on_rss > 0).then(|| o.reload_on_rss.saturating_mul(1 << 20)),
+        })
+    }
+
+    /// The most workers there may be at once: what `wsgi.multiprocess` is about.
+    pub(crate) fn most(&self) -> usize {
+        self.count.max(self.max.unwrap_or(0))
+    }
+
+    /// `--check-config`'s TOML with each `auto` count followed by what it found: `workers = "auto" # → 2 (cpu
+    /// quota 200000/100000)`.
+    pub(crate) fn annotate_auto(&self, toml: &str) -> String {
+        let Some(cpus) = &self.auto else { return toml.to_owned() };
+        let found = |key: &str| match key {
+            "workers" => Some(self.clamped_from.map_or(self.count.to_string(), |found| {
+                format!("{found}, lowered to --max-workers {}", self.count)
+            })),
+            "max_workers" => self.max.map(|max| max.to_string()),
+            _ => None,
+        };
+        let mut out = String::with_capacity(toml.len() + 80);
+        for line in toml.lines() {
+            out.push_str(line);
+            let key = line.strip_suffix(" = \"auto\"");
+            if let Some(count) = key.and_then(found) {
+                out.push_str(&format!(" # → {count} ({})", cpus.source));
+            }
+            out.push('\n');
         }
+        out
     }
 }
 

@@ -9,6 +9,7 @@ use clap::builder::BoolishValueParser;
 
 use super::error::ConfigError;
 use super::socket::{DEFAULT_SOCKET, systemd_fds};
+use super::workers::WorkerCount;
 
 /// Serve a Python WSGI app to nginx over the uwsgi protocol.
 ///
@@ -58,11 +59,27 @@ pub(crate) struct Options {
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub(crate) threads: u32,
 
-    /// Worker processes, supervised by a master process that holds the sockets
-    #[arg(short = 'w', long, visible_alias = "processes", value_name = "N", env = "FERRULE_WORKERS",
-          default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub(crate) workers: u32,
+    /// Worker processes, supervised by a master process that holds the sockets; `auto`: one per CPU this
+    /// process may use (affinity, cpuset, CPU quota). With --max-workers, the fewest
+    #[arg(short = 'w', long, visible_alias = "processes", value_name = "N|auto", env = "FERRULE_WORKERS",
+          default_value = "1", value_parser = WorkerCount::parse)]
+    pub(crate) workers: WorkerCount,
+
+    /// Add workers while requests wait, one at a time, up to this many (N or auto); retire them when idle
+    #[arg(long, value_name = "M|auto", env = "FERRULE_MAX_WORKERS", value_parser = WorkerCount::parse)]
+    pub(crate) max_workers: Option<WorkerCount>,
+
+    /// With --max-workers: seconds requests must wait (every app thread busy, or a TCP listen queue) before a
+    /// worker is added
+    #[arg(long, value_name = "SECS", env = "FERRULE_SCALE_UP_AFTER", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(crate) scale_up_after: u64,
+
+    /// With --max-workers: seconds with a worker's worth of idle app threads before the newest worker is
+    /// retired, and between two retirements
+    #[arg(long, value_name = "SECS", env = "FERRULE_SCALE_DOWN_AFTER", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub(crate) scale_down_after: u64,
 
     /// Change to this directory before loading the app
     #[arg(long, value_name = "DIR", env = "FERRULE_CHDIR")]

@@ -26,7 +26,9 @@ use super::error::MasterError;
 use super::events::Event;
 use super::ids::{ChildPid, WorkerId};
 use super::reload;
+use super::scaling::{Change, Scaling, Sight};
 use super::scrape;
+use super::sizing;
 use super::spawn::{self, Launch, SpawnError, Spawner, describe, startup_failure};
 use super::tickets::Tickets;
 use super::workers::{State, Worker, Workers};
@@ -36,10 +38,14 @@ struct Master<'s> {
     config: Arc<Config>,
     spawner: Spawner,
     /// The sockets the workers inherit: bound before, and removed after, this value lives.
-    _bound: &'s Bound,
+    bound: &'s Bound,
     workers: Workers,
     generation: u32,
     desired: usize,
+    /// `--max-workers`: the floor and ceiling of `desired`, and when to move it with the load.
+    scaling: Scaling,
+    /// The memory check of `--workers` against the cgroup's limit is made once, on the first worker ready.
+    memory_checked: bool,
     crashes: Backoff,
     respawn_pending: bool,
     /// Under `--preload`: the zygote the workers are forked from, and during a reload the one importing the
@@ -67,9 +73,11 @@ impl<'s> Master<'s> {
         let fds = bound.sockets.iter().map(|s| s.fd.as_raw_fd()).collect();
         Master {
             desired: config.workers.count,
+            scaling: Scaling::new(&config),
+            memory_checked: false,
             config,
             spawner: Spawner::new(launch, fds),
-            _bound: bound,
+            bound,
             workers: Workers::new(),
             generation: 0,
             crashes: Backoff::default(),
@@ -90,6 +98,7 @@ impl<'s> Master<'s> {
         let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
         let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
 
+        sizing::log_counts(&self.config);
         self.start_up().await?;
         tracing::info!(target: LOG, workers = self.desired, pid = std::process::id(), "ready");
 
@@ -106,6 +115,7 @@ impl<'s> Master<'s> {
                 _ = ttou.recv() => self.one_fewer(),
                 _ = tick.tick() => {
                     self.workers.kill_overdue();
+                    self.scale();
                     self.tickets.rotate(&self.config, &mut self.workers);
                     if self.config.fixed.preload && last_sweep.elapsed() >= STRAY_SWEEP {
                         last_sweep = Instant::now();
@@ -183,7 +193,7 @@ impl<'s> Master<'s> {
     /// SIGTTIN knows it is not alone).
     fn settings(&self) -> Config {
         let mut config = (*self.config).clone();
-        config.workers.count = config.workers.count.max(self.desired);
+        config.workers.count = config.workers.most().max(self.desired);
         config
     }
 
@@ -215,7 +225,7 @@ impl<'s> Master<'s> {
         // Waiting on the line when the forked worker starts to read it.
         self.tickets.send_to_new(&ours, &self.config, &mut self.workers)?;
         let id = self.workers.next_id();
-        let workers = self.config.workers.count.max(self.desired);
+        let workers = self.config.workers.most().max(self.desired);
         let pid = self.zygotes.fork(id, workers, theirs.as_fd())?;
         drop(theirs);
         self.watch_worker(id, pid, true, ours)?;
@@ -257,9 +267,14 @@ impl<'s> Master<'s> {
     fn reload(&mut self) {
         match reload::reread(self.spawner.argv(), &self.config) {
             Ok(config) => {
-                if config.workers.count != self.config.workers.count {
+                self.scaling.reconfigure(&self.config, &config);
+                if self.scaling.bounded() {
+                    // Adaptive workers keep the count the load gave them, within the new floor and ceiling.
+                    self.desired = self.scaling.keep(self.desired);
+                } else if config.workers.count != self.config.workers.count {
                     self.desired = config.workers.count;
                 }
+                sizing::log_counts(&config);
                 self.config = Arc::new(config);
             }
             Err(error) => {
@@ -325,7 +340,10 @@ impl<'s> Master<'s> {
         match event {
             Event::Ready(id) => self.on_ready(id),
             Event::Retire(id, reason) => self.on_retire(id, reason),
-            Event::Stats(id, snapshot) => self.metrics().update(id.get(), *snapshot),
+            Event::Stats(id, snapshot) => {
+                self.scaling.reported(id, snapshot.in_flight);
+                self.metrics().update(id.get(), *snapshot);
+            }
             Event::Exited(id, status) => self.on_exit(id, status),
             Event::Respawn => {
                 self.respawn_pending = false;
@@ -350,7 +368,16 @@ impl<'s> Master<'s> {
         if w.state == State::Starting {
             w.state = State::Ready;
         }
-        tracing::info!(target: LOG, worker = id.get(), pid = w.pid.get(), "worker ready");
+        let pid = w.pid;
+        tracing::info!(target: LOG, worker = id.get(), pid = pid.get(), "worker ready");
+        if !self.memory_checked {
+            self.memory_checked = true;
+            sizing::check_memory(
+                pid.get(),
+                self.config.workers.most().max(self.desired),
+                self.config.fixed.preload,
+            );
+        }
         // A new worker is serving: the oldest one waiting for a replacement can go.
         if let Some(old) = self.workers.next_to_replace() {
             self.workers
@@ -385,6 +412,7 @@ impl<'s> Master<'s> {
 
     fn on_exit(&mut self, id: WorkerId, status: ExitStatus) {
         self.metrics().worker_exited(id.get());
+        self.scaling.forget(id);
         let Some(w) = self.workers.forget(id) else { return };
         let (worker, pid) = (id.get(), w.pid.get());
         if w.is_stopping() {
@@ -432,22 +460,92 @@ impl<'s> Master<'s> {
         });
     }
 
+    /// SIGTTIN: one worker more; with `--max-workers`, the floor one higher (up to the ceiling).
     fn one_more(&mut self) {
+        if !self.scaling.raise_floor() {
+            tracing::info!(target: LOG, workers = self.desired, "SIGTTIN: already at --max-workers");
+            return;
+        }
+        if self.desired >= self.scaling.floor() {
+            tracing::info!(target: LOG, floor = self.scaling.floor(), workers = self.desired, "SIGTTIN: the floor one higher");
+            return;
+        }
         self.desired += 1;
         tracing::info!(target: LOG, workers = self.desired, "SIGTTIN: one worker more");
         self.spawn_or_log();
     }
 
+    /// SIGTTOU: one worker fewer; with `--max-workers`, the floor one lower (a worker the load added stays
+    /// until it is idle).
     fn one_fewer(&mut self) {
-        if self.desired <= 1 {
+        let at_floor = self.desired <= self.scaling.floor();
+        if !self.scaling.lower_floor() {
             tracing::info!(target: LOG, "SIGTTOU: already at one worker");
+            return;
+        }
+        if !at_floor {
+            tracing::info!(target: LOG, floor = self.scaling.floor(), workers = self.desired, "SIGTTOU: the floor one lower");
             return;
         }
         self.desired -= 1;
         tracing::info!(target: LOG, workers = self.desired, "SIGTTOU: one worker fewer");
-        if let Some(id) = self.workers.newest_active() {
-            self.workers
-                .stop(id, Signal::SIGTERM, self.config.workers.graceful_timeout);
+        self.retire_newest();
+    }
+
+    fn retire_newest(&mut self) -> Option<WorkerId> {
+        let id = self.workers.newest_active()?;
+        self.scaling.forget(id);
+        self.workers
+            .stop(id, Signal::SIGTERM, self.config.workers.graceful_timeout);
+        Some(id)
+    }
+
+    /// `--max-workers`: one worker more while requests wait, one fewer while a worker's worth of threads idles.
+    fn scale(&mut self) {
+        if !self.scaling.bounded() {
+            return;
+        }
+        let serving = self.workers.serving();
+        let queued = self
+            .bound
+            .sockets
+            .iter()
+            .filter(|s| !s.is_unix())
+            .filter_map(|s| crate::listener::listen_queue_depth(&s.fd))
+            .sum();
+        let sight = Sight {
+            serving: &serving,
+            starting: self.workers.any_starting() || self.workers.active() != self.desired,
+            queued,
+        };
+        match self.scaling.decide(Instant::now(), self.desired, &sight) {
+            None => {}
+            Some(Change::Up { busy, threads, queued }) => {
+                self.desired += 1;
+                self.metrics().scaled(true);
+                tracing::info!(target: LOG,
+                    workers = self.desired,
+                    busy_threads = busy,
+                    threads,
+                    listen_queue = queued,
+                    waited = ?self.config.workers.scale_up_after,
+                    "scaling up: requests waited"
+                );
+                self.spawn_or_log();
+            }
+            Some(Change::Down { idle, threads }) => {
+                self.desired -= 1;
+                self.metrics().scaled(false);
+                let worker = self.retire_newest().map(WorkerId::get);
+                tracing::info!(target: LOG,
+                    workers = self.desired,
+                    worker,
+                    idle_threads = idle,
+                    threads,
+                    idle_for = ?self.config.workers.scale_down_after,
+                    "scaling down: threads idle"
+                );
+            }
         }
     }
 

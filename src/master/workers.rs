@@ -171,6 +171,15 @@ impl Workers {
             .max()
     }
 
+    /// The workers serving now: ready, and neither stopping nor retiring.
+    pub(super) fn serving(&self) -> Vec<WorkerId> {
+        self.table
+            .iter()
+            .filter(|(_, w)| w.state == State::Ready && w.retiring.is_none())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     pub(super) fn ids(&self) -> Vec<WorkerId> {
         self.table.keys().copied().collect()
     }

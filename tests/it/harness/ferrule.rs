@@ -78,6 +78,8 @@ pub struct FerruleBuilder {
     tempdir: TempDir,
     /// RLIMIT_NOFILE (soft, hard) for the process, set between fork and exec.
     nofile: Option<(u64, u64)>,
+    /// `cgroup.procs` files the process moves itself into between fork and exec.
+    cgroups: Vec<std::ffi::CString>,
 }
 
 impl FerruleBuilder {
@@ -102,6 +104,7 @@ impl FerruleBuilder {
             socket: SocketChoice::FromArgs,
             tempdir: temp_dir(),
             nofile: None,
+            cgroups: Vec::new(),
         }
     }
 
@@ -178,6 +181,15 @@ impl FerruleBuilder {
     /// raising the hard limit needs root.
     pub fn nofile_limit(mut self, soft: u64, hard: u64) -> Self {
         self.nofile = Some((soft, hard));
+        self
+    }
+
+    /// Starts the process in the cgroup of this `cgroup.procs` file (repeatable, one per v1 hierarchy): it
+    /// moves itself there before exec, so the master and every worker live in it. Needs root.
+    pub fn in_cgroup(mut self, procs: &Path) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(procs.as_os_str().as_bytes()).expect("a cgroup path has no NUL");
+        self.cgroups.push(path);
         self
     }
 
@@ -399,6 +411,26 @@ impl FerruleBuilder {
                         }
                     } else if libc::dup2(listener, target) < 0 {
                         return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        for procs in self.cgroups.clone() {
+            // SAFETY: runs between fork and exec and only calls open, write and close, which are
+            // async-signal-safe, on a path made before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // "0": the process that writes it.
+                    let written = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    let error = io::Error::last_os_error();
+                    libc::close(fd);
+                    if written != 2 {
+                        return Err(error);
                     }
                     Ok(())
                 });

@@ -40,6 +40,8 @@ pub struct LoadResult {
     pub errors: Vec<String>,
     /// Distinct response bodies and how often each came back.
     pub bodies: BTreeMap<String, u64>,
+    /// Seconds from the first request to the last answer.
+    pub elapsed_s: f64,
     pub raw: String,
 }
 
@@ -142,6 +144,7 @@ impl Load {
             statuses: map("statuses"),
             errors,
             bodies: map("bodies"),
+            elapsed_s: elapsed_s(line).unwrap_or_else(|| panic!("no number \"elapsed_s\" in {line}")),
             raw: line.to_owned(),
         }
     }
@@ -161,4 +164,15 @@ pub fn write_version_module(dir: &Path, version: &str) -> PathBuf {
     let path = dir.join("lifecycle_version.py");
     std::fs::write(&path, format!("VERSION = {version:?}\n")).expect("write lifecycle_version.py");
     path
+}
+
+/// load.py's `"elapsed_s": S` (a float, which the test JSON reader does not read).
+fn elapsed_s(line: &str) -> Option<f64> {
+    let rest = &line[line.find("\"elapsed_s\":")? + "\"elapsed_s\":".len()..];
+    let number: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    number.parse().ok()
 }
