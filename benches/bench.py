@@ -234,6 +234,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--name", default="latest", help="the results files' name: NAME.{md,csv,png}, NAME-runs.csv (default latest)"
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for inspection")
+    p.add_argument(
+        "--request-logs",
+        action="store_true",
+        help="a log line per request: ferrule with --access-log, uWSGI with its default request logging "
+        "(otherwise both are off)",
+    )
     preset = argparse.ArgumentParser(add_help=False)
     preset.add_argument("--per-worker", action="store_true")
     if preset.parse_known_args(argv)[0].per_worker:

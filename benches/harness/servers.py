@@ -29,8 +29,10 @@ def ferrule_command(
 
 
 def uwsgi_command(
-    venv, socket: list[str], workers: int, threads: int, app: str, extra: Sequence[str] = ()
+    venv, socket: list[str], workers: int, threads: int, app: str, extra: Sequence[str] = (), request_logs=False
 ) -> list[str]:
+    """`request_logs`: keep uWSGI's default of a log line per request (the benchmark otherwise turns it off, as
+    the other servers log no requests by default)."""
     return [
         str(Path(venv) / "bin" / "uwsgi"),
         "--master",
@@ -44,9 +46,10 @@ def uwsgi_command(
         "--need-app",
         # SIGTERM means reload to uWSGI unless told otherwise.
         "--die-on-term",
+    ] + ([] if request_logs else [
         # uWSGI logs every request by default; the others do not.
         "--disable-logging",
-    ]  # fmt: skip
+    ])  # fmt: skip
 
 
 def gunicorn_command(venv, bind: str, workers: int, threads: int, app: str, extra: Sequence[str] = ()) -> list[str]:

@@ -221,6 +221,8 @@ def write_outputs(
         "## How each server runs",
         "",
         *[f"- {note}" for note in SETUP_NOTES + ([TLS_NOTE] if any(sc.tls for sc in SCENARIOS) else [])],
+        *(["- **This run logs every request** (`--request-logs`): ferrule with `--access-log`, uWSGI without "
+           "`--disable-logging`, each into its log file."] if args.request_logs else []),
         "",
         "## Machine and versions",
         "",

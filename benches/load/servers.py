@@ -62,18 +62,22 @@ class Backend:
 def build_backends(args: argparse.Namespace, tmp: Path, threads: int) -> list[Backend]:
     """The servers of one thread count (each thread count of a run has its own instances)."""
     w, t, venv = args.workers, threads, args.venv
+    # --request-logs: ferrule's access log against uWSGI's default per-request log lines.
+    ferrule_extra = ["--access-log"] if args.request_logs else []
     backends = [
         Backend(
             "ferrule",
             "uwsgi",
-            ferrule_command(args.ferrule, ["--socket", f"unix:{tmp / 'ferrule.sock'}"], w, t, venv, APP),
+            ferrule_command(
+                args.ferrule, ["--socket", f"unix:{tmp / 'ferrule.sock'}"], w, t, venv, APP, ferrule_extra
+            ),
             tmp / "ferrule.sock",
             ready_log=rf"ready workers={args.workers}\b",
         ),
         Backend(
             "uwsgi",
             "uwsgi",
-            uwsgi_command(venv, ["--socket", str(tmp / "uwsgi.sock")], w, t, APP),
+            uwsgi_command(venv, ["--socket", str(tmp / "uwsgi.sock")], w, t, APP, request_logs=args.request_logs),
             tmp / "uwsgi.sock",
         ),
         Backend(
