@@ -13,6 +13,7 @@ mod file_wrapper;
 mod input;
 mod interpreter;
 mod loader;
+mod reloading;
 mod request;
 mod sink;
 
@@ -25,6 +26,7 @@ use crate::config::Config;
 use request::AppState;
 
 pub(crate) use app_error::AppError;
+pub(crate) use reloading::{files_after_failure, imported_files};
 pub(crate) use sink::{Gone, Request, RequestSource, ResponseSink};
 
 /// The loaded app, before and after its threads start.

@@ -46,6 +46,10 @@ pub(crate) enum ConfigError {
          is one"
     )]
     TlsFilesWithoutSocket,
+    #[error("{0} is for --reload: add --reload, or drop {0}")]
+    WatchWithoutReload(&'static str),
+    #[error("--reload-poll changes how --reload and --touch-reload watch their files, and neither is given")]
+    PollWithoutWatch,
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }

@@ -21,6 +21,7 @@ mod scrape;
 mod spawn;
 mod supervise;
 mod tickets;
+mod watch;
 mod workers;
 mod zygote;
 

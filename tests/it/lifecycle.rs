@@ -8,6 +8,7 @@
 
 mod failover;
 mod master_exit;
+mod on_change;
 mod support;
 
 use std::collections::BTreeSet;
