@@ -181,7 +181,7 @@ fn import_error(py: Python<'_>, target: &str, e: PyErr) -> AppError {
     AppError::Import {
         target: target.to_owned(),
         error: e.to_string(),
-        files: super::reloading::files_of_error(py, &e),
+        files: super::watched::files_of_error(py, &e),
     }
 }
 

@@ -62,6 +62,8 @@ pub(super) fn spawn(poll_only: bool, events: Events) -> std::io::Result<mpsc::Se
 struct Notify {
     inotify: Inotify,
     dirs: HashMap<WatchDescriptor, (PathBuf, HashSet<OsString>)>,
+    /// The directories of `dirs`, to look up.
+    watched: HashMap<PathBuf, WatchDescriptor>,
 }
 
 impl Notify {
@@ -69,13 +71,55 @@ impl Notify {
         Notify {
             inotify,
             dirs: HashMap::new(),
+            watched: HashMap::new(),
         }
     }
 
     fn watches(&self, dir: &Path) -> bool {
-        self.dirs.values().any(|(d, _)| d == dir)
+        self.watched.contains_key(dir)
+    }
+
+    /// Adds `name` in `dir` to what is watched; an error but a missing or unreadable directory is returned.
+    fn add(&mut self, dir: &Path, name: &std::ffi::OsStr) -> Result<(), Errno> {
+        if let Some(wd) = self.watched.get(dir) {
+            if let Some((_, names)) = self.dirs.get_mut(wd) {
+                names.insert(name.to_owned());
+            }
+            return Ok(());
+        }
+        match self.inotify.add_watch(dir, MASK) {
+            Ok(wd) => {
+                // The kernel gives the same descriptor for a directory already watched under another path.
+                let entry = self.dirs.entry(wd).or_insert_with(|| (dir.to_owned(), HashSet::new()));
+                entry.1.insert(name.to_owned());
+                self.watched.insert(dir.to_owned(), wd);
+                Ok(())
+            }
+            Err(Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The directory of `wd` went away: forgets it.
+    fn forget(&mut self, wd: WatchDescriptor) -> Option<PathBuf> {
+        let (dir, _) = self.dirs.remove(&wd)?;
+        self.watched.retain(|_, w| *w != wd);
+        let _ = self.inotify.rm_watch(wd);
+        Some(dir)
     }
 }
+
+/// What happens in a watched directory that can be a change to a target in it, or to the directory itself.
+const MASK: AddWatchFlags = AddWatchFlags::IN_MODIFY
+    .union(AddWatchFlags::IN_ATTRIB)
+    .union(AddWatchFlags::IN_CLOSE_WRITE)
+    .union(AddWatchFlags::IN_CREATE)
+    .union(AddWatchFlags::IN_DELETE)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_MOVE_SELF)
+    .union(AddWatchFlags::IN_ONLYDIR);
 
 struct Watcher {
     targets: Vec<PathBuf>,
@@ -122,7 +166,7 @@ impl Watcher {
         self.last_look.extend(&targets);
         let more = targets.len() > self.targets.len();
         self.targets = targets;
-        self.add_watches();
+        self.add_watches(&self.targets.clone());
         if more {
             tracing::info!(target: LOG,
                 files = self.targets.len(),
@@ -132,51 +176,21 @@ impl Watcher {
         }
     }
 
-    /// Adds a watch for each target's directory (and for a symlink's target, the directory of the file it
+    /// Adds a watch for the directory of each of `targets` (and for a symlink, the directory of the file it
     /// points to) that exists and has none; a directory that does not exist yet is polled until it does. A
     /// watch that cannot be added for another reason (the limit of watches) turns inotify off.
-    fn add_watches(&mut self) {
+    fn add_watches(&mut self, targets: &[PathBuf]) {
         let Some(notify) = &mut self.notify else { return };
-        let mask = AddWatchFlags::IN_MODIFY
-            | AddWatchFlags::IN_ATTRIB
-            | AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_DELETE_SELF
-            | AddWatchFlags::IN_MOVE_SELF
-            | AddWatchFlags::IN_ONLYDIR;
         let mut failed = None;
-        for target in &self.targets {
+        'targets: for target in targets {
             for file in std::iter::once(target.clone()).chain(std::fs::canonicalize(target).ok()) {
                 let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
                     continue;
                 };
-                if notify.watches(dir) {
-                    if let Some((_, names)) = notify.dirs.values_mut().find(|(d, _)| d == dir) {
-                        names.insert(name.to_owned());
-                    }
-                    continue;
+                if let Err(error) = notify.add(dir, name) {
+                    failed = Some((error, dir.to_owned()));
+                    break 'targets;
                 }
-                match notify.inotify.add_watch(dir, mask) {
-                    // The kernel gives the same descriptor for a directory already watched under another path.
-                    Ok(wd) => {
-                        let entry = notify
-                            .dirs
-                            .entry(wd)
-                            .or_insert_with(|| (dir.to_owned(), HashSet::new()));
-                        entry.1.insert(name.to_owned());
-                    }
-                    Err(Errno::ENOENT | Errno::ENOTDIR | Errno::EACCES) => {}
-                    Err(error) => {
-                        failed = Some((error, dir.to_owned()));
-                        break;
-                    }
-                }
-            }
-            if failed.is_some() {
-                break;
             }
         }
         if let Some((error, dir)) = failed {
@@ -221,9 +235,8 @@ impl Watcher {
             let gone = AddWatchFlags::IN_IGNORED | AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF;
             if event.mask.intersects(gone) {
                 // The directory went away: its targets are polled until it is back, and then watched again.
-                if let Some((dir, _)) = notify.dirs.remove(&event.wd) {
+                if let Some(dir) = notify.forget(event.wd) {
                     tracing::debug!(target: LOG, dir = %dir.display(), "a watched directory went away");
-                    let _ = notify.inotify.rm_watch(event.wd);
                 }
                 seen = true;
                 continue;
@@ -254,7 +267,7 @@ impl Watcher {
         if polled.is_empty() {
             return;
         }
-        self.add_watches();
+        self.add_watches(&polled);
         let now = Stamps::take(&polled);
         if !self.last_look.changed_in(&now).is_empty() {
             // Quiet for a whole look: a burst of writes that spans one is still one reload.

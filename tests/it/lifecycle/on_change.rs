@@ -138,9 +138,8 @@ fn an_edit_is_served_within_two_seconds_under_preload() {
 
 /// A syntax error: one error with the traceback naming the file and line, the old worker keeps serving the old
 /// code; the fix is then served.
-#[test]
-fn a_syntax_error_keeps_the_old_code_serving_and_logs_one_traceback() {
-    let (server, app) = dev_server(1, &[], "one");
+fn a_syntax_error_keeps_the_old_code(extra: &[&str]) {
+    let (server, app) = dev_server(1, extra, "one");
     wait_watching(&server);
     let (_, old_pid) = version(&server);
     let offset = server.log_offset();
@@ -175,6 +174,17 @@ fn a_syntax_error_keeps_the_old_code_serving_and_logs_one_traceback() {
         "the old worker did not leave\n{}",
         server.log_since(offset)
     );
+}
+
+#[test]
+fn a_syntax_error_keeps_the_old_code_serving_and_logs_one_traceback() {
+    a_syntax_error_keeps_the_old_code(&[]);
+}
+
+/// Under `--preload` the new zygote is the one that fails, and the one traceback is its.
+#[test]
+fn a_syntax_error_under_preload_keeps_the_old_code_serving() {
+    a_syntax_error_keeps_the_old_code(&["--preload"]);
 }
 
 /// An app that does not import at start-up: ferrule starts all the same, answers 503 saying why, and serves the

@@ -1,20 +1,14 @@
 //! What `--reload` needs from the Python side: the files the app imported from outside the standard library
 //! and site-packages (the app's own code, wherever it lives), for the master to watch; the files a failed
-//! import involved; and the stand-in app a worker serves, answering 503, while the app does not import.
+//! import went through; and the stand-in app a worker serves, answering 503, while the app does not import.
 
-use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
 use pyo3::types::PyModule;
 
-use crate::config::Config;
-
-use super::App;
 use super::app_error::AppError;
-use super::loader::{AppSpec, Source};
-use super::request::AppState;
 
 /// The Python half: which files are the app's own (not under the standard library's or any site-packages
 /// directory), the files of a failed import's traceback, and the 503 app.
@@ -107,41 +101,19 @@ pub(super) fn files_of_error(py: Python<'_>, error: &PyErr) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// After the app failed to load under `--reload`: what to watch for the edit that fixes it: the files imported
-/// before the failure, those of its traceback, and the app module's own file.
-pub(crate) fn files_after_failure(config: &Config, error: &AppError) -> Vec<PathBuf> {
-    let mut files: BTreeSet<PathBuf> = imported_files().into_iter().collect();
-    if let AppError::Import { files: involved, .. } = error {
-        files.extend(involved.iter().cloned());
-    }
-    match AppSpec::parse(&config.app.callable).map(|spec| spec.source) {
-        Ok(Source::File(path)) => files.extend(std::path::absolute(path)),
-        Ok(Source::Module(name)) => {
-            let found = Python::attach(|py| {
-                helpers(py)?
-                    .call_method1("module_file", (name,))?
-                    .extract::<Vec<PathBuf>>()
-            });
-            files.extend(found.unwrap_or_default());
-        }
-        Err(_) => {}
-    }
-    files.into_iter().collect()
+/// The file of the module `name` would be imported from, if it is the app's own; none if it cannot be found.
+pub(super) fn module_file(name: &str) -> Vec<PathBuf> {
+    Python::attach(|py| {
+        helpers(py)?
+            .call_method1("module_file", (name,))?
+            .extract::<Vec<PathBuf>>()
+    })
+    .unwrap_or_default()
 }
 
-impl App {
-    /// Under `--reload`, in place of an app that did not import: answers every request with 503 and says why.
-    /// The interpreter is ready (the failed import ran in it).
-    pub(crate) fn unavailable(config: &Config) -> Result<App, AppError> {
-        let app = Python::attach(|py| -> PyResult<Py<PyAny>> { Ok(helpers(py)?.getattr("unavailable")?.unbind()) })
-            .map_err(|e| AppError::Interpreter(format!("cannot make the 503 stand-in app: {e}")))?;
-        Ok(App {
-            state: std::sync::Arc::new(AppState {
-                app,
-                multithread: config.workers.threads > 1,
-                multiprocess: config.workers.count > 1,
-            }),
-            threads: config.workers.threads,
-        })
-    }
+/// Under `--reload`, in place of an app that did not import: a WSGI callable that answers every request with
+/// 503 and says why. The interpreter is ready (the failed import ran in it).
+pub(super) fn unavailable_app() -> Result<Py<PyAny>, AppError> {
+    Python::attach(|py| -> PyResult<Py<PyAny>> { Ok(helpers(py)?.getattr("unavailable")?.unbind()) })
+        .map_err(|e| AppError::Interpreter(format!("cannot make the 503 stand-in app: {e}")))
 }
