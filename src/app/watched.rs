@@ -52,6 +52,14 @@ def of_error(exc):
     files = []
     if isinstance(exc, SyntaxError) and exc.filename:
         files.append(exc.filename)
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        # Where the missing module would be found once it is written.
+        relative = exc.name.replace(".", os.sep)
+        for d in sys.path:
+            d = os.path.abspath(d or ".")
+            if os.path.isdir(d):
+                files.append(os.path.join(d, relative + ".py"))
+                files.append(os.path.join(d, relative, "__init__.py"))
     tb = exc.__traceback__
     while tb is not None:
         files.append(tb.tb_frame.f_code.co_filename)
@@ -94,7 +102,8 @@ pub(crate) fn imported_files() -> Vec<PathBuf> {
     })
 }
 
-/// Files of the traceback of a failed import (the one with a syntax error too), for the error's `files`.
+/// Files of the traceback of a failed import (the one with a syntax error too, and where a missing module
+/// would be found once written), for the error's `files`.
 pub(super) fn files_of_error(py: Python<'_>, error: &PyErr) -> Vec<PathBuf> {
     helpers(py)
         .and_then(|h| h.call_method1("of_error", (error.value(py),))?.extract())

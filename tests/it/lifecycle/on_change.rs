@@ -222,6 +222,26 @@ fn an_app_that_does_not_import_at_start_under_preload_answers_503_until_fixed() 
     a_broken_start_is_fixed_by_an_edit(&["--preload"]);
 }
 
+/// A module the app imports that is not written yet: ferrule serves once it is.
+#[test]
+fn a_missing_module_is_served_once_it_is_written() {
+    let builder = FerruleBuilder::new("devapp:application");
+    let app = DevApp::new(&builder, "one");
+    std::fs::write(app.helper(), "from devextra import VERSION\n").expect("write devhelper.py");
+    let builder = builder
+        .arg("--pythonpath")
+        .arg(&app.dir)
+        .arg("--workers")
+        .arg("1")
+        .arg("--reload");
+    let server = Server::start(builder, 1);
+    wait_watching(&server);
+    assert_eq!(server.get("/").status, 503, "{}", server.log());
+    assert!(server.log().contains("No module named 'devextra'"), "{}", server.log());
+    std::fs::write(app.dir.join("devextra.py"), "VERSION = 'written'\n").expect("write devextra.py");
+    until_version(&server, "written", WORKER_TIMEOUT);
+}
+
 /// 50 writes in a row to an imported file: one reload.
 #[test]
 fn a_burst_of_fifty_writes_is_one_reload() {
