@@ -1,6 +1,7 @@
 //! The line between the master and a worker, both ends: how a worker is started (its environment and the
 //! descriptors it inherits), the settings line the master writes first on the control socket, the text lines
-//! a worker sends up (`ready`, `stats ...`, `retire REASON`), and the one line the master sends down later:
+//! a worker sends up (`ready`, `stats ...`, `retire REASON`; under `--reload` the files its app imported,
+//! `files [...]` lines ending with `files-done`, and `unavailable` when the app did not import), and the one line the master sends down later:
 //! the session-ticket keys for tls:// sockets (`tickets PERIOD:HEX ...`), written before the worker starts and
 //! again whenever the keys rotate. EOF means the other side is gone.
 //!
@@ -14,6 +15,7 @@
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +41,9 @@ pub(crate) const ENV_MASTER_PID: &str = "FERRULE_MASTER_PID";
 /// How long a new worker waits for its settings; the master writes them right after starting it.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// About how long a `files` line may grow before the next line starts (one path longer than this goes alone).
+const FILES_LINE: usize = 16 * 1024;
+
 /// What a worker tells the master.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Message {
@@ -48,6 +53,12 @@ pub(crate) enum Message {
     Stats(Box<Snapshot>),
     /// The worker wants a replacement.
     Retire(RetireReason),
+    /// Under `--reload`: some of the files the app imported (a JSON list, a bounded number of bytes a line).
+    Files(Vec<PathBuf>),
+    /// The files sent before this line are all of them.
+    FilesDone,
+    /// Under `--reload`: the app did not import; the worker answers 503 until it is replaced.
+    Unavailable,
 }
 
 impl Message {
@@ -56,6 +67,10 @@ impl Message {
             Message::Ready => "ready".to_owned(),
             Message::Stats(snapshot) => snapshot.encode(),
             Message::Retire(reason) => format!("retire {}", reason.as_str()),
+            // A path is UTF-8 here: the worker sends only those (see `ToMaster::send_files`).
+            Message::Files(files) => format!("files {}", serde_json::to_string(files).unwrap_or_default()),
+            Message::FilesDone => "files-done".to_owned(),
+            Message::Unavailable => "unavailable".to_owned(),
         }
     }
 
@@ -63,6 +78,9 @@ impl Message {
     pub(crate) fn parse(line: &str) -> Option<Message> {
         match line.split_once(' ') {
             None if line == "ready" => Some(Message::Ready),
+            None if line == "files-done" => Some(Message::FilesDone),
+            None if line == "unavailable" => Some(Message::Unavailable),
+            Some(("files", list)) => serde_json::from_str(list).ok().map(Message::Files),
             Some(("stats", numbers)) => Snapshot::parse(numbers).map(|s| Message::Stats(Box::new(s))),
             Some(("retire", reason)) => RetireReason::parse(reason).map(Message::Retire),
             _ => None,
@@ -387,6 +405,26 @@ impl ToMaster {
         }
     }
 
+    /// Sends the files the app imported, in lines of at most about `FILES_LINE` bytes, then `files-done`. A
+    /// path that is not UTF-8 cannot travel as JSON text and is left out.
+    pub(crate) fn send_files(&mut self, files: &[PathBuf]) {
+        let mut chunk: Vec<PathBuf> = Vec::new();
+        let mut bytes = 0;
+        for file in files.iter().filter(|f| f.to_str().is_some()) {
+            let len = file.as_os_str().len() + 3;
+            if bytes + len > FILES_LINE && !chunk.is_empty() {
+                self.send(&Message::Files(std::mem::take(&mut chunk)));
+                bytes = 0;
+            }
+            chunk.push(file.clone());
+            bytes += len;
+        }
+        if !chunk.is_empty() {
+            self.send(&Message::Files(chunk));
+        }
+        self.send(&Message::FilesDone);
+    }
+
     /// A future that reads what the master sends (new session-ticket keys, installed into `tickets`) and
     /// resolves when the master closes its end (it exited or was killed).
     pub(crate) fn listen_to_master(
@@ -441,8 +479,35 @@ mod tests {
         for message in [Message::Ready, Message::Retire(RetireReason::Memory), stats] {
             assert_eq!(Message::parse(&message.encode()), Some(message));
         }
+        let files = Message::Files(vec!["/srv/app/a b.py".into(), "/srv/app/\"q\".py".into()]);
+        for message in [files, Message::FilesDone, Message::Unavailable] {
+            assert_eq!(Message::parse(&message.encode()), Some(message));
+        }
+        assert_eq!(Message::parse("files [1, 2]"), None);
         assert_eq!(Message::parse("retire bored"), None);
         assert_eq!(Message::parse("hello"), None);
+    }
+
+    #[test]
+    fn many_files_go_up_in_bounded_lines_and_end_with_done() {
+        let (master, worker) = UnixStream::pair().unwrap();
+        let files: Vec<PathBuf> = (0..2000).map(|n| format!("/srv/app/module_{n:04}.py").into()).collect();
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| ToMaster::new(worker).send_files(&files));
+            let mut got = Vec::new();
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(&master));
+            loop {
+                let line = lines.next().unwrap().unwrap();
+                assert!(line.len() <= FILES_LINE + 64, "a line of {} bytes", line.len());
+                match Message::parse(&line) {
+                    Some(Message::Files(chunk)) => got.extend(chunk),
+                    Some(Message::FilesDone) => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            sender.join().unwrap();
+            assert_eq!(got, files);
+        });
     }
 
     #[test]

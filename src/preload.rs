@@ -42,9 +42,9 @@ pub(crate) fn run(handoff: Handoff, json_logs: bool) -> i32 {
     let threads_before_import = thread_ids();
     // The app's output at import becomes log lines too, without the capture thread a worker uses.
     let loaded = if json_logs {
-        worker::log_app_output_of(|| App::load(&config))
+        worker::log_app_output_of(|| worker::load_for_reload(&config, &mut control))
     } else {
-        App::load(&config)
+        worker::load_for_reload(&config, &mut control)
     };
     let app = match loaded {
         Ok(app) => app,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::app::{self, App};
 use crate::config::Config;
 use crate::connection::WorkerContext;
-use crate::control::{EXIT_APP_LOAD, Handoff, ToMaster};
+use crate::control::{EXIT_APP_LOAD, Handoff, Message, ToMaster};
 use crate::lifecycle::Lifecycle;
 use crate::listener::BoundSocket;
 
@@ -100,14 +100,39 @@ pub(crate) enum WorkerError {
 /// Runs a worker to its end: loads the app, then serves it (see [`serve`]). Does not return on success.
 pub(crate) fn run(handoff: Handoff, id: u32) -> Result<(), WorkerError> {
     let _span = tracing::info_span!("worker", id, pid = std::process::id()).entered();
-    let app = match App::load(&handoff.config) {
+    let mut control = handoff.control;
+    let app = match load_for_reload(&handoff.config, &mut control) {
         Ok(app) => app,
         Err(error) => {
             tracing::error!("{error}");
             std::process::exit(EXIT_APP_LOAD);
         }
     };
-    serve(app, handoff.config, handoff.sockets, handoff.control)
+    serve(app, handoff.config, handoff.sockets, control)
+}
+
+/// Loads the app; under `--reload` also tells the master the files to watch, and when the app does not import
+/// returns the stand-in that answers 503 (after `unavailable`), so the edit that fixes it is awaited, not a
+/// crash loop. Used by a worker and by the `--preload` zygote.
+pub(crate) fn load_for_reload(config: &Config, control: &mut ToMaster) -> Result<App, app::AppError> {
+    let loaded = App::load(config);
+    if !config.watch.on_change {
+        return loaded;
+    }
+    match loaded {
+        Ok(app) => {
+            control.send_files(&app::imported_files());
+            Ok(app)
+        }
+        Err(error) => {
+            tracing::error!("{error}");
+            control.send_files(&app::files_after_failure(config, &error));
+            let app = App::unavailable(config)?;
+            tracing::warn!("the app could not be imported; answering 503 until a watched file changes");
+            control.send(&Message::Unavailable);
+            Ok(app)
+        }
+    }
 }
 
 /// Serves a loaded app (imported here, or by the zygote this process was forked from): starts the app threads

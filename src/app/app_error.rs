@@ -19,7 +19,12 @@ pub(crate) enum AppError {
     #[error("invalid APP {0:?}: expected module:callable, module, path/to/file.py[:callable] or module:factory()")]
     BadSpec(String),
     #[error("cannot import the app from {target}: {error}")]
-    Import { target: String, error: String },
+    Import {
+        target: String,
+        error: String,
+        /// The app's own files its traceback went through (a syntax error's file too), for `--reload` to watch.
+        files: Vec<std::path::PathBuf>,
+    },
     #[error("module {module:?} has no {tried} (name the callable: {module}:NAME)")]
     NoCallable { module: String, tried: String },
     #[error("{name} in {module:?} is not callable (it is a {kind})")]

@@ -128,6 +128,7 @@ fn import_file<'py>(py: Python<'py>, path: &Path) -> Result<Bound<'py, PyAny>, A
     let fail = |error: String| AppError::Import {
         target: target.clone(),
         error,
+        files: Vec::new(),
     };
     let path = path.canonicalize().map_err(|e| fail(e.to_string()))?;
     let name = path
@@ -180,6 +181,7 @@ fn import_error(py: Python<'_>, target: &str, e: PyErr) -> AppError {
     AppError::Import {
         target: target.to_owned(),
         error: e.to_string(),
+        files: super::watched::files_of_error(py, &e),
     }
 }
 

@@ -13,9 +13,12 @@ mod file_wrapper;
 mod input;
 mod interpreter;
 mod loader;
+mod watched;
 mod request;
 mod sink;
 
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 
@@ -26,6 +29,7 @@ use request::AppState;
 
 pub(crate) use app_error::AppError;
 pub(crate) use sink::{Gone, Request, RequestSource, ResponseSink};
+pub(crate) use watched::imported_files;
 
 /// The loaded app, before and after its threads start.
 pub(crate) struct App {
@@ -42,6 +46,18 @@ impl App {
         Ok(App {
             state: Arc::new(AppState {
                 app,
+                multithread: config.workers.threads > 1,
+                multiprocess: config.workers.count > 1,
+            }),
+            threads: config.workers.threads,
+        })
+    }
+
+    /// Under `--reload`, in place of an app that did not import: answers every request with 503 and says why.
+    pub(crate) fn unavailable(config: &Config) -> Result<App, AppError> {
+        Ok(App {
+            state: Arc::new(AppState {
+                app: watched::unavailable_app()?,
                 multithread: config.workers.threads > 1,
                 multiprocess: config.workers.count > 1,
             }),
@@ -103,6 +119,21 @@ pub(crate) fn fork_process() -> std::io::Result<Option<u32>> {
         0 => None,
         pid => Some(u32::try_from(pid).map_err(|_| std::io::Error::other("os.fork() returned a bad pid"))?),
     })
+}
+
+/// After the app failed to load under `--reload`: what to watch for the edit that fixes it: the files imported
+/// before the failure, those of its traceback, and the app module's own file.
+pub(crate) fn files_after_failure(config: &Config, error: &AppError) -> Vec<PathBuf> {
+    let mut files: BTreeSet<PathBuf> = watched::imported_files().into_iter().collect();
+    if let AppError::Import { files: involved, .. } = error {
+        files.extend(involved.iter().cloned());
+    }
+    match loader::AppSpec::parse(&config.app.callable).map(|spec| spec.source) {
+        Ok(loader::Source::File(path)) => files.extend(std::path::absolute(path)),
+        Ok(loader::Source::Module(name)) => files.extend(watched::module_file(&name)),
+        Err(_) => {}
+    }
+    files.into_iter().collect()
 }
 
 /// `--check-config`: prepares the interpreter and imports the app exactly as a worker would, without serving.

@@ -51,6 +51,10 @@ pub(crate) enum ConfigError {
          most; raise --max-workers or lower --workers"
     )]
     MaxWorkersBelowWorkers { max: String, workers: usize },
+    #[error("{0} is for --reload: add --reload, or drop {0}")]
+    WatchWithoutReload(&'static str),
+    #[error("--reload-poll changes how --reload and --touch-reload watch their files, and neither is given")]
+    PollWithoutWatch,
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }

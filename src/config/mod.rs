@@ -10,6 +10,7 @@ mod file;
 mod options;
 mod socket;
 mod workers;
+mod watch;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +19,7 @@ pub(crate) use error::ConfigError;
 pub(crate) use file::load_options;
 pub(crate) use options::{LogFormat, Options};
 pub(crate) use socket::{Cidr, SocketSpec, parse_socket, systemd_fds};
+pub(crate) use watch::Watch;
 
 use options::check_access_log_format;
 use socket::parse_metrics_socket;
@@ -62,6 +64,8 @@ pub(crate) struct Config {
     pub(crate) limits: Limits,
     pub(crate) logs: Logs,
     pub(crate) tls: Tls,
+    /// What reloads the workers besides SIGHUP: set up once, at start-up.
+    pub(crate) watch: Watch,
 }
 
 /// Set up once by the master: the sockets and how they are made, the metrics listener, the identity the
@@ -158,6 +162,7 @@ impl Config {
         }
         let workers = Workers::from_options(&o)?;
         let limits = Limits::from_options(&o)?;
+        let watch = Watch::from_options(&o)?;
         let files = tls_files(&sockets, o.tls_cert, o.tls_key, o.tls_client_ca)?;
         if files.is_none() && o.tls_ticket_rotation.is_some() {
             return Err(ConfigError::TlsFilesWithoutSocket);
@@ -210,16 +215,19 @@ impl Config {
             limits,
             logs,
             tls,
+            watch,
         })
     }
 
-    /// What a reload applies when the options now give `new`: every group of `new` but `fixed`, which keeps its
-    /// current value. Returns it with the names of the options in `fixed` that changed, for the master to say
+    /// What a reload applies when the options now give `new`: every group of `new` but `fixed` and `watch`, which
+    /// keep their current value. Returns it with the names of the options in `fixed` that changed, for the master to say
     /// that they take a restart. The TLS files go with the sockets kept: a tls:// socket still needs them
     /// (refused without), and without one they would serve nothing.
     pub(crate) fn reloaded(&self, mut new: Config) -> Result<(Config, Vec<&'static str>), ConfigError> {
-        let needs_restart = self.fixed.changed_in(&new.fixed);
+        let mut needs_restart = self.fixed.changed_in(&new.fixed);
         new.fixed.clone_from(&self.fixed);
+        needs_restart.extend(self.watch.changed_in(&new.watch));
+        new.watch.clone_from(&self.watch);
         match (&self.tls.files, &new.tls.files) {
             (Some(_), None) => {
                 let socket = self.fixed.sockets.iter().find(|s| matches!(s, SocketSpec::Tls(_)));

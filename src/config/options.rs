@@ -156,6 +156,26 @@ pub(crate) struct Options {
     #[arg(long, env = "FERRULE_PRELOAD", value_parser = BoolishValueParser::new())]
     pub(crate) preload: bool,
 
+    /// Development: reload (as SIGHUP does) when a Python file the app imported from outside the standard
+    /// library and site-packages, the --config file or a --reload-extra-file changes; an app that does not
+    /// import answers 503 until an edit fixes it
+    #[arg(long, env = "FERRULE_RELOAD", value_parser = BoolishValueParser::new())]
+    pub(crate) reload: bool,
+
+    /// Another file whose change reloads under --reload (repeatable: templates, data the app reads at import)
+    #[arg(long, value_name = "FILE", env = "FERRULE_RELOAD_EXTRA_FILE", value_delimiter = ',')]
+    pub(crate) reload_extra_file: Vec<PathBuf>,
+
+    /// Watch the files of --reload and --touch-reload by looking at them every second instead of inotify
+    /// (NFS, a bind mount from another OS: where inotify sees no change)
+    #[arg(long, env = "FERRULE_RELOAD_POLL", value_parser = BoolishValueParser::new())]
+    pub(crate) reload_poll: bool,
+
+    /// Reload (as SIGHUP does) when this file's modification time changes, or it is replaced (a rename, a
+    /// symlink swap); it and its directory may not exist yet (repeatable)
+    #[arg(long, value_name = "FILE", env = "FERRULE_TOUCH_RELOAD", value_delimiter = ',')]
+    pub(crate) touch_reload: Vec<PathBuf>,
+
     /// Length of the listen queue of each socket
     #[arg(long, value_name = "N", env = "FERRULE_LISTEN_BACKLOG", default_value_t = 4096)]
     pub(crate) listen_backlog: i32,
@@ -268,7 +288,9 @@ impl Options {
         let paths = single
             .into_iter()
             .filter_map(|(option, path)| Some((option, path.as_ref()?)))
-            .chain(self.pythonpath.iter().map(|path| ("--pythonpath", path)));
+            .chain(self.pythonpath.iter().map(|path| ("--pythonpath", path)))
+            .chain(self.reload_extra_file.iter().map(|path| ("--reload-extra-file", path)))
+            .chain(self.touch_reload.iter().map(|path| ("--touch-reload", path)));
         for (option, path) in paths {
             if path.to_str().is_none() {
                 return Err(ConfigError::NotUtf8Path {

@@ -23,6 +23,7 @@ mod sizing;
 mod spawn;
 mod supervise;
 mod tickets;
+mod watch;
 mod workers;
 mod zygote;
 

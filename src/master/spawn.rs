@@ -155,6 +155,9 @@ pub(super) fn worker_event(id: WorkerId) -> impl Fn(Message) -> Event + Send + '
         Message::Ready => Event::Ready(id),
         Message::Stats(s) => Event::Stats(id, s),
         Message::Retire(r) => Event::Retire(id, r),
+        Message::Unavailable => Event::Unavailable(id),
+        Message::Files(files) => Event::Files(files),
+        Message::FilesDone => Event::FilesDone,
     }
 }
 

@@ -31,6 +31,7 @@ use super::scrape;
 use super::sizing;
 use super::spawn::{self, Launch, SpawnError, Spawner, describe, startup_failure};
 use super::tickets::Tickets;
+use super::watch::Watch;
 use super::workers::{State, Worker, Workers};
 use super::zygote::{self, Preloaded, STRAY_SWEEP, Zygotes};
 
@@ -56,6 +57,8 @@ struct Master<'s> {
     metrics: Arc<Mutex<MasterMetrics>>,
     /// The session-ticket keys every worker of a tls:// socket shares (a session resumes on any worker).
     tickets: Tickets,
+    /// `--reload` and `--touch-reload`: the files whose change reloads.
+    watch: Watch,
 }
 
 /// Runs the master on the bound sockets until a stop signal, with `--metrics` served beside it.
@@ -71,6 +74,7 @@ impl<'s> Master<'s> {
     fn new(config: Arc<Config>, launch: Launch, bound: &'s Bound) -> Master<'s> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let fds = bound.sockets.iter().map(|s| s.fd.as_raw_fd()).collect();
+        let watch = Watch::start(&config, &events_tx);
         Master {
             desired: config.workers.count,
             scaling: Scaling::new(&config),
@@ -87,6 +91,7 @@ impl<'s> Master<'s> {
             events_rx,
             metrics: Arc::new(Mutex::new(MasterMetrics::default())),
             tickets: Tickets::default(),
+            watch,
         }
     }
 
@@ -107,7 +112,7 @@ impl<'s> Master<'s> {
         // The signal received, and the one the workers get: SIGINT (Ctrl-C) stops them fast, like SIGQUIT.
         let (received, stop_signal) = loop {
             tokio::select! {
-                _ = hup.recv() => self.reload(),
+                _ = hup.recv() => self.reload("SIGHUP"),
                 _ = term.recv() => break (Signal::SIGTERM, Signal::SIGTERM),
                 _ = int.recv() => break (Signal::SIGINT, Signal::SIGQUIT),
                 _ = quit.recv() => break (Signal::SIGQUIT, Signal::SIGQUIT),
@@ -242,6 +247,7 @@ impl<'s> Master<'s> {
             state: State::Starting,
             retiring: None,
             control: ours.try_clone().ok(),
+            unavailable: false,
         };
         self.workers.insert(id, worker);
         tracing::info!(target: LOG,
@@ -261,10 +267,10 @@ impl<'s> Master<'s> {
         }
     }
 
-    /// SIGHUP: read the configuration again, then start a new generation; each old worker stops as soon as a
-    /// new one is ready, so the app is re-imported with no gap in service. An invalid configuration is
-    /// refused and the current workers keep serving.
-    fn reload(&mut self) {
+    /// SIGHUP, or a change to a watched file (`cause`): read the configuration again, then start a new
+    /// generation; each old worker stops as soon as a new one is ready, so the app is re-imported with no gap
+    /// in service. An invalid configuration is refused and the current workers keep serving.
+    fn reload(&mut self, cause: &str) {
         match reload::reread(self.spawner.argv(), &self.config) {
             Ok(config) => {
                 self.scaling.reconfigure(&self.config, &config);
@@ -289,7 +295,7 @@ impl<'s> Master<'s> {
             tracing::info!(target: LOG,
                 generation = self.generation,
                 workers = self.desired,
-                "SIGHUP: reloading; importing the new code in a new zygote"
+                "{cause}: reloading; importing the new code in a new zygote"
             );
             let settings = self.settings();
             self.zygotes
@@ -299,7 +305,7 @@ impl<'s> Master<'s> {
         tracing::info!(target: LOG,
             generation = self.generation,
             workers = self.desired,
-            "SIGHUP: reloading"
+            "{cause}: reloading"
         );
         self.replace_workers();
     }
@@ -355,6 +361,14 @@ impl<'s> Master<'s> {
                 Preloaded::Stale => {}
             },
             Event::ZygoteExited(pid, status) => self.zygotes.on_exit(pid, status),
+            Event::Unavailable(id) => self.on_unavailable(id),
+            Event::ZygoteUnavailable(pid) => self.zygotes.on_unavailable(pid),
+            Event::Files(files) => self.watch.add(files),
+            Event::FilesDone => self.watch.report_done(),
+            Event::Changed { file, others } => {
+                tracing::info!(target: LOG, file = %file.display(), others, "a watched file changed");
+                self.reload("file change");
+            }
             Event::RestartZygote => {
                 let settings = self.settings();
                 self.zygotes
@@ -382,6 +396,23 @@ impl<'s> Master<'s> {
         if let Some(old) = self.workers.next_to_replace() {
             self.workers
                 .stop(old, Signal::SIGTERM, self.config.workers.graceful_timeout);
+        }
+    }
+
+    /// Under `--reload`, a worker whose app did not import: in a reload while the previous workers serve the
+    /// app, the reload failed (as when such a worker exits without `--reload`); otherwise it answers 503 until
+    /// the next change to a watched file.
+    fn on_unavailable(&mut self, id: WorkerId) {
+        let Some(w) = self.workers.get_mut(id) else { return };
+        w.unavailable = true;
+        let (generation, pid) = (w.generation, w.pid.get());
+        if self.workers.any_serving_older_than(generation) {
+            tracing::error!(target: LOG,
+                worker = id.get(),
+                pid,
+                "reload failed: the new code could not be loaded; the previous workers keep serving"
+            );
+            self.abort_reload(generation);
         }
     }
 

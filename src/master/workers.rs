@@ -39,6 +39,8 @@ pub(super) struct Worker {
     pub(super) retiring: Option<RetireReason>,
     /// The master's end of the worker's control line, for the session-ticket keys when they rotate.
     pub(super) control: Option<std::os::unix::net::UnixStream>,
+    /// Under `--reload`: its app did not import, and it answers 503.
+    pub(super) unavailable: bool,
 }
 
 impl Worker {
@@ -101,6 +103,14 @@ impl Workers {
     /// Whether a worker of a generation before `generation` is still here (a reload is under way).
     pub(super) fn any_older_than(&self, generation: u32) -> bool {
         self.table.values().any(|w| w.generation < generation)
+    }
+
+    /// Whether a worker of a generation before `generation` serves the app (not stopping, not answering 503
+    /// for an app that did not import).
+    pub(super) fn any_serving_older_than(&self, generation: u32) -> bool {
+        self.table
+            .values()
+            .any(|w| w.generation < generation && !w.is_stopping() && !w.unavailable)
     }
 
     /// Workers serving or starting, not counting those on their way out.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::Config;
-use crate::control::{self, ENV_MASTER_PID, ENV_ZYGOTE, EXIT_APP_LOAD};
+use crate::control::{self, ENV_MASTER_PID, ENV_ZYGOTE, EXIT_APP_LOAD, Message};
 
 use super::backoff::Backoff;
 use super::error::LOG;
@@ -42,6 +42,8 @@ struct Zygote {
     generation: u32,
     channel: UnixStream,
     ready: bool,
+    /// Under `--reload`: its app did not import, so its workers answer 503.
+    unavailable: bool,
     /// Asks the task that waits for the zygote to kill it.
     killer: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -156,13 +158,19 @@ impl Zygotes {
                 let _ = tx.send(Event::ZygoteExited(pid, status));
             }
         });
-        // The zygote only ever says it is ready.
-        spawn::read_control_line(ours, &self.events, move |_| Event::ZygoteReady(pid))?;
+        // The zygote says it is ready, and under --reload which files its app imported and whether it did.
+        spawn::read_control_line(ours, &self.events, move |message| match message {
+            Message::Files(files) => Event::Files(files),
+            Message::FilesDone => Event::FilesDone,
+            Message::Unavailable => Event::ZygoteUnavailable(pid),
+            _ => Event::ZygoteReady(pid),
+        })?;
         Ok(Zygote {
             pid,
             generation,
             channel: fork_ours,
             ready: false,
+            unavailable: false,
             killer: Some(killer),
         })
     }
@@ -229,6 +237,29 @@ impl Zygotes {
             Preloaded::Again
         } else {
             Preloaded::Stale
+        }
+    }
+
+    /// Under `--reload`, the zygote `pid` could not import the app, and would fork workers that answer 503. A
+    /// reload's is dropped while the current zygote has the app, whose workers keep serving; otherwise (at
+    /// start-up, or when the current one could not import it either) it goes on, and the next change to a
+    /// watched file brings another.
+    pub(super) fn on_unavailable(&mut self, pid: ChildPid) {
+        let current_has_app = self.current.as_ref().is_some_and(|z| z.pid != pid && !z.unavailable);
+        if current_has_app {
+            if let Some(next) = self.next.take_if(|z| z.pid == pid) {
+                tracing::error!(target: LOG,
+                    pid = pid.get(),
+                    "reload failed: the new code could not be loaded; the previous workers keep serving"
+                );
+                next.kill();
+                return;
+            }
+        }
+        for zygote in [&mut self.current, &mut self.next].into_iter().flatten() {
+            if zygote.pid == pid {
+                zygote.unavailable = true;
+            }
         }
     }
 

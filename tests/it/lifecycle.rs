@@ -9,6 +9,7 @@
 mod failover;
 mod master_exit;
 mod scaling;
+mod on_change;
 mod support;
 
 use std::collections::BTreeSet;
