@@ -183,7 +183,9 @@ mod tests {
         }
         let plain = log_with(PlainFields, false);
         assert!(
-            plain.contains("conn{peer=\"unix\" listener=\"/run/app.sock\"}:request{method=GET path=/a b?q=\u{e9} type=3}"),
+            plain.contains(
+                "conn{peer=\"unix\" listener=\"/run/app.sock\"}:request{method=GET path=/a b?q=\u{e9} type=3}"
+            ),
             "{plain}"
         );
     }

@@ -7,8 +7,8 @@
 //! connection in flight has counted itself out.
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -133,7 +133,10 @@ impl Listening {
     fn span_for(&self, peer: Option<std::net::SocketAddr>) -> tracing::Span {
         match peer {
             Some(_) => connection::conn_span(peer, &self.name),
-            None => self.unix_span.get_or_init(|| connection::conn_span(None, &self.name)).clone(),
+            None => self
+                .unix_span
+                .get_or_init(|| connection::conn_span(None, &self.name))
+                .clone(),
         }
     }
 }
