@@ -217,12 +217,6 @@ impl Framing {
         self.body_bytes
     }
 
-    /// The head is out and the body has reached the app's Content-Length: nothing more can go on the wire,
-    /// so the response is complete whatever the app produces after.
-    pub(crate) fn body_complete(&self) -> bool {
-        self.head_sent && self.declared_length.is_some_and(|limit| self.body_bytes >= limit)
-    }
-
     /// One chunk of a streamed body: what to write, the head first if it is not out yet. An empty chunk
     /// writes nothing (PEP 3333: empty chunks do not send the headers early).
     pub(crate) fn chunk<'a>(&mut self, data: &'a [u8]) -> Result<Option<Chunk<'a>>, NotStarted> {

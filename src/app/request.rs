@@ -372,9 +372,6 @@ fn fail(py: Python<'_>, sr: &Bound<'_, StartResponse>, failure: Failure) {
 struct ResponseState {
     framing: Framing,
     sink: Option<Box<dyn ResponseSink>>,
-    /// The response went out complete when a chunk brought its body to the app's Content-Length: what the app
-    /// produces after it is only counted (and dropped, with the warning an overlong body gets).
-    ended_early: bool,
 }
 
 impl ResponseState {
@@ -382,7 +379,6 @@ impl ResponseState {
         ResponseState {
             framing: Framing::new(is_head),
             sink: Some(sink),
-            ended_early: false,
         }
     }
 
@@ -435,24 +431,12 @@ impl ResponseState {
     }
 
     fn send_chunk(&mut self, py: Python<'_>, data: &[u8]) -> Result<(), Failure> {
-        let chunk = self.framing.chunk(data)?;
-        if self.ended_early {
-            return Ok(());
+        match self.framing.chunk(data)? {
+            None => Ok(()),
+            // The head and the first chunk go out in one writev.
+            Some(Chunk { head: Some(head), data }) => self.write(py, &[&head, data]),
+            Some(Chunk { head: None, data }) => self.write(py, &[data]),
         }
-        let (head, data) = match chunk {
-            None => return Ok(()),
-            Some(Chunk { head, data }) => (head, data),
-        };
-        // The head and the first chunk go out in one writev.
-        let head = head.as_deref().unwrap_or_default();
-        if self.framing.body_complete() {
-            // The app's Content-Length is reached (a framework's one-chunk body, nearly always): the response
-            // ends with this write, as a list's would, instead of after the app is asked for more.
-            self.ended_early = true;
-            let body_bytes = self.framing.body_bytes();
-            return self.end(py, &[head, data], self.framing.status_code(), body_bytes, true);
-        }
-        self.write(py, &[head, data])
     }
 
     fn send_file(&mut self, py: Python<'_>, file: SendableFile) -> Result<(), Failure> {
@@ -473,9 +457,6 @@ impl ResponseState {
     /// Writes `last`, the response's final bytes (after the head, if no chunk carried it), and ends the
     /// response: complete, or reset if the app sent less than its Content-Length.
     fn finish_with(&mut self, py: Python<'_>, last: &[&[u8]]) -> Result<(), Failure> {
-        if self.ended_early {
-            return Ok(());
-        }
         let (head, ending) = self.framing.finish()?;
         let body_bytes = self.framing.body_bytes();
         match head {

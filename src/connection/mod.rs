@@ -12,10 +12,7 @@
 //! Part of the request (at least its last byte) is peeked, not read, until the response is complete. Closing a
 //! socket with unread data makes the kernel report an error to the peer (an RST on TCP, ECONNRESET on a Unix
 //! socket), so an aborted response reaches nginx as an upstream error instead of a clean end of a truncated
-//! body; a complete response consumes the rest first and ends with an ordinary close. A response complete in
-//! its first write, small enough for a fresh socket to take whole, consumes the request just before that
-//! write instead, so the close follows the write at once and nginx finds the response and its end in one
-//! wake-up (`responder.rs`).
+//! body; a complete response consumes the rest first and ends with an ordinary close.
 
 mod access;
 mod context;

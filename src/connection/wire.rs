@@ -119,18 +119,6 @@ impl Wire {
         }
     }
 
-    /// Consumes the rest of the request now, on a plain socket, for a response whose last write is also its
-    /// first: the close then follows that write at once. From here an aborted response can no longer count on
-    /// the unread byte for its reset on a Unix socket, which is why only a write that a fresh socket takes
-    /// whole comes after this (see `Responder`).
-    pub(crate) fn consume(&mut self) -> io::Result<()> {
-        if self.tls.is_some() {
-            return Ok(());
-        }
-        let unread = std::mem::take(&mut self.unread);
-        listener::discard(&self.socket, unread)
-    }
-
     /// Makes the close that follows (dropping the wire) an error for the peer: an RST on TCP, ECONNRESET on a
     /// Unix socket, since the request's last byte is still unread. Through TLS: a fatal alert after what was
     /// sent, waiting up to `stall` for room (a reset only when it cannot be sent), since nginx takes a reset of
