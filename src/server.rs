@@ -3,8 +3,10 @@
 //! queued in full is run on the spot by the thread that accepted it. This module's runtime takes the
 //! connections that need waiting (slow peers, large bodies, refusals) and queues their requests for the next
 //! free thread, up to `--max-connections` at a time. On a stop signal (or a retirement that requires it) a
-//! cancellation token stops the accepting, and the stop waits, under a time limit, until every request and
-//! connection in flight has counted itself out.
+//! cancellation token stops the accepting; a graceful stop then takes every connection still queued on the
+//! sockets ferrule bound and closes this worker's copy of them (so no connection is queued where nobody will
+//! accept it), and waits, under a time limit, until every request and connection in flight has counted itself
+//! out.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -91,16 +93,22 @@ pub(crate) async fn run(
         }
     };
     acceptor.stop();
-    let limit = match stop {
-        Stop::Graceful => ctx.config.workers.graceful_timeout,
-        Stop::Fast => Duration::ZERO,
+    let (limit, taken) = match stop {
+        Stop::Graceful => (ctx.config.workers.graceful_timeout, acceptor.take_queue_and_close()),
+        Stop::Fast => (Duration::ZERO, 0),
     };
     let in_flight = &ctx.in_flight;
     if in_flight.count() > 0 {
-        tracing::info!(in_flight = in_flight.count(), ?stop, "waiting for in-flight requests");
+        tracing::info!(in_flight = in_flight.count(), taken_from_queue = taken, ?stop, "waiting for in-flight requests");
     }
     if tokio::time::timeout(limit, in_flight.emptied()).await.is_err() {
-        tracing::warn!(cut_off = in_flight.count(), timeout = ?limit, "stop cut off requests still in flight");
+        // `queued`: requests read whole and still waiting for an app thread, closed unanswered with the rest.
+        tracing::warn!(
+            cut_off = in_flight.count(),
+            queued = acceptor.ready_rx.len(),
+            timeout = ?limit,
+            "stop cut off requests still in flight"
+        );
     }
     control.send(&Message::Stats(Box::new(ctx.metrics.snapshot())));
     tracing::info!(served = ctx.lifecycle.served(), "worker stopped");
@@ -112,6 +120,9 @@ pub(crate) async fn run(
 struct Acceptor {
     /// The listening sockets, with the names the log uses for them.
     listeners: Vec<(OwnedFd, String, bool)>,
+    /// For each listener, whether ferrule bound it (a graceful stop takes its queue and closes it) or it was
+    /// inherited from systemd or `fd://` (left alone: its queue belongs to the next instance).
+    bound_by_ferrule: Vec<bool>,
     ctx: Arc<WorkerContext>,
     /// Requests the async side has read, waiting for an app thread.
     ready_tx: crossbeam_channel::Sender<Request>,
@@ -134,7 +145,11 @@ struct Acceptor {
 
 impl Acceptor {
     fn new(sockets: Vec<BoundSocket>, ctx: Arc<WorkerContext>) -> std::io::Result<Acceptor> {
-        // The sockets come in the order of the configured ones (systemd's after them): that says which are TLS.
+        // The sockets come in the order of the configured ones (systemd's after them): that says which are TLS,
+        // and which the master bound.
+        let bound_by_ferrule = (0..sockets.len())
+            .map(|i| !matches!(ctx.config.fixed.sockets.get(i), None | Some(crate::config::SocketSpec::Fd(_))))
+            .collect();
         let listeners = sockets
             .into_iter()
             .enumerate()
@@ -152,6 +167,7 @@ impl Acceptor {
         let flags = EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK;
         Ok(Acceptor {
             listeners,
+            bound_by_ferrule,
             ctx,
             ready_tx,
             ready_rx,
@@ -172,6 +188,43 @@ impl Acceptor {
         // sees the stop, or the drain that follows sees its count.
         fence(Ordering::SeqCst);
         let _ = self.stop_signal.write(1);
+    }
+
+    /// The graceful stop's intake, after `stop`: takes every connection already queued on the sockets ferrule
+    /// bound, for the async side to read and the app threads (which now take only queued requests) to run, then
+    /// closes this worker's copy of each socket. The last process to close a listening socket resets what is
+    /// still queued on it, and nginx may not retry a POST it has sent; the master closed its copies first, so
+    /// the workers are the last. On a Unix socket the master removed the file first, so nothing new arrives;
+    /// on TCP, only a connection arriving between the last accept and the close is lost. Bounded by the listen
+    /// backlog. Returns how many connections were taken.
+    fn take_queue_and_close(self: &Arc<Self>) -> usize {
+        let mut taken = 0;
+        for ((fd, name, tls), _) in self.listeners.iter().zip(&self.bound_by_ferrule).filter(|(_, ours)| **ours) {
+            loop {
+                let (socket, peer) = match listener::accept_now(fd) {
+                    Ok(Some(accepted)) => accepted,
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::error!(%error, listener = name.as_str(), "cannot take the queued connections");
+                        break;
+                    }
+                };
+                taken += 1;
+                if !self.allowed(peer, name) {
+                    continue;
+                }
+                let span = connection::conn_span(peer, name);
+                if *tls {
+                    self.read_later_tls(socket, span);
+                } else {
+                    self.read_later(socket, peer.is_some(), span);
+                }
+            }
+            if let Err(error) = listener::stop_listening(fd) {
+                tracing::error!(%error, listener = name.as_str(), "cannot close the listening socket");
+            }
+        }
+        taken
     }
 
     fn stopping(&self) -> bool {
@@ -328,6 +381,8 @@ impl AppThreadFeed {
             let (socket, peer) = match listener::accept_now(fd) {
                 Ok(Some(accepted)) => accepted,
                 Ok(None) => continue,
+                // The stop closed the listener under this thread (see `take_queue_and_close`).
+                Err(_) if acceptor.stopping() => return Accepted::Nothing,
                 Err(error) => {
                     acceptor.accept_failed(&error, name);
                     std::thread::sleep(ACCEPT_BACKOFF);

@@ -8,6 +8,8 @@
 
 mod failover;
 mod master_exit;
+mod rolling_restart;
+mod stop_queue;
 mod support;
 
 use std::collections::BTreeSet;

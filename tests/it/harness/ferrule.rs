@@ -78,6 +78,8 @@ pub struct FerruleBuilder {
     tempdir: TempDir,
     /// RLIMIT_NOFILE (soft, hard) for the process, set between fork and exec.
     nofile: Option<(u64, u64)>,
+    /// The network namespace the process runs in (joined between fork and exec), held open until then.
+    netns: Option<std::fs::File>,
 }
 
 impl FerruleBuilder {
@@ -102,6 +104,7 @@ impl FerruleBuilder {
             socket: SocketChoice::FromArgs,
             tempdir: temp_dir(),
             nofile: None,
+            netns: None,
         }
     }
 
@@ -178,6 +181,15 @@ impl FerruleBuilder {
     /// raising the hard limit needs root.
     pub fn nofile_limit(mut self, soft: u64, hard: u64) -> Self {
         self.nofile = Some((soft, hard));
+        self
+    }
+
+    /// Runs the process in the network namespace whose file is `path` (`/run/netns/NAME`), as
+    /// `ip netns exec NAME` would, but with ferrule itself as the child (its pid is the master's).
+    pub fn netns(mut self, path: impl AsRef<Path>) -> Self {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        self.netns = Some(file);
         self
     }
 
@@ -398,6 +410,19 @@ impl FerruleBuilder {
                             return Err(io::Error::last_os_error());
                         }
                     } else if libc::dup2(listener, target) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(netns) = &self.netns {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(netns);
+            // SAFETY: runs between fork and exec and only calls setns(2), which is async-signal-safe; `fd` is a
+            // plain integer for a file the builder holds open until the process has started.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                         return Err(io::Error::last_os_error());
                     }
                     Ok(())
