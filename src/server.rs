@@ -99,7 +99,12 @@ pub(crate) async fn run(
     };
     let in_flight = &ctx.in_flight;
     if in_flight.count() > 0 {
-        tracing::info!(in_flight = in_flight.count(), taken_from_queue = taken, ?stop, "waiting for in-flight requests");
+        tracing::info!(
+            in_flight = in_flight.count(),
+            taken_from_queue = taken,
+            ?stop,
+            "waiting for in-flight requests"
+        );
     }
     if tokio::time::timeout(limit, in_flight.emptied()).await.is_err() {
         // `queued`: requests read whole and still waiting for an app thread, closed unanswered with the rest.
@@ -148,7 +153,12 @@ impl Acceptor {
         // The sockets come in the order of the configured ones (systemd's after them): that says which are TLS,
         // and which the master bound.
         let bound_by_ferrule = (0..sockets.len())
-            .map(|i| !matches!(ctx.config.fixed.sockets.get(i), None | Some(crate::config::SocketSpec::Fd(_))))
+            .map(|i| {
+                !matches!(
+                    ctx.config.fixed.sockets.get(i),
+                    None | Some(crate::config::SocketSpec::Fd(_))
+                )
+            })
             .collect();
         let listeners = sockets
             .into_iter()
@@ -199,7 +209,12 @@ impl Acceptor {
     /// backlog. Returns how many connections were taken.
     fn take_queue_and_close(self: &Arc<Self>) -> usize {
         let mut taken = 0;
-        for ((fd, name, tls), _) in self.listeners.iter().zip(&self.bound_by_ferrule).filter(|(_, ours)| **ours) {
+        for ((fd, name, tls), _) in self
+            .listeners
+            .iter()
+            .zip(&self.bound_by_ferrule)
+            .filter(|(_, ours)| **ours)
+        {
             loop {
                 let (socket, peer) = match listener::accept_now(fd) {
                     Ok(Some(accepted)) => accepted,

@@ -46,7 +46,11 @@ pub(super) fn start(
         .map(|s| Ok((s.display_addr(), s.fd.try_clone()?)))
         .collect::<std::io::Result<Vec<_>>>()?;
     let queues = Queues(Arc::new(Mutex::new(queues)));
-    tokio::spawn(serve_metrics(Listener::from_bound(bound)?, Arc::clone(metrics), queues.clone()));
+    tokio::spawn(serve_metrics(
+        Listener::from_bound(bound)?,
+        Arc::clone(metrics),
+        queues.clone(),
+    ));
     Ok(queues)
 }
 
@@ -71,11 +75,7 @@ async fn serve_metrics(listener: Listener, metrics: Arc<Mutex<MasterMetrics>>, q
     }
 }
 
-async fn answer_scrape(
-    mut stream: Stream,
-    metrics: &Mutex<MasterMetrics>,
-    queues: &Queues,
-) -> std::io::Result<()> {
+async fn answer_scrape(mut stream: Stream, metrics: &Mutex<MasterMetrics>, queues: &Queues) -> std::io::Result<()> {
     let mut header = [0u8; crate::packet::HEADER_LEN];
     stream.read_exact(&mut header).await?;
     if let Some(proto) = crate::packet::sniff_foreign_protocol(&header) {

@@ -62,10 +62,20 @@ impl Hosts {
             made.hosts.push(host);
             let host = made.hosts.last().expect("just pushed");
             let inside = format!("{tag}p{i}");
-            ip(&["link", "add", &host.link, "type", "veth", "peer", "name", &inside, "netns", &host.name]);
+            ip(&[
+                "link", "add", &host.link, "type", "veth", "peer", "name", &inside, "netns", &host.name,
+            ]);
             ip(&["addr", "add", &format!("{}/30", host.gateway), "dev", &host.link]);
             ip(&["link", "set", &host.link, "up"]);
-            ip(&["-n", &host.name, "addr", "add", &format!("{}/30", host.addr), "dev", &inside]);
+            ip(&[
+                "-n",
+                &host.name,
+                "addr",
+                "add",
+                &format!("{}/30", host.addr),
+                "dev",
+                &inside,
+            ]);
             ip(&["-n", &host.name, "link", "set", &inside, "up"]);
             ip(&["-n", &host.name, "link", "set", "lo", "up"]);
         }
@@ -86,7 +96,10 @@ impl Drop for Hosts {
 
 /// A third octet for 10.213.N.0/24 that no interface here uses yet, starting from `seed`.
 fn free_subnet(seed: u32) -> u8 {
-    let out = Command::new("ip").args(["-o", "-4", "addr", "show"]).output().expect("run ip addr");
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .expect("run ip addr");
     let used = String::from_utf8_lossy(&out.stdout).into_owned();
     (0..250)
         .map(|k| u8::try_from((seed + k) % 250).expect("below 250"))

@@ -112,7 +112,10 @@ fn a_rolling_restart_of_three_hosts_loses_no_request() {
     );
     assert!(tally.failed_posts <= in_flight_posts, "{}", report.join("\n"));
     hosts[0] = start_host(&net.hosts[0], None);
-    eprintln!("[{:.1} s] the killed host is ready again", clock.elapsed().as_secs_f64());
+    eprintln!(
+        "[{:.1} s] the killed host is ready again",
+        clock.elapsed().as_secs_f64()
+    );
 
     // 2. A rolling restart over TCP.
     let line = rolling_restart("rolling restart, tcp", &net, &mut hosts, &addrs, &nginx, None, clock);
@@ -126,9 +129,21 @@ fn a_rolling_restart_of_three_hosts_loses_no_request() {
     hosts = start_hosts(&net, Some(&pki));
     eprintln!("[{:.1} s] {HOSTS} hosts ready on tls://", clock.elapsed().as_secs_f64());
     let nginx = recipe.nginx(&addrs, Some(&pki));
-    let line = rolling_restart("rolling restart, tls", &net, &mut hosts, &addrs, &nginx, Some(&pki), clock);
+    let line = rolling_restart(
+        "rolling restart, tls",
+        &net,
+        &mut hosts,
+        &addrs,
+        &nginx,
+        Some(&pki),
+        clock,
+    );
     report.push(line);
-    eprintln!("--- summary ({:.1} s) ---\n{}", clock.elapsed().as_secs_f64(), report.join("\n"));
+    eprintln!(
+        "--- summary ({:.1} s) ---\n{}",
+        clock.elapsed().as_secs_f64(),
+        report.join("\n")
+    );
 }
 
 /// Restarts every host in turn under load; asserts that no request failed; returns the scenario's line.
@@ -157,7 +172,12 @@ fn rolling_restart(
         *host = start_host(&net.hosts[i], pki);
         let restarted = Instant::now();
         let back = poll_until(BACK_IN_ROTATION, || load.served_by_since(&addrs[i], restarted) > 0);
-        assert!(back, "{} not back in nginx's rotation\n{}", addrs[i], error_log_tail(nginx));
+        assert!(
+            back,
+            "{} not back in nginx's rotation\n{}",
+            addrs[i],
+            error_log_tail(nginx)
+        );
         eprintln!(
             "[{:.1} s] {what}: {} stopped in {} ms, ready again after {:.1} s, back in nginx's rotation after {:.1} s",
             clock.elapsed().as_secs_f64(),
@@ -194,8 +214,15 @@ fn rolling_restart(
 /// Every host started at once (each start is mostly Python importing), then waited for.
 fn start_hosts(net: &Hosts, pki: Option<&Pki>) -> Vec<Ferrule> {
     thread::scope(|scope| {
-        let starts: Vec<_> = net.hosts.iter().map(|h| scope.spawn(move || start_host(h, pki))).collect();
-        starts.into_iter().map(|s| s.join().expect("a host did not start (see above)")).collect()
+        let starts: Vec<_> = net
+            .hosts
+            .iter()
+            .map(|h| scope.spawn(move || start_host(h, pki)))
+            .collect();
+        starts
+            .into_iter()
+            .map(|s| s.join().expect("a host did not start (see above)"))
+            .collect()
     })
 }
 
@@ -322,7 +349,11 @@ impl Load {
 
     /// The requests sent after `t` (the newest only are looked at: they are kept in the order they ended).
     fn after(outcomes: &[Outcome], t: Instant) -> impl Iterator<Item = &Outcome> {
-        outcomes.iter().rev().take_while(move |o| o.ended > t).filter(move |o| o.started > t)
+        outcomes
+            .iter()
+            .rev()
+            .take_while(move |o| o.ended > t)
+            .filter(move |o| o.started > t)
     }
 
     fn count_started_after(&self, t: Instant) -> usize {
@@ -368,9 +399,16 @@ fn summaries(outcomes: &[&Outcome]) -> String {
 /// nginx's upstream errors and retries, the last of them.
 fn error_log_tail(nginx: &Nginx) -> String {
     let log = std::fs::read_to_string(nginx.dir().join("error.log")).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains("upstream") || l.contains("emerg")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("upstream") || l.contains("emerg"))
+        .collect();
     let tail = &lines[lines.len().saturating_sub(12)..];
-    format!("--- nginx error.log (upstream lines, last {}) ---\n{}", tail.len(), tail.join("\n"))
+    format!(
+        "--- nginx error.log (upstream lines, last {}) ---\n{}",
+        tail.len(),
+        tail.join("\n")
+    )
 }
 
 /// What nginx/upstream.conf says, as the test applies it: the upstream group's directives other than its
@@ -393,7 +431,12 @@ impl Recipe {
             .unwrap_or_else(|| panic!("no `server` line in the upstream block of {}", path.display()));
         let (_, params) = server.split_once(' ').unwrap_or((server, ""));
         Recipe {
-            group_conf: upstream.iter().filter(|l| !l.starts_with("server ")).cloned().collect::<Vec<_>>().join(" "),
+            group_conf: upstream
+                .iter()
+                .filter(|l| !l.starts_with("server "))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
             server_params: params.trim_end_matches(';').to_owned(),
             location,
         }
@@ -413,8 +456,14 @@ impl Recipe {
                 None if name.starts_with("uwsgi_ssl_") => continue,
                 None => line.clone(),
                 Some(pki) => line
-                    .replace("/etc/nginx/ferrule-tls/nginx-client.crt", &pki.client_cert.display().to_string())
-                    .replace("/etc/nginx/ferrule-tls/nginx-client.key", &pki.client_key.display().to_string())
+                    .replace(
+                        "/etc/nginx/ferrule-tls/nginx-client.crt",
+                        &pki.client_cert.display().to_string(),
+                    )
+                    .replace(
+                        "/etc/nginx/ferrule-tls/nginx-client.key",
+                        &pki.client_key.display().to_string(),
+                    )
                     .replace("/etc/nginx/ferrule-tls/ca.crt", &pki.ca.display().to_string())
                     .replace("uwsgi_ssl_name ferrule;", "uwsgi_ssl_name localhost;"),
             };

@@ -70,17 +70,30 @@ fn sigterm_removes_the_socket_file_first_and_serves_the_queued_connections() {
     let mut ferrule = builder.spawn();
     ferrule.wait_master_ready(1);
     let slow = start_slow(&ferrule, &path);
-    let mut queued: Vec<UnixStream> = (0..2).map(|i| send_get(&path, &format!("/sleep?s=0&tag=q{i}"))).collect();
+    let mut queued: Vec<UnixStream> = (0..2)
+        .map(|i| send_get(&path, &format!("/sleep?s=0&tag=q{i}")))
+        .collect();
 
     ferrule.signal(libc::SIGTERM);
     let gone = poll_until(FILE_GONE, || !path.exists());
     let slow_still_running = !slow.is_finished();
-    assert!(gone, "the socket file is still there {FILE_GONE:?} after SIGTERM\n{}", ferrule.log());
-    assert!(slow_still_running, "the socket file went only after the request in flight ended");
+    assert!(
+        gone,
+        "the socket file is still there {FILE_GONE:?} after SIGTERM\n{}",
+        ferrule.log()
+    );
+    assert!(
+        slow_still_running,
+        "the socket file went only after the request in flight ended"
+    );
     let refused = UnixStream::connect(&path).expect_err("a connection made during the stop");
     assert_eq!(refused.kind(), ErrorKind::NotFound, "{refused}");
 
-    assert_answered(&slow.join().expect("the slow request's thread"), "the request in flight", &ferrule);
+    assert_answered(
+        &slow.join().expect("the slow request's thread"),
+        "the request in flight",
+        &ferrule,
+    );
     for (i, stream) in queued.iter_mut().enumerate() {
         assert_answered(&read_to_close(stream), &format!("queued connection {i}"), &ferrule);
     }
@@ -98,20 +111,28 @@ fn an_inherited_socket_keeps_its_queue_for_the_next_instance() {
     let dir = temp_dir();
     let path = dir.path().join("inherited.sock");
     let listener = UnixListener::bind(&path).expect("bind the test's listener");
-    let mut ferrule = one_thread().inherit_socket(listener.as_raw_fd(), Inherit::FdArg(9)).spawn();
+    let mut ferrule = one_thread()
+        .inherit_socket(listener.as_raw_fd(), Inherit::FdArg(9))
+        .spawn();
     ferrule.wait_master_ready(1);
     let slow = start_slow(&ferrule, &path);
     let mut queued = send_get(&path, "/sleep?s=0&tag=next");
 
     ferrule.signal(libc::SIGTERM);
-    assert_answered(&slow.join().expect("the slow request's thread"), "the request in flight", &ferrule);
+    assert_answered(
+        &slow.join().expect("the slow request's thread"),
+        "the request in flight",
+        &ferrule,
+    );
     let status = ferrule.wait_exit(EXIT);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{status:?}\n{}", ferrule.log());
     assert!(path.exists(), "ferrule removed a socket file it did not create");
 
     // The connection is still queued, intact: the next instance (here, the test) accepts and answers it.
     listener.set_nonblocking(true).expect("non-blocking accept");
-    let (mut next, _) = listener.accept().unwrap_or_else(|e| panic!("the queued connection is gone: {e}\n{}", ferrule.log()));
+    let (mut next, _) = listener
+        .accept()
+        .unwrap_or_else(|e| panic!("the queued connection is gone: {e}\n{}", ferrule.log()));
     next.set_nonblocking(false).expect("blocking reads");
     next.set_read_timeout(Some(READ_WAIT)).expect("set a read timeout");
     // All of the request is read before the close: a Unix socket closed with unread data resets its peer.
@@ -119,7 +140,8 @@ fn an_inherited_socket_keeps_its_queue_for_the_next_instance() {
     next.read_exact(&mut head).expect("the queued request is still there");
     let mut vars = vec![0u8; usize::from(u16::from_le_bytes([head[1], head[2]]))];
     next.read_exact(&mut vars).expect("the queued request's vars");
-    next.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext").expect("answer it");
+    next.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+        .expect("answer it");
     drop(next);
     let raw = read_to_close(&mut queued);
     assert!(!raw.reset && raw.text().ends_with("next"), "{raw:?}");
