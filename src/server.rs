@@ -71,6 +71,8 @@ pub(crate) async fn run(
 
     // Counters go to the master once a second, which is plenty for a scrape interval of seconds.
     let mut report = tokio::time::interval(Duration::from_secs(1));
+    // A worker with a timed-out request stops taking connections at once: its stop takes none from the queue.
+    let mut stuck = false;
     let stop = loop {
         tokio::select! {
             _ = report.tick() => control.send(&Message::Stats(Box::new(ctx.metrics.snapshot()))),
@@ -87,6 +89,7 @@ pub(crate) async fn run(
                 // A worker with a stuck request is unhealthy: it stops taking connections now. Recycling keeps
                 // serving until the master has a replacement ready and sends SIGTERM.
                 if reason == RetireReason::Timeout {
+                    stuck = true;
                     break Stop::Graceful;
                 }
             }
@@ -94,7 +97,12 @@ pub(crate) async fn run(
     };
     acceptor.stop();
     let (limit, taken) = match stop {
-        Stop::Graceful => (ctx.config.workers.graceful_timeout, acceptor.take_queue_and_close()),
+        Stop::Graceful => {
+            // A worker that already stopped taking connections (a stuck request, over --reload-on-rss) leaves
+            // the queue to the others: it only closes its copy.
+            let take = !stuck && !ctx.lifecycle.over_memory();
+            (ctx.config.workers.graceful_timeout, acceptor.close_listeners(take))
+        }
         Stop::Fast => (Duration::ZERO, 0),
     };
     let in_flight = &ctx.in_flight;
@@ -201,13 +209,14 @@ impl Acceptor {
     }
 
     /// The graceful stop's intake, after `stop`: takes every connection already queued on the sockets ferrule
-    /// bound, for the async side to read and the app threads (which now take only queued requests) to run, then
-    /// closes this worker's copy of each socket. The last process to close a listening socket resets what is
-    /// still queued on it, and nginx may not retry a POST it has sent; the master closed its copies first, so
-    /// the workers are the last. On a Unix socket the master removed the file first, so nothing new arrives;
-    /// on TCP, only a connection arriving between the last accept and the close is lost. Bounded by the listen
-    /// backlog. Returns how many connections were taken.
-    fn take_queue_and_close(self: &Arc<Self>) -> usize {
+    /// bound (if `take`), for the async side to read and the app threads (which now take only queued requests)
+    /// to run, then closes this worker's copy of each socket. The last process to close a listening socket
+    /// resets what is still queued on it, and nginx may not retry a POST it has sent; at a stop the master
+    /// closed its copies first, so the workers are the last. On a Unix socket the master removed the file
+    /// first, so nothing new arrives; on TCP, only a connection arriving between the last accept and the close
+    /// is lost. A worker replaced while the others serve on (a reload, recycling) takes a few connections it
+    /// serves itself. Bounded by the listen backlog. Returns how many connections were taken.
+    fn close_listeners(self: &Arc<Self>, take: bool) -> usize {
         let mut taken = 0;
         for ((fd, name, tls), _) in self
             .listeners
@@ -215,7 +224,7 @@ impl Acceptor {
             .zip(&self.bound_by_ferrule)
             .filter(|(_, ours)| **ours)
         {
-            loop {
+            while take {
                 let (socket, peer) = match listener::accept_now(fd) {
                     Ok(Some(accepted)) => accepted,
                     Ok(None) => break,
@@ -396,7 +405,7 @@ impl AppThreadFeed {
             let (socket, peer) = match listener::accept_now(fd) {
                 Ok(Some(accepted)) => accepted,
                 Ok(None) => continue,
-                // The stop closed the listener under this thread (see `take_queue_and_close`).
+                // The stop closed the listener under this thread (see `close_listeners`).
                 Err(_) if acceptor.stopping() => return Accepted::Nothing,
                 Err(error) => {
                     acceptor.accept_failed(&error, name);

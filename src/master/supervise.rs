@@ -489,7 +489,13 @@ impl<'s> Master<'s> {
                 Event::ZygoteExited(pid, status) => self.zygotes.on_exit(pid, status),
                 Event::Exited(id, status) => self.on_stopped(id, status),
                 Event::Stats(id, snapshot) => self.metrics().update(id.get(), *snapshot),
-                // Nothing starts any more: a worker's `ready` or `retire`, a respawn, a zygote's restart.
+                // A worker that became ready may be serving: it is to be stopped gracefully, not killed.
+                Event::Ready(id) => {
+                    if let Some(w) = self.workers.get_mut(id).filter(|w| w.state == State::Starting) {
+                        w.state = State::Ready;
+                    }
+                }
+                // Nothing starts any more: a retirement, a respawn, a zygote's restart.
                 _ => {}
             }
         }

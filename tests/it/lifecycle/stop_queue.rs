@@ -3,6 +3,9 @@
 //! new connection fails at once rather than being queued and reset (nginx then tries another server, whatever
 //! the method). A socket ferrule did not create keeps its queue for the next instance.
 //!
+//! What is still queued when `--graceful-timeout` runs out is closed and counted in the line that says the stop
+//! cut requests off.
+//!
 //! One worker with one app thread, busy with a slow request, makes the queue: app threads accept only while
 //! they are free.
 
@@ -104,6 +107,34 @@ fn sigterm_removes_the_socket_file_first_and_serves_the_queued_connections() {
         "the worker does not say it took the 2 queued connections\n{}",
         ferrule.log()
     );
+}
+
+#[test]
+fn what_is_still_queued_when_the_graceful_timeout_ends_is_counted_as_cut_off() {
+    let builder = one_thread().arg("--graceful-timeout").arg("1");
+    let path = builder.tempdir().join("ferrule.sock");
+    let mut ferrule = builder.spawn();
+    ferrule.wait_master_ready(1);
+    let slow = start_slow(&ferrule, &path);
+    let mut queued: Vec<UnixStream> = (0..2)
+        .map(|i| send_get(&path, &format!("/sleep?s=0&tag=q{i}")))
+        .collect();
+
+    ferrule.signal(libc::SIGTERM);
+    let status = ferrule.wait_exit(EXIT);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{status:?}\n{}", ferrule.log());
+    let log = ferrule.log();
+    // The request in flight and the two taken from the queue, read whole and waiting for the busy thread.
+    assert!(
+        log.contains("taken_from_queue=2") && log.contains("stop cut off requests still in flight cut_off=3 queued=2"),
+        "the stop does not count what it cut off\n{log}"
+    );
+    // Closed unanswered, and the slow request with them.
+    for stream in &mut queued {
+        let raw = read_to_close(stream);
+        assert!(raw.bytes.is_empty(), "{raw:?}");
+    }
+    assert!(slow.join().expect("the slow request's thread").bytes.is_empty());
 }
 
 #[test]
