@@ -218,37 +218,45 @@ impl Acceptor {
     /// serves itself. Bounded by the listen backlog. Returns how many connections were taken.
     fn close_listeners(self: &Arc<Self>, take: bool) -> usize {
         let mut taken = 0;
-        for ((fd, name, tls), _) in self
+        let ours = self
             .listeners
             .iter()
             .zip(&self.bound_by_ferrule)
-            .filter(|(_, ours)| **ours)
-        {
-            while take {
-                let (socket, peer) = match listener::accept_now(fd) {
-                    Ok(Some(accepted)) => accepted,
-                    Ok(None) => break,
-                    Err(error) => {
-                        tracing::error!(%error, listener = name.as_str(), "cannot take the queued connections");
-                        break;
-                    }
-                };
-                taken += 1;
-                if !self.allowed(peer, name) {
-                    continue;
-                }
-                let span = connection::conn_span(peer, name);
-                if *tls {
-                    self.read_later_tls(socket, span);
-                } else {
-                    self.read_later(socket, peer.is_some(), span);
-                }
+            .filter(|(_, ours)| **ours);
+        for ((fd, name, tls), _) in ours {
+            if take {
+                taken += self.accept_queue(fd, name, *tls);
             }
             if let Err(error) = listener::stop_listening(fd) {
                 tracing::error!(%error, listener = name.as_str(), "cannot close the listening socket");
             }
         }
         taken
+    }
+
+    /// Accepts every connection queued on one listener and hands each to the async side; returns how many.
+    fn accept_queue(self: &Arc<Self>, fd: &OwnedFd, name: &str, tls: bool) -> usize {
+        let mut taken = 0;
+        loop {
+            let (socket, peer) = match listener::accept_now(fd) {
+                Ok(Some(accepted)) => accepted,
+                Ok(None) => return taken,
+                Err(error) => {
+                    tracing::error!(%error, listener = name, "cannot take the queued connections");
+                    return taken;
+                }
+            };
+            taken += 1;
+            if !self.allowed(peer, name) {
+                continue;
+            }
+            let span = connection::conn_span(peer, name);
+            if tls {
+                self.read_later_tls(socket, span);
+            } else {
+                self.read_later(socket, peer.is_some(), span);
+            }
+        }
     }
 
     fn stopping(&self) -> bool {
