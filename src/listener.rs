@@ -261,6 +261,20 @@ pub(crate) fn accept_now(listener: &OwnedFd) -> io::Result<Option<(Socket, Optio
     }
 }
 
+/// Drops this process's hold on a listening socket without freeing its descriptor number: `dup3` puts a new,
+/// unconnected socket in its place atomically. Closing the number outright would let the next descriptor this
+/// process opens (a connection) take it, and a thread about to accept on the listener would accept there
+/// instead; on the placeholder an accept fails at once. The socket itself closes when its last holder does.
+pub(crate) fn stop_listening(listener: &OwnedFd) -> io::Result<()> {
+    let placeholder = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    // SAFETY: both descriptors are open and this process's (one borrowed, one owned for the call); dup3 only
+    // makes `listener`'s number refer to the placeholder's socket, and `listener` still owns that number.
+    if unsafe { libc::dup3(placeholder.as_raw_fd(), listener.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Peeks at the bytes queued in a non-blocking socket without consuming them (`WouldBlock`: none yet), into
 /// the spare capacity of `buf`, whose length becomes what was peeked. No zeroing of the buffer first.
 pub(crate) fn peek_now(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {

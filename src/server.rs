@@ -3,8 +3,10 @@
 //! queued in full is run on the spot by the thread that accepted it. This module's runtime takes the
 //! connections that need waiting (slow peers, large bodies, refusals) and queues their requests for the next
 //! free thread, up to `--max-connections` at a time. On a stop signal (or a retirement that requires it) a
-//! cancellation token stops the accepting, and the stop waits, under a time limit, until every request and
-//! connection in flight has counted itself out.
+//! cancellation token stops the accepting; a graceful stop then takes every connection still queued on the
+//! sockets ferrule bound and closes this worker's copy of them (so no connection is queued where nobody will
+//! accept it), and waits, under a time limit, until every request and connection in flight has counted itself
+//! out.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
@@ -79,6 +81,8 @@ pub(crate) async fn run(
         REPORT
     };
     let mut report = tokio::time::interval(every);
+    // A worker with a timed-out request stops taking connections at once: its stop takes none from the queue.
+    let mut stuck = false;
     let stop = loop {
         tokio::select! {
             _ = report.tick() => control.send(&Message::Stats(Box::new(ctx.metrics.snapshot()))),
@@ -95,22 +99,39 @@ pub(crate) async fn run(
                 // A worker with a stuck request is unhealthy: it stops taking connections now. Recycling keeps
                 // serving until the master has a replacement ready and sends SIGTERM.
                 if reason == RetireReason::Timeout {
+                    stuck = true;
                     break Stop::Graceful;
                 }
             }
         }
     };
     acceptor.stop();
-    let limit = match stop {
-        Stop::Graceful => ctx.config.workers.graceful_timeout,
-        Stop::Fast => Duration::ZERO,
+    let (limit, taken) = match stop {
+        Stop::Graceful => {
+            // A worker that already stopped taking connections (a stuck request, over --reload-on-rss) leaves
+            // the queue to the others: it only closes its copy.
+            let take = !stuck && !ctx.lifecycle.over_memory();
+            (ctx.config.workers.graceful_timeout, acceptor.close_listeners(take))
+        }
+        Stop::Fast => (Duration::ZERO, 0),
     };
     let in_flight = &ctx.in_flight;
     if in_flight.count() > 0 {
-        tracing::info!(in_flight = in_flight.count(), ?stop, "waiting for in-flight requests");
+        tracing::info!(
+            in_flight = in_flight.count(),
+            taken_from_queue = taken,
+            ?stop,
+            "waiting for in-flight requests"
+        );
     }
     if tokio::time::timeout(limit, in_flight.emptied()).await.is_err() {
-        tracing::warn!(cut_off = in_flight.count(), timeout = ?limit, "stop cut off requests still in flight");
+        // `queued`: requests read whole and still waiting for an app thread, closed unanswered with the rest.
+        tracing::warn!(
+            cut_off = in_flight.count(),
+            queued = acceptor.ready_rx.len(),
+            timeout = ?limit,
+            "stop cut off requests still in flight"
+        );
     }
     control.send(&Message::Stats(Box::new(ctx.metrics.snapshot())));
     tracing::info!(served = ctx.lifecycle.served(), "worker stopped");
@@ -122,6 +143,9 @@ struct Listening {
     fd: OwnedFd,
     name: String,
     tls: bool,
+    /// Whether ferrule bound it (a graceful stop takes its queue and closes it) or it was inherited from
+    /// systemd or `fd://` (left alone: its queue belongs to the next instance).
+    bound_by_ferrule: bool,
     /// The span of every connection on a Unix socket: their fields (`peer="unix"`, the listener) are all the
     /// same, so one span, made at the first connection, serves them all, and a connection costs a clone of it
     /// instead of a new span with its fields formatted.
@@ -168,12 +192,15 @@ struct Acceptor {
 
 impl Acceptor {
     fn new(sockets: Vec<BoundSocket>, ctx: Arc<WorkerContext>) -> std::io::Result<Acceptor> {
-        // The sockets come in the order of the configured ones (systemd's after them): that says which are TLS.
+        // The sockets come in the order of the configured ones (systemd's after them): that says which are TLS,
+        // and which the master bound.
         let listeners = sockets
             .into_iter()
             .enumerate()
             .map(|(i, b)| {
-                let tls = matches!(ctx.config.fixed.sockets.get(i), Some(crate::config::SocketSpec::Tls(_)));
+                let spec = ctx.config.fixed.sockets.get(i);
+                let tls = matches!(spec, Some(crate::config::SocketSpec::Tls(_)));
+                let bound_by_ferrule = !matches!(spec, None | Some(crate::config::SocketSpec::Fd(_)));
                 let name = if tls {
                     format!("tls://{}", b.display_addr())
                 } else {
@@ -183,6 +210,7 @@ impl Acceptor {
                     fd: b.fd,
                     name,
                     tls,
+                    bound_by_ferrule,
                     unix_span: OnceLock::new(),
                 }
             })
@@ -211,6 +239,52 @@ impl Acceptor {
         // sees the stop, or the drain that follows sees its count.
         fence(Ordering::SeqCst);
         let _ = self.stop_signal.write(1);
+    }
+
+    /// The graceful stop's intake, after `stop`: takes every connection already queued on the sockets ferrule
+    /// bound (if `take`), for the async side to read and the app threads (which now take only queued requests)
+    /// to run, then closes this worker's copy of each socket. The last process to close a listening socket
+    /// resets what is still queued on it, and nginx may not retry a POST it has sent; at a stop the master
+    /// closed its copies first, so the workers are the last. On a Unix socket the master removed the file
+    /// first, so nothing new arrives; on TCP, only a connection arriving between the last accept and the close
+    /// is lost. A worker replaced while the others serve on (a reload, recycling) takes a few connections it
+    /// serves itself. Bounded by the listen backlog. Returns how many connections were taken.
+    fn close_listeners(self: &Arc<Self>, take: bool) -> usize {
+        let mut taken = 0;
+        for Listening { fd, name, tls, .. } in self.listeners.iter().filter(|l| l.bound_by_ferrule) {
+            if take {
+                taken += self.accept_queue(fd, name, *tls);
+            }
+            if let Err(error) = listener::stop_listening(fd) {
+                tracing::error!(%error, listener = name.as_str(), "cannot close the listening socket");
+            }
+        }
+        taken
+    }
+
+    /// Accepts every connection queued on one listener and hands each to the async side; returns how many.
+    fn accept_queue(self: &Arc<Self>, fd: &OwnedFd, name: &str, tls: bool) -> usize {
+        let mut taken = 0;
+        loop {
+            let (socket, peer) = match listener::accept_now(fd) {
+                Ok(Some(accepted)) => accepted,
+                Ok(None) => return taken,
+                Err(error) => {
+                    tracing::error!(%error, listener = name, "cannot take the queued connections");
+                    return taken;
+                }
+            };
+            taken += 1;
+            if !self.allowed(peer, name) {
+                continue;
+            }
+            let span = connection::conn_span(peer, name);
+            if tls {
+                self.read_later_tls(socket, span);
+            } else {
+                self.read_later(socket, peer.is_some(), span);
+            }
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -368,6 +442,8 @@ impl AppThreadFeed {
             let (socket, peer) = match listener::accept_now(fd) {
                 Ok(Some(accepted)) => accepted,
                 Ok(None) => continue,
+                // The stop closed the listener under this thread (see `close_listeners`).
+                Err(_) if acceptor.stopping() => return Accepted::Nothing,
                 Err(error) => {
                     acceptor.accept_failed(&error, name);
                     std::thread::sleep(ACCEPT_BACKOFF);

@@ -27,14 +27,18 @@ const AT_ONCE_MAX: usize = 8 * 1024;
 
 /// Writes one response and ends its connection.
 pub(crate) struct Responder {
+    /// Declared first, so it is dropped (the connection closed) before `watch` and `in_flight` let go of the
+    /// request's place in the count of work in flight: a stopping worker must not exit between the response's
+    /// last bytes and the close, which would reset the connection with the rest of the request unread.
     wire: Wire,
     ctx: Arc<WorkerContext>,
     request: RequestInfo,
     started: Instant,
     /// Registered with the watchdog when there is a `--timeout` (which then holds `in_flight`).
     watch: Option<Arc<Watch>>,
-    /// The request's place in the worker's count of work in flight, without a watchdog.
-    in_flight: Option<InFlightGuard>,
+    /// The request's place in the worker's count of work in flight, without a watchdog; let go when this is
+    /// dropped, after the connection is closed.
+    _in_flight: Option<InFlightGuard>,
     /// A write failed and the peer is gone (already logged).
     gone: bool,
     /// Some of the response was written.
@@ -66,7 +70,7 @@ impl Responder {
             request,
             started,
             watch,
-            in_flight,
+            _in_flight: in_flight,
             gone: false,
             wrote: false,
             ended: false,
@@ -173,15 +177,8 @@ impl Responder {
             return false;
         }
         self.ended = true;
-        let on_time = self.watch.as_ref().is_none_or(|w| w.end());
-        self.in_flight = None;
-        on_time
+        self.watch.as_ref().is_none_or(|w| w.end())
     }
-}
-
-/// The bytes of a response's buffers together.
-fn total_len(bufs: &[&[u8]]) -> usize {
-    bufs.iter().map(|b| b.len()).sum()
 }
 
 impl ResponseSink for Responder {

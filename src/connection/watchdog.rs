@@ -43,8 +43,9 @@ struct WatchState {
     wrote: bool,
     ended: bool,
     timed_out: bool,
-    /// The request's place in the worker's count of work in flight: let go when the response ends on time, or
-    /// after a timed-out request's stack is logged, since the worker's exit waits for that.
+    /// The request's place in the worker's count of work in flight: let go when the responder drops this watch
+    /// (after closing the connection), or after a timed-out request's stack is logged, since the worker's exit
+    /// waits for that.
     in_flight: Option<InFlightGuard>,
 }
 
@@ -71,11 +72,7 @@ impl Watch {
     pub(crate) fn end(&self) -> bool {
         let mut state = lock(&self.state);
         state.ended = true;
-        if state.timed_out {
-            return false;
-        }
-        state.in_flight = None;
-        true
+        !state.timed_out
     }
 }
 

@@ -1,8 +1,10 @@
 //! The sockets the master binds, and the one place their files are removed: `Bound` owns every socket bound
 //! for the workers and for `--metrics`, and its drop removes the Unix socket files among them, so each way
-//! out of `master::run` (a stop, an error, a failed start-up step) cleans up without saying so.
+//! out of `master::run` (a stop, an error, a failed start-up step) cleans up without saying so. A graceful
+//! stop removes the files and closes the master's copies earlier, before the workers drain (`remove_files`,
+//! `close_own`).
 
-use crate::config::{Config, systemd_fds};
+use crate::config::{Config, SocketSpec, systemd_fds};
 use crate::listener::{self, BoundSocket};
 
 use super::error::LOG;
@@ -42,6 +44,22 @@ impl Bound {
             bound.metrics = Some(socket);
         }
         Ok(bound)
+    }
+
+    /// The first step of a graceful stop: removes the Unix socket files this master made, so that a new
+    /// connection fails at once (nginx then tries another server, whatever the method) while the workers
+    /// still serve what is queued. A reload never does this: the sockets stay for the new workers.
+    pub(super) fn remove_files(&self) {
+        self.sockets.iter().for_each(BoundSocket::remove_file);
+    }
+
+    /// Closes the master's copies of the sockets it bound itself, once no other process but the workers holds
+    /// them (the zygotes are gone): the last close of a listening socket resets the connections still queued
+    /// on it, so the last holders must be the workers, which take every queued connection before they close
+    /// theirs. Inherited sockets (systemd, `fd://`) are kept: their queue belongs to the next instance. After
+    /// this no worker can be started, so only a stop calls it.
+    pub(super) fn close_own(&mut self) {
+        self.sockets.retain(|s| matches!(s.spec, SocketSpec::Fd(_)));
     }
 }
 

@@ -37,7 +37,7 @@ pub(crate) use spawn::Launch;
 pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
     preflight::check_descriptor_limit(&config)?;
     let identity = preflight::Identity::resolve(&config)?;
-    let bound = binding::Bound::bind(&config, identity.socket_owner())?;
+    let mut bound = binding::Bound::bind(&config, identity.socket_owner())?;
     identity.switch_to()?;
     identity.check_tls_files(&config)?;
     preflight::check_socket_dirs_writable(&bound.sockets);
@@ -48,5 +48,5 @@ pub(crate) fn run(config: Config, launch: Launch) -> Result<(), MasterError> {
         .enable_all()
         .build()
         .map_err(MasterError::Runtime)?;
-    runtime.block_on(supervise::run(config, launch, &bound))
+    runtime.block_on(supervise::run(config, launch, &mut bound))
 }

@@ -13,24 +13,48 @@ use crate::sync::lock;
 
 use super::error::LOG;
 
+/// The workers' TCP sockets whose accept queues a scrape reports, as copies of their descriptors. A graceful
+/// stop closes them (`close`) with the master's other copies, so that the workers are the last to hold the
+/// sockets (see `Bound::close_own`); a scrape after that reports no queue.
+#[derive(Clone, Default)]
+pub(super) struct Queues(Arc<Mutex<Vec<(String, OwnedFd)>>>);
+
+impl Queues {
+    pub(super) fn close(&self) {
+        lock(&self.0).clear();
+    }
+
+    /// Each queue's depth now (a getsockopt each: no wait, so the lock is held only for that).
+    fn depths(&self) -> Vec<(String, u64)> {
+        lock(&self.0)
+            .iter()
+            .filter_map(|(name, fd)| Some((name.clone(), listener::listen_queue_depth(fd)?)))
+            .collect()
+    }
+}
+
 /// Serves `--metrics` on `bound` until the runtime stops; `sockets` are the workers' sockets, whose accept
-/// queues each scrape reports.
+/// queues each scrape reports (through the `Queues` returned).
 pub(super) fn start(
     bound: &BoundSocket,
     sockets: &[BoundSocket],
     metrics: &Arc<Mutex<MasterMetrics>>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Queues> {
     let queues = sockets
         .iter()
         .filter(|s| !s.is_unix())
         .map(|s| Ok((s.display_addr(), s.fd.try_clone()?)))
         .collect::<std::io::Result<Vec<_>>>()?;
-    tokio::spawn(serve_metrics(Listener::from_bound(bound)?, Arc::clone(metrics), queues));
-    Ok(())
+    let queues = Queues(Arc::new(Mutex::new(queues)));
+    tokio::spawn(serve_metrics(
+        Listener::from_bound(bound)?,
+        Arc::clone(metrics),
+        queues.clone(),
+    ));
+    Ok(queues)
 }
 
-async fn serve_metrics(listener: Listener, metrics: Arc<Mutex<MasterMetrics>>, queues: Vec<(String, OwnedFd)>) {
-    let queues = Arc::new(queues);
+async fn serve_metrics(listener: Listener, metrics: Arc<Mutex<MasterMetrics>>, queues: Queues) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -41,7 +65,7 @@ async fn serve_metrics(listener: Listener, metrics: Arc<Mutex<MasterMetrics>>, q
             }
         };
         let metrics = Arc::clone(&metrics);
-        let queues = Arc::clone(&queues);
+        let queues = queues.clone();
         tokio::spawn(async move {
             let answered = tokio::time::timeout(Duration::from_secs(5), answer_scrape(stream, &metrics, &queues)).await;
             if !matches!(answered, Ok(Ok(()))) {
@@ -51,11 +75,7 @@ async fn serve_metrics(listener: Listener, metrics: Arc<Mutex<MasterMetrics>>, q
     }
 }
 
-async fn answer_scrape(
-    mut stream: Stream,
-    metrics: &Mutex<MasterMetrics>,
-    queues: &[(String, OwnedFd)],
-) -> std::io::Result<()> {
+async fn answer_scrape(mut stream: Stream, metrics: &Mutex<MasterMetrics>, queues: &Queues) -> std::io::Result<()> {
     let mut header = [0u8; crate::packet::HEADER_LEN];
     stream.read_exact(&mut header).await?;
     if let Some(proto) = crate::packet::sniff_foreign_protocol(&header) {
@@ -75,10 +95,7 @@ async fn answer_scrape(
         stream.write_all(&crate::packet::PONG).await?;
         return stream.shutdown().await;
     }
-    let depths: Vec<(String, u64)> = queues
-        .iter()
-        .filter_map(|(name, fd)| Some((name.clone(), listener::listen_queue_depth(fd)?)))
-        .collect();
+    let depths = queues.depths();
     let body = lock(metrics).render(&depths);
     let head = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\

@@ -35,11 +35,18 @@ use super::watch::Watch;
 use super::workers::{State, Worker, Workers};
 use super::zygote::{self, Preloaded, STRAY_SWEEP, Zygotes};
 
+/// How long a graceful stop waits for the zygotes to exit (they do as soon as their fork channel closes)
+/// before it stops the workers anyway.
+const ZYGOTE_EXIT: Duration = Duration::from_secs(5);
+
 struct Master<'s> {
     config: Arc<Config>,
     spawner: Spawner,
-    /// The sockets the workers inherit: bound before, and removed after, this value lives.
-    bound: &'s Bound,
+    /// The sockets the workers inherit: bound before this value lives, and removed after it, or at the start of
+    /// a graceful stop (`release_sockets`).
+    bound: &'s mut Bound,
+    /// The master's copies of the TCP sockets `--metrics` reports the queues of.
+    queues: scrape::Queues,
     workers: Workers,
     generation: u32,
     desired: usize,
@@ -62,16 +69,25 @@ struct Master<'s> {
 }
 
 /// Runs the master on the bound sockets until a stop signal, with `--metrics` served beside it.
-pub(super) async fn run(config: Config, launch: Launch, bound: &Bound) -> Result<(), MasterError> {
-    let master = Master::new(Arc::new(config), launch, bound);
-    if let Some(metrics) = &bound.metrics {
-        scrape::start(metrics, &bound.sockets, &master.metrics)?;
-    }
-    master.run().await
+pub(super) async fn run(config: Config, launch: Launch, bound: &mut Bound) -> Result<(), MasterError> {
+    let metrics = Arc::new(Mutex::new(MasterMetrics::default()));
+    let queues = match &bound.metrics {
+        Some(socket) => scrape::start(socket, &bound.sockets, &metrics)?,
+        None => scrape::Queues::default(),
+    };
+    Master::new(Arc::new(config), launch, bound, metrics, queues)
+        .run()
+        .await
 }
 
 impl<'s> Master<'s> {
-    fn new(config: Arc<Config>, launch: Launch, bound: &'s Bound) -> Master<'s> {
+    fn new(
+        config: Arc<Config>,
+        launch: Launch,
+        bound: &'s mut Bound,
+        metrics: Arc<Mutex<MasterMetrics>>,
+        queues: scrape::Queues,
+    ) -> Master<'s> {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let fds = bound.sockets.iter().map(|s| s.fd.as_raw_fd()).collect();
         let watch = Watch::start(&config, &events_tx);
@@ -82,6 +98,7 @@ impl<'s> Master<'s> {
             config,
             spawner: Spawner::new(launch, fds),
             bound,
+            queues,
             workers: Workers::new(),
             generation: 0,
             crashes: Backoff::default(),
@@ -89,7 +106,7 @@ impl<'s> Master<'s> {
             zygotes: Zygotes::new(events_tx.clone()),
             events_tx,
             events_rx,
-            metrics: Arc::new(Mutex::new(MasterMetrics::default())),
+            metrics,
             tickets: Tickets::default(),
             watch,
         }
@@ -131,6 +148,9 @@ impl<'s> Master<'s> {
             }
         };
         tracing::info!(target: LOG, signal = %received, "stopping");
+        if received == Signal::SIGTERM {
+            self.release_sockets().await;
+        }
         self.stop_all(stop_signal).await;
         Ok(())
     }
@@ -580,6 +600,46 @@ impl<'s> Master<'s> {
         }
     }
 
+    /// A graceful stop, before the workers are told: the socket files go first, so that new connections fail at
+    /// once and nginx tries another server; then the zygotes exit and the master closes its own copies of the
+    /// sockets it bound, so that the workers hold them last. Each worker takes every connection still queued
+    /// before it closes its copy (see `server`), and the last close of a listening socket resets whatever is
+    /// queued on it: done the other way round, the master's exit would reset what arrived during the drain.
+    async fn release_sockets(&mut self) {
+        self.bound.remove_files();
+        self.zygotes.stop();
+        let deadline = Instant::now() + ZYGOTE_EXIT;
+        while self.zygotes.any_running() {
+            let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events_rx.recv()).await else {
+                tracing::warn!(target: LOG, "a zygote did not exit in time; the stop goes on without waiting for it");
+                break;
+            };
+            match event {
+                Event::ZygoteExited(pid, status) => self.zygotes.on_exit(pid, status),
+                Event::Exited(id, status) => self.on_stopped(id, status),
+                Event::Stats(id, snapshot) => self.metrics().update(id.get(), *snapshot),
+                // A worker that became ready may be serving: it is to be stopped gracefully, not killed.
+                Event::Ready(id) => {
+                    if let Some(w) = self.workers.get_mut(id).filter(|w| w.state == State::Starting) {
+                        w.state = State::Ready;
+                    }
+                }
+                // Nothing starts any more: a retirement, a respawn, a zygote's restart.
+                _ => {}
+            }
+        }
+        self.bound.close_own();
+        self.queues.close();
+    }
+
+    /// A worker exited during a stop: it is only forgotten, never replaced.
+    fn on_stopped(&mut self, id: WorkerId, status: ExitStatus) {
+        self.metrics().worker_exited(id.get());
+        if let Some(w) = self.workers.forget(id) {
+            tracing::info!(target: LOG, worker = id.get(), pid = w.pid.get(), status = %describe(status), "worker exited");
+        }
+    }
+
     /// Stops every worker and waits for all of them (killing the overdue).
     async fn stop_all(&mut self, sig: Signal) {
         self.zygotes.stop();
@@ -599,10 +659,7 @@ impl<'s> Master<'s> {
                 _ = tick.tick() => self.workers.kill_overdue(),
                 Some(event) = self.events_rx.recv() => {
                     if let Event::Exited(id, status) = event {
-                        self.metrics().worker_exited(id.get());
-                        if let Some(w) = self.workers.forget(id) {
-                            tracing::info!(target: LOG, worker = id.get(), pid = w.pid.get(), status = %describe(status), "worker exited");
-                        }
+                        self.on_stopped(id, status);
                     }
                 }
             }

@@ -90,6 +90,11 @@ impl Zygotes {
         }
     }
 
+    /// Whether a zygote (current, a reload's, or a retired one) has not exited yet.
+    pub(super) fn any_running(&self) -> bool {
+        !self.pids.is_empty()
+    }
+
     pub(super) fn knows_pid(&self, pid: ChildPid) -> bool {
         self.pids.contains(&pid)
     }

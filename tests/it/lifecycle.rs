@@ -10,6 +10,8 @@ mod failover;
 mod master_exit;
 mod scaling;
 mod on_change;
+mod rolling_restart;
+mod stop_queue;
 mod support;
 
 use std::collections::BTreeSet;
@@ -403,6 +405,10 @@ fn stuck_request_times_out_and_its_worker_is_replaced() {
         "the neighbour ran on the same worker"
     );
 
+    // The answer can reach the client before the log reader has the app's last line.
+    stack
+        .ferrule
+        .wait_for_log("lifecycle-marker sleep-end tag=neighbour", LOG_WAIT);
     let log = stack.ferrule.log();
     let timed_out = log
         .find("request timed out")

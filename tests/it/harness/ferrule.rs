@@ -80,6 +80,8 @@ pub struct FerruleBuilder {
     nofile: Option<(u64, u64)>,
     /// `cgroup.procs` files the process moves itself into between fork and exec.
     cgroups: Vec<std::ffi::CString>,
+    /// The network namespace the process runs in (joined between fork and exec), held open until then.
+    netns: Option<std::fs::File>,
 }
 
 impl FerruleBuilder {
@@ -105,6 +107,7 @@ impl FerruleBuilder {
             tempdir: temp_dir(),
             nofile: None,
             cgroups: Vec::new(),
+            netns: None,
         }
     }
 
@@ -190,6 +193,15 @@ impl FerruleBuilder {
         use std::os::unix::ffi::OsStrExt;
         let path = std::ffi::CString::new(procs.as_os_str().as_bytes()).expect("a cgroup path has no NUL");
         self.cgroups.push(path);
+        self
+    }
+
+    /// Runs the process in the network namespace whose file is `path` (`/run/netns/NAME`), as
+    /// `ip netns exec NAME` would, but with ferrule itself as the child (its pid is the master's).
+    pub fn netns(mut self, path: impl AsRef<Path>) -> Self {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        self.netns = Some(file);
         self
     }
 
@@ -431,6 +443,19 @@ impl FerruleBuilder {
                     libc::close(fd);
                     if written != 2 {
                         return Err(error);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(netns) = &self.netns {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(netns);
+            // SAFETY: runs between fork and exec and only calls setns(2), which is async-signal-safe; `fd` is a
+            // plain integer for a file the builder holds open until the process has started.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(io::Error::last_os_error());
                     }
                     Ok(())
                 });

@@ -8,6 +8,7 @@ pub mod fixtures;
 pub mod http;
 pub mod json;
 pub mod log;
+pub mod netns;
 pub mod nginx;
 pub mod procs;
 pub mod response;

@@ -52,10 +52,16 @@ enum Upstream<'a> {
     /// One address, `unix:/path` or `127.0.0.1:port`.
     One(&'a str),
     /// An `upstream ferrule` group of these addresses, each with `server_params` on its `server` line.
-    Group {
-        servers: &'a [&'a str],
-        server_params: &'a str,
-    },
+    Group(Group<'a>),
+}
+
+/// An `upstream ferrule` group: its servers, what each `server` line ends with (`max_fails=1`...), what else
+/// the group says (`least_conn;`), and whether nginx speaks TLS to them (`uwsgi_pass suwsgi://ferrule`).
+pub struct Group<'a> {
+    pub servers: &'a [&'a str],
+    pub server_params: &'a str,
+    pub group_conf: &'a str,
+    pub tls: bool,
 }
 
 /// What a test adds to the generated config.
@@ -88,14 +94,16 @@ fn config(dir: &Path, port: u16, conf: &Conf) -> String {
     let params = params.display();
     let (group, pass) = match upstream {
         Upstream::One(address) => (String::new(), (*address).to_owned()),
-        Upstream::Group { servers, server_params } => {
-            let lines: String = servers
+        Upstream::Group(group) => {
+            let lines: String = group
+                .servers
                 .iter()
-                .map(|s| format!("        server {s} {server_params};\n"))
+                .map(|s| format!("        server {s} {};\n", group.server_params))
                 .collect();
+            let scheme = if group.tls { "suwsgi://" } else { "" };
             (
-                format!("    upstream ferrule {{\n{lines}    }}\n"),
-                "ferrule".to_owned(),
+                format!("    upstream ferrule {{\n        {}\n{lines}    }}\n", group.group_conf),
+                format!("{scheme}ferrule"),
             )
         }
     };
@@ -182,8 +190,22 @@ impl Nginx {
     /// nginx balancing over an `upstream` group of `servers` (each `server` line ending in `server_params`, e.g.
     /// `max_fails=1`), with `extra_location_conf` added inside `location /`. Returns once the port accepts.
     pub fn start_group(servers: &[&str], server_params: &str, extra_location_conf: &str) -> Nginx {
+        Nginx::start_upstream(
+            Group {
+                servers,
+                server_params,
+                group_conf: "",
+                tls: false,
+            },
+            extra_location_conf,
+        )
+    }
+
+    /// nginx balancing over `group`, with `extra_location_conf` added inside `location /`. Returns once the port
+    /// accepts.
+    pub fn start_upstream(group: Group, extra_location_conf: &str) -> Nginx {
         Nginx::start_conf(&Conf {
-            upstream: Upstream::Group { servers, server_params },
+            upstream: Upstream::Group(group),
             extra_location_conf,
             server_conf: "",
             worker_user: None,
