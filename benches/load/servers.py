@@ -63,7 +63,8 @@ def build_backends(args: argparse.Namespace, tmp: Path, threads: int) -> list[Ba
     """The servers of one thread count (each thread count of a run has its own instances)."""
     w, t, venv = args.workers, threads, args.venv
     # --request-logs: ferrule's access log against uWSGI's default per-request log lines.
-    ferrule_extra = ["--access-log"] if args.request_logs else []
+    request_logs = getattr(args, "request_logs", False)
+    ferrule_extra = ["--access-log"] if request_logs else []
     backends = [
         Backend(
             "ferrule",
@@ -77,7 +78,7 @@ def build_backends(args: argparse.Namespace, tmp: Path, threads: int) -> list[Ba
         Backend(
             "uwsgi",
             "uwsgi",
-            uwsgi_command(venv, ["--socket", str(tmp / "uwsgi.sock")], w, t, APP, request_logs=args.request_logs),
+            uwsgi_command(venv, ["--socket", str(tmp / "uwsgi.sock")], w, t, APP, request_logs=request_logs),
             tmp / "uwsgi.sock",
         ),
         Backend(
