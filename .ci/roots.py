@@ -73,6 +73,7 @@ def ensure(root: Root) -> Path:
                 env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         step(f"debootstrap {root.name} with {', '.join(root.packages)} (cached in {CACHE})")
         new = root.path.with_name(root.name + ".new")
+        unmount_under(new)
         shutil.rmtree(new, ignore_errors=True)
         new.parent.mkdir(parents=True, exist_ok=True)
         run(["debootstrap", f"--arch={root.arch}", "--variant=minbase", f"--include={','.join(root.packages)}",
@@ -90,6 +91,18 @@ def ensure(root: Root) -> Path:
     inside.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(bundle, inside)
     return root.path
+
+
+def unmount_under(path: Path) -> None:
+    """Detaches whatever is still mounted in `path` (deepest first): a debootstrap that was killed, by its
+    timeout say, leaves the /proc it mounted for its second stage, which no rmtree can remove."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        # /proc/self/mounts escapes a space in a mount point as \040.
+        points = [line.split()[1].replace("\\040", " ") for line in mounts]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        note(f"unmounting {point}, left by an earlier debootstrap")
+        subprocess.run(["umount", "-l", point])
 
 
 @contextlib.contextmanager
