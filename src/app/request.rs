@@ -382,18 +382,14 @@ impl ResponseState {
         }
     }
 
-    /// Writes `bufs` before returning, straight from the app's bytes objects (no copy: they are immutable and
-    /// referenced by the caller until this returns); without the GIL unless the write cannot wait.
+    /// Writes `bufs` before returning, without the GIL and straight from the app's bytes objects (no copy:
+    /// they are immutable and referenced by the caller until this returns).
     fn write(&mut self, py: Python<'_>, bufs: &[&[u8]]) -> Result<(), Failure> {
         let sink = self.sink.as_mut().ok_or(Failure::ClientGone)?;
-        if sink.at_once(total_len(bufs)) {
-            return Ok(sink.send(bufs)?);
-        }
         Ok(py.detach(|| sink.send(bufs))?)
     }
 
-    /// Writes the response's last bytes and ends it, complete or aborted, all in one release of the GIL (none
-    /// when it cannot wait).
+    /// Writes the response's last bytes and ends it, complete or aborted, all in one release of the GIL.
     fn end(
         &mut self,
         py: Python<'_>,
@@ -403,15 +399,14 @@ impl ResponseState {
         complete: bool,
     ) -> Result<(), Failure> {
         let sink = self.sink.take().ok_or(Failure::ClientGone)?;
-        let at_once = sink.at_once(total_len(last));
-        let end = move || {
+        let ended = py.detach(move || {
             if complete {
                 sink.complete(last, status, body_bytes)
             } else {
                 sink.abort(last, status, body_bytes)
             }
-        };
-        Ok(if at_once { end() } else { py.detach(end) }?)
+        });
+        Ok(ended?)
     }
 
     /// A body known in full (a list or tuple): head and chunks in one writev, with a Content-Length.
@@ -464,11 +459,6 @@ impl ResponseState {
             None => self.end(py, last, ending.status, body_bytes, ending.complete),
         }
     }
-}
-
-/// The bytes of a response's buffers together.
-fn total_len(bufs: &[&[u8]]) -> usize {
-    bufs.iter().map(|b| b.len()).sum()
 }
 
 /// The `start_response` callable handed to the app; its `write` method is the PEP 3333 write() callable.

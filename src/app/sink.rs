@@ -28,18 +28,12 @@ pub(crate) trait RequestSource: Send {
     fn next(&mut self) -> Option<Request>;
 }
 
-/// Where a response goes, written by the app thread as the app produces it, without the GIL unless the sink
-/// says a write cannot wait ([`ResponseSink::at_once`]). Each call returns when its bytes are written (or the
-/// connection is gone).
+/// Where a response goes, written by the app thread without the GIL, as the app produces it. Each call
+/// returns when its bytes are written (or the connection is gone).
 pub(crate) trait ResponseSink: Send + Sync {
     /// Names the Python thread (`threading.get_ident()`) running the request, for the stack dump of a request
     /// that times out.
     fn running_on(&self, python_thread: u64);
-
-    /// Whether writing `bytes` more (or ending the response after them) cannot wait: the app thread then
-    /// does it without letting go of the GIL, which with several threads would cost a hand-over to another
-    /// thread and back for a write that takes microseconds.
-    fn at_once(&self, bytes: usize) -> bool;
 
     /// Writes every buffer, in order.
     fn send(&mut self, bufs: &[&[u8]]) -> Result<(), Gone>;

@@ -19,11 +19,6 @@ use crate::lifecycle::InFlightGuard;
 const MAX_IOV: usize = 512;
 /// Most bytes per sendfile(2) call: big enough to keep the socket buffer full.
 const SENDFILE_CHUNK: u64 = 1 << 20;
-/// Most bytes a response's first write may hold for it to count as taken at once by the socket, so the app
-/// thread makes it without letting go of the GIL: a fresh socket has nothing queued, and its send buffer (at
-/// least 16 KiB for TCP, about 200 KiB for a Unix socket, by Linux's defaults) takes this much whole. An API's
-/// answer is well under it.
-const AT_ONCE_MAX: usize = 8 * 1024;
 
 /// Writes one response and ends its connection.
 pub(crate) struct Responder {
@@ -41,8 +36,6 @@ pub(crate) struct Responder {
     _in_flight: Option<InFlightGuard>,
     /// A write failed and the peer is gone (already logged).
     gone: bool,
-    /// Some of the response was written.
-    wrote: bool,
     /// The response was completed or aborted.
     ended: bool,
 }
@@ -72,7 +65,6 @@ impl Responder {
             watch,
             _in_flight: in_flight,
             gone: false,
-            wrote: false,
             ended: false,
         }
     }
@@ -165,12 +157,6 @@ impl Responder {
         Gone
     }
 
-    /// Whether a write of `bytes` goes out at once on this connection: a plain socket that has taken nothing
-    /// of the response yet, and a write small enough for its buffer (see [`AT_ONCE_MAX`]).
-    fn takes_at_once(&self, bytes: usize) -> bool {
-        !self.wire.is_tls() && !self.wrote && bytes <= AT_ONCE_MAX
-    }
-
     /// Marks the response ended; false if the watchdog already answered it, leaving nothing to do.
     fn end(&mut self) -> bool {
         if self.ended {
@@ -182,10 +168,6 @@ impl Responder {
 }
 
 impl ResponseSink for Responder {
-    fn at_once(&self, bytes: usize) -> bool {
-        !self.gone && !self.wire.is_tls() && (bytes == 0 || self.takes_at_once(bytes))
-    }
-
     fn running_on(&self, python_thread: u64) {
         if let Some(watch) = &self.watch {
             watch.running_on(python_thread);
@@ -202,7 +184,6 @@ impl ResponseSink for Responder {
         while !rest.is_empty() {
             let batch = rest.len().min(MAX_IOV);
             if let Some(n) = self.write_step(|wire| wire.write_vectored(&rest[..batch]))? {
-                self.wrote |= n > 0;
                 IoSlice::advance_slices(&mut rest, n);
             }
         }
@@ -218,7 +199,6 @@ impl ResponseSink for Responder {
         while offset < end {
             let count = (end - offset).min(SENDFILE_CHUNK) as usize;
             let step = self.write_step(|wire| wire.send_file(file, &mut offset, count))?;
-            self.wrote |= step.is_some_and(|n| n > 0);
             if step == Some(0) {
                 let short = io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced");
                 return Err(self.lost(short));
