@@ -12,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{self, Config, LogFormat, Options};
 use crate::control::{self, Handoff};
+use crate::log_scope::Deferring;
 use crate::master::{self, Launch};
 use crate::{preload, worker};
 
@@ -141,6 +142,19 @@ enum Role {
     Zygote,
 }
 
+/// Makes a subscriber the process's log, wrapped so that a request's span is made only when a line is written
+/// in it ([`Deferring`]).
+trait Install {
+    fn install(self);
+}
+
+impl<S: tracing::Subscriber + Send + Sync + 'static> Install for S {
+    fn install(self) {
+        use tracing_subscriber::util::SubscriberInitExt;
+        Deferring::new(self).init();
+    }
+}
+
 fn init_logging(level: &str, format: LogFormat, role: Role) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.is_empty() => EnvFilter::try_new(spec),
@@ -158,7 +172,8 @@ fn init_logging(level: &str, format: LogFormat, role: Role) -> Result<(), String
             .fmt_fields(crate::log_fields::PlainFields)
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
-            .init(),
+            .finish()
+            .install(),
         // One JSON object per line: serde escapes whatever a request put in a path, a header or a traceback,
         // and in a worker what the app prints is wrapped too.
         LogFormat::Json => {
@@ -166,15 +181,16 @@ fn init_logging(level: &str, format: LogFormat, role: Role) -> Result<(), String
             match role {
                 Role::Worker => {
                     let stderr = worker::capture_app_output().map_err(|e| format!("cannot capture app output: {e}"))?;
-                    builder.with_writer(std::sync::Arc::new(stderr)).init();
+                    builder.with_writer(std::sync::Arc::new(stderr)).finish().install();
                 }
                 Role::Zygote => {
                     let stderr = nix::unistd::dup(std::io::stderr()).map_err(|e| format!("cannot copy stderr: {e}"))?;
                     builder
                         .with_writer(std::sync::Arc::new(std::fs::File::from(stderr)))
-                        .init();
+                        .finish()
+                        .install();
                 }
-                Role::Master => builder.with_writer(std::io::stderr).init(),
+                Role::Master => builder.with_writer(std::io::stderr).finish().install(),
             }
         }
     }

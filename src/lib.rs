@@ -33,6 +33,7 @@
 pub mod packet;
 pub(crate) mod sync;
 pub(crate) mod log_fields;
+pub(crate) mod log_scope;
 pub(crate) mod tls;
 pub(crate) mod resources;
 pub(crate) mod config;

@@ -147,20 +147,20 @@ struct Listening {
     /// systemd or `fd://` (left alone: its queue belongs to the next instance).
     bound_by_ferrule: bool,
     /// The span of every connection on a Unix socket: their fields (`peer="unix"`, the listener) are all the
-    /// same, so one span, made at the first connection, serves them all, and a connection costs a clone of it
-    /// instead of a new span with its fields formatted.
-    unix_span: OnceLock<tracing::Span>,
+    /// same, so one span, made at the first connection, serves them all, and a connection costs a reference to
+    /// it instead of a new span with its fields formatted.
+    unix_span: OnceLock<Arc<tracing::Span>>,
 }
 
 impl Listening {
     /// The span of a connection from `peer` (none: a Unix socket's peer).
-    fn span_for(&self, peer: Option<std::net::SocketAddr>) -> tracing::Span {
+    fn span_for(&self, peer: Option<std::net::SocketAddr>) -> Arc<tracing::Span> {
         match peer {
-            Some(_) => connection::conn_span(peer, &self.name),
-            None => self
-                .unix_span
-                .get_or_init(|| connection::conn_span(None, &self.name))
-                .clone(),
+            Some(_) => Arc::new(connection::conn_span(peer, &self.name)),
+            None => Arc::clone(
+                self.unix_span
+                    .get_or_init(|| Arc::new(connection::conn_span(None, &self.name))),
+            ),
         }
     }
 }
@@ -458,13 +458,13 @@ impl AppThreadFeed {
             let tcp = peer.is_some();
             // No peek-and-run for TLS: the handshake and the request are read on the async side.
             if *tls {
-                acceptor.read_later_tls(socket, span);
+                acceptor.read_later_tls(socket, tracing::Span::clone(&span));
                 return Accepted::Handled;
             }
-            return match connection::read_if_whole(socket, tcp, span.clone(), &acceptor.ctx) {
+            return match connection::read_if_whole(socket, tcp, Arc::clone(&span), &acceptor.ctx) {
                 Arrival::Whole(request) => Accepted::Request(request),
                 Arrival::Pending(socket) => {
-                    acceptor.read_later(socket, tcp, span);
+                    acceptor.read_later(socket, tcp, tracing::Span::clone(&span));
                     Accepted::Handled
                 }
             };

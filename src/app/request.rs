@@ -44,11 +44,16 @@ pub(super) fn run_thread(state: &AppState, mut source: Box<dyn RequestSource>) {
             }
         };
         let ident = thread_ident(py);
-        while let Some(request) = py.detach(|| source.next()) {
-            request.sink.running_on(ident);
-            let span = request.span.clone();
-            let _entered = span.enter();
-            ctx.handle(py, request);
+        while let Some(Request {
+            environ,
+            body,
+            scope,
+            sink,
+        }) = py.detach(|| source.next())
+        {
+            sink.running_on(ident);
+            let _entered = scope.enter();
+            ctx.handle(py, environ, body, sink);
         }
     });
 }
@@ -124,13 +129,7 @@ impl<'py> ThreadContext<'py> {
         })
     }
 
-    fn handle(&self, py: Python<'py>, request: Request) {
-        let Request {
-            environ,
-            body,
-            sink,
-            span: _,
-        } = request;
+    fn handle(&self, py: Python<'py>, environ: Environ, body: Body, sink: Box<dyn ResponseSink>) {
         let state = ResponseState::new(sink, &environ.method[..] == b"HEAD");
         let start_response = match Bound::new(py, StartResponse { state }) {
             Ok(sr) => sr,

@@ -6,6 +6,7 @@ use std::fs::File;
 
 use crate::body::Body;
 use crate::environ::Environ;
+use crate::log_scope::LogScope;
 
 /// The connection is gone: the peer went away or stopped reading, or the request timed out. Already logged.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -16,8 +17,9 @@ pub(crate) struct Gone;
 pub(crate) struct Request {
     pub(crate) environ: Environ,
     pub(crate) body: Body,
-    /// The request's span, entered on the app thread so its log lines carry the request's fields.
-    pub(crate) span: tracing::Span,
+    /// The request's span (made when first needed), entered on the app thread so its log lines carry the
+    /// request's fields.
+    pub(crate) scope: LogScope,
     pub(crate) sink: Box<dyn ResponseSink>,
 }
 

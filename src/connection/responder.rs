@@ -14,6 +14,7 @@ use super::watchdog::Watch;
 use super::wire::{Wire, is_disconnect};
 use crate::app::{Gone, ResponseSink};
 use crate::lifecycle::InFlightGuard;
+use crate::log_scope::LogScope;
 
 /// Most buffers per writev: Linux refuses more than IOV_MAX (1024) in one call.
 const MAX_IOV: usize = 512;
@@ -46,13 +47,13 @@ impl Responder {
         ctx: Arc<WorkerContext>,
         request: RequestInfo,
         started: Instant,
-        span: &tracing::Span,
+        scope: &mut LogScope,
     ) -> Responder {
         ctx.metrics.request_started();
         let in_flight = ctx.in_flight.enter();
         let (watch, in_flight) = match &ctx.watchdog {
             Some(w) => (
-                Some(w.watch(wire.takeover(), started, request.clone(), span.clone(), in_flight)),
+                Some(w.watch(wire.takeover(), started, request.clone(), scope.span(), in_flight)),
                 None,
             ),
             None => (None, Some(in_flight)),

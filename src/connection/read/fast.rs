@@ -10,7 +10,7 @@ use bytes::Bytes;
 use nix::poll::PollFlags;
 use socket2::Socket;
 
-use super::open::{INITIAL_PEEK, Opening, open, request_span, warn_about_defaults};
+use super::open::{INITIAL_PEEK, Opening, open, warn_about_defaults};
 use crate::app::Request;
 use crate::body::Body;
 use crate::connection::access::RequestInfo;
@@ -18,6 +18,7 @@ use crate::connection::context::WorkerContext;
 use crate::connection::responder::Responder;
 use crate::connection::wire::Wire;
 use crate::listener;
+use crate::log_scope::LogScope;
 use crate::packet::{self, Decoded};
 
 /// How long an app thread that accepted a connection waits for its request before passing the connection to
@@ -40,7 +41,7 @@ pub(crate) enum Arrival {
 /// from a peek and make the request; otherwise hand the connection back untouched. Nothing is consumed until
 /// the response is complete (then the whole request is, in one read): a request seen whole takes one peek and
 /// one read, and an aborted response still closes with the request unread, so nginx sees a reset.
-pub(crate) fn read_if_whole(socket: Socket, tcp: bool, span: tracing::Span, ctx: &Arc<WorkerContext>) -> Arrival {
+pub(crate) fn read_if_whole(socket: Socket, tcp: bool, conn: Arc<tracing::Span>, ctx: &Arc<WorkerContext>) -> Arrival {
     let started = Instant::now();
     let mut buf = Vec::with_capacity(INITIAL_PEEK);
     let mut n = peek(&socket, &mut buf);
@@ -81,16 +82,14 @@ pub(crate) fn read_if_whole(socket: Socket, tcp: bool, span: tracing::Span, ctx:
     warn_about_defaults(&environ);
     let body = Body::Memory(seen.slice(packet_len..total));
     let request = RequestInfo::of(&environ, config.logs.access_log);
-    let span = {
-        let _conn = span.enter();
-        request_span(&environ)
-    };
+    // The request's span is made only if a line is written in it (or a watchdog may write one).
+    let mut scope = LogScope::deferred(conn, environ.method.clone(), environ.log_path.clone());
     let wire = Wire::new(socket, tcp, total);
-    let sink = Responder::new(wire, Arc::clone(ctx), request, started, &span);
+    let sink = Responder::new(wire, Arc::clone(ctx), request, started, &mut scope);
     Arrival::Whole(Request {
         environ,
         body,
-        span,
+        scope,
         sink: Box::new(sink),
     })
 }

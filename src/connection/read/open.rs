@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use crate::connection::access::RequestInfo;
 use crate::environ::{Environ, EnvironError};
+use crate::log_scope;
 use crate::packet::{PacketError, Var};
 
 /// First look at a connection: a typical nginx packet (about 1 KiB of vars) fits with room to spare.
@@ -40,11 +41,7 @@ pub(crate) fn conn_span(peer: Option<SocketAddr>, listener: &str) -> tracing::Sp
 
 /// The span of one request, inside its connection's: its body is read, and the app runs, in it.
 pub(super) fn request_span(environ: &Environ) -> tracing::Span {
-    tracing::info_span!(
-        "request",
-        method = %String::from_utf8_lossy(&environ.method),
-        path = %String::from_utf8_lossy(&environ.log_path),
-    )
+    log_scope::request_span(&tracing::Span::current(), &environ.method, &environ.log_path)
 }
 
 /// Says once per worker that requests arrive without `REQUEST_METHOD`, which almost always means a `location`

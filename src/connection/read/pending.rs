@@ -21,6 +21,7 @@ use crate::connection::responder::Responder;
 use crate::connection::wire::is_disconnect;
 use crate::environ::{Environ, EnvironError};
 use crate::listener::Stream;
+use crate::log_scope::LogScope;
 use crate::packet::{self, Decoded, Var};
 
 /// After the server answers a request it refused, it reads and drops what the peer still sends for at most
@@ -159,13 +160,13 @@ async fn read_rest<T: Transport>(
     };
     ctx.metrics.received(total);
     let request = RequestInfo::of(&environ, config.logs.access_log);
-    let span = tracing::Span::current();
+    let mut scope = LogScope::made(tracing::Span::current());
     let wire = transport.into_wire()?;
-    let sink = Responder::new(wire, Arc::clone(ctx), request, started, &span);
+    let sink = Responder::new(wire, Arc::clone(ctx), request, started, &mut scope);
     Ok(Some(Request {
         environ,
         body,
-        span,
+        scope,
         sink: Box::new(sink),
     }))
 }
