@@ -437,11 +437,12 @@ fn a_body_over_max_body_size_gets_413_before_the_app_runs() {
         raw.text()
     );
 
+    // The worker writes the line before it answers, but the harness reads the log on its own thread.
+    let logged = server
+        .ferrule
+        .wait_for_log("request body larger than --max-body-size", Duration::from_secs(5));
     let log = server.ferrule.log();
-    assert!(
-        log.contains("request body larger than --max-body-size"),
-        "no 413 log line\n--- log ---\n{log}"
-    );
+    assert!(logged, "no 413 log line\n--- log ---\n{log}");
     let events = server.events();
     assert!(events.iter().any(|e| e == "called at-limit"));
     for tag in ["over", "huge", "big"] {
