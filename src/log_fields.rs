@@ -2,11 +2,11 @@
 //! (`name=value`, separated by spaces, the message bare), written without its styling machinery when the log
 //! has no colours, which is every log that is not a terminal.
 //!
-//! The fields of a span are formatted when the span is made, whether or not a line is ever written inside it,
-//! and every request makes two spans (its connection's and its own). The default formatter paints each field
-//! name and `=` (with empty styles when colours are off) through a nested `write!`; that was a tenth of a
-//! worker's instructions per request on a small response. This one writes the name and `=` directly and only
-//! the value through `fmt`.
+//! The fields of a span are formatted when the span is made, whether or not a line is ever written inside it
+//! (a request's span is made only when needed: see `log_scope`, but a TCP connection's is made for each). The
+//! default formatter paints each field name and `=` (with empty styles when colours are off) through a nested
+//! `write!`; that was a tenth of a worker's instructions per request on a small response. This one writes the
+//! name and `=` directly and only the value through `fmt`.
 
 use std::fmt;
 
