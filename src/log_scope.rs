@@ -4,14 +4,16 @@
 //! a worker about a fifteenth of its CPU per request on a small Flask view, far more than its instruction count
 //! suggests, since that code runs cold between two calls into Python.
 //!
-//! A [`LogScope`] holds either a span already made or what the request span needs (its parent, the
-//! connection's span, and the method and path). While an app thread runs the request it is entered
+//! A [`LogScope`] holds either a span already made or what the request span needs: its parent, the
+//! connection's span ([`ConnSpan`]: a Unix listener's, made once and shared, or a TCP peer's, itself made only
+//! when needed), and the method and path. While an app thread runs the request it is entered
 //! ([`LogScope::enter`]): the deferred span is parked in a thread-local, and [`Deferring`], the subscriber
 //! wrapped around the log's, makes and enters it there just before the first event or span that would have
 //! been inside it, so every line is written exactly as it would have been with the span made up front.
 
 use std::any::TypeId;
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -25,9 +27,21 @@ use tracing::subscriber::Interest;
 use tracing::{Dispatch, Event, Level, Metadata, Span, Subscriber};
 use tracing_core::span::Current;
 
-/// The request span's target: the module that made it before it was deferred, so a `RUST_LOG` directive that
-/// names it keeps matching.
+/// The target of the connection's and the request's spans: the module that made them before they were
+/// deferred, so a `RUST_LOG` directive that names it keeps matching.
 const REQUEST_TARGET: &str = "ferrule::connection::read::open";
+
+static CONN_CALLSITE: DefaultCallsite = DefaultCallsite::new(&CONN_META);
+static CONN_META: Metadata<'static> = Metadata::new(
+    "conn",
+    REQUEST_TARGET,
+    Level::INFO,
+    Some(file!()),
+    Some(line!()),
+    Some(REQUEST_TARGET),
+    FieldSet::new(&["peer", "listener"], Identifier(&CONN_CALLSITE)),
+    Kind::SPAN,
+);
 
 static REQUEST_CALLSITE: DefaultCallsite = DefaultCallsite::new(&REQUEST_META);
 static REQUEST_META: Metadata<'static> = Metadata::new(
@@ -47,16 +61,73 @@ static REQUEST_META: Metadata<'static> = Metadata::new(
 /// when the subscriber is a scoped one.
 fn register_request_callsite() {
     REQUEST_CALLSITE.interest();
+    CONN_CALLSITE.interest();
+}
+
+/// Whether a span of `callsite` is to be made, as the span macros decide it.
+fn wanted(callsite: &'static DefaultCallsite, meta: &'static Metadata<'static>, dispatch: &Dispatch) -> bool {
+    let interest = callsite.interest();
+    Level::INFO <= LevelFilter::current() && !interest.is_never() && (interest.is_always() || dispatch.enabled(meta))
+}
+
+/// Makes the span of one connection, `conn{peer=.. listener=..}` (a Unix socket's peer is `"unix"`), a root
+/// span, through `dispatch`.
+fn make_conn_span(peer: Option<SocketAddr>, listener: &str, dispatch: &Dispatch) -> Span {
+    if !wanted(&CONN_CALLSITE, &CONN_META, dispatch) {
+        return Span::none();
+    }
+    let fields = CONN_META.fields();
+    let mut names = fields.iter();
+    let (Some(peer_field), Some(listener_field)) = (names.next(), names.next()) else {
+        return Span::none();
+    };
+    let tcp_peer = peer.map(display);
+    let peer_value: &dyn tracing::Value = match &tcp_peer {
+        Some(addr) => addr,
+        None => &"unix",
+    };
+    let values = [
+        (&peer_field, Some(peer_value)),
+        (&listener_field, Some(&listener as &dyn tracing::Value)),
+    ];
+    Span::new_root_with(&CONN_META, &fields.value_set(&values), dispatch)
+}
+
+/// Makes the span of one connection now.
+pub(crate) fn conn_span(peer: Option<SocketAddr>, listener: &str) -> Span {
+    register_request_callsite();
+    tracing::dispatcher::get_default(|dispatch| make_conn_span(peer, listener, dispatch))
+}
+
+/// A connection's span: made already (a Unix listener's, shared by all its connections), or a TCP peer's,
+/// made only when needed.
+#[derive(Clone)]
+pub(crate) enum ConnSpan {
+    Made(Arc<Span>),
+    Tcp { peer: SocketAddr, listener: Arc<str> },
+}
+
+impl ConnSpan {
+    /// The span, made now if it was not (for a connection that is read on the async side, in its span).
+    pub(crate) fn span(&self) -> Span {
+        match self {
+            ConnSpan::Made(span) => Span::clone(span),
+            ConnSpan::Tcp { peer, listener } => conn_span(Some(*peer), listener),
+        }
+    }
+
+    fn make(&self, dispatch: &Dispatch) -> Span {
+        match self {
+            ConnSpan::Made(span) => Span::clone(span),
+            ConnSpan::Tcp { peer, listener } => make_conn_span(Some(*peer), listener, dispatch),
+        }
+    }
 }
 
 /// Makes the span of one request, `request{method=.. path=..}`, inside `parent`, through `dispatch`; disabled
 /// when the log's filter leaves it out, as the span macros do.
 fn make_request_span(parent: &Span, method: &[u8], path: &[u8], dispatch: &Dispatch) -> Span {
-    let interest = REQUEST_CALLSITE.interest();
-    let enabled = Level::INFO <= LevelFilter::current()
-        && !interest.is_never()
-        && (interest.is_always() || dispatch.enabled(&REQUEST_META));
-    if !enabled {
+    if !wanted(&REQUEST_CALLSITE, &REQUEST_META, dispatch) {
         return Span::none();
     }
     let fields = REQUEST_META.fields();
@@ -83,15 +154,16 @@ pub(crate) fn request_span(parent: &Span, method: &[u8], path: &[u8]) -> Span {
 
 /// What a request span needs to be made later.
 struct Deferred {
-    /// The connection's span (shared by every connection of a Unix socket, hence the `Arc`).
-    parent: Arc<Span>,
+    /// The connection's span, the request span's parent.
+    parent: ConnSpan,
     method: Bytes,
     path: Bytes,
 }
 
 impl Deferred {
+    /// Makes the request span (and its connection's, for a TCP peer: the request span keeps it open).
     fn make(&self, dispatch: &Dispatch) -> Span {
-        make_request_span(&self.parent, &self.method, &self.path, dispatch)
+        make_request_span(&self.parent.make(dispatch), &self.method, &self.path, dispatch)
     }
 }
 
@@ -110,7 +182,7 @@ impl LogScope {
     }
 
     /// The request span `request{method=.. path=..}` inside `parent`, made only when needed.
-    pub(crate) fn deferred(parent: Arc<Span>, method: Bytes, path: Bytes) -> LogScope {
+    pub(crate) fn deferred(parent: ConnSpan, method: Bytes, path: Bytes) -> LogScope {
         register_request_callsite();
         LogScope(Scope::Deferred(Deferred { parent, method, path }))
     }
@@ -359,18 +431,26 @@ mod tests {
         (dispatch, lines, made)
     }
 
-    fn conn() -> Arc<Span> {
-        Arc::new(tracing::info_span!("conn", peer = "unix", listener = "/run/app.sock"))
+    /// A Unix listener's connection span, made up front as the acceptor makes it.
+    fn conn() -> ConnSpan {
+        ConnSpan::Made(Arc::new(conn_span(None, "/run/app.sock")))
+    }
+
+    fn tcp_conn() -> ConnSpan {
+        ConnSpan::Tcp {
+            peer: "10.0.0.7:41234".parse().unwrap(),
+            listener: Arc::from("0.0.0.0:3031"),
+        }
     }
 
     const METHOD: &[u8] = b"GET";
     const PATH: &[u8] = b"/a b?q=\xe9";
 
     /// What the same lines look like with the request span made up front, as before it was deferred.
-    fn made_up_front(json: bool, lines_in_request: impl Fn()) -> String {
+    fn made_up_front(json: bool, conn: fn() -> ConnSpan, lines_in_request: impl Fn()) -> String {
         let (dispatch, lines, _) = log(json);
         tracing::dispatcher::with_default(&dispatch, || {
-            let conn = conn();
+            let conn = conn().span();
             let request = request_span(&conn, METHOD, PATH);
             let _in = request.enter();
             lines_in_request();
@@ -378,7 +458,7 @@ mod tests {
         lines.text()
     }
 
-    fn deferred(json: bool, lines_in_request: impl Fn()) -> (String, usize) {
+    fn deferred(json: bool, conn: fn() -> ConnSpan, lines_in_request: impl Fn()) -> (String, usize) {
         let (dispatch, lines, made) = log(json);
         tracing::dispatcher::with_default(&dispatch, || {
             let conn = conn();
@@ -398,10 +478,13 @@ mod tests {
 
     #[test]
     fn a_request_that_logs_nothing_makes_no_span() {
-        let (text, made) = deferred(false, || {});
+        let (text, made) = deferred(false, conn, || {});
         assert_eq!(text, "");
-        // The connection's span only.
+        // The Unix listener's connection span only, made up front.
         assert_eq!(made, 1);
+        // A TCP connection's span is deferred too.
+        let (text, made) = deferred(false, tcp_conn, || {});
+        assert_eq!((text.as_str(), made), ("", 0));
     }
 
     #[test]
@@ -424,11 +507,21 @@ mod tests {
     #[test]
     fn a_line_in_a_deferred_request_reads_as_with_the_span_made_up_front() {
         for json in [false, true] {
-            let (text, made) = deferred(json, two_lines);
-            assert_eq!(text, made_up_front(json, two_lines), "json: {json}");
-            assert_eq!(made, 3, "conn, request (made once for both lines), body");
+            for conn in [conn, tcp_conn] {
+                let (text, made) = deferred(json, conn, two_lines);
+                assert_eq!(text, made_up_front(json, conn, two_lines), "json: {json}");
+                assert_eq!(made, 3, "conn, request (made once for both lines), body");
+            }
         }
-        let (text, _) = deferred(false, two_lines);
+        let (text, _) = deferred(false, tcp_conn, two_lines);
+        assert!(
+            text.contains(
+                "conn{peer=10.0.0.7:41234 listener=\"0.0.0.0:3031\"}:request{method=GET path=/a b?q=\u{fffd}}: \
+                 ferrule::log_scope::tests: too big status=413"
+            ),
+            "{text}"
+        );
+        let (text, _) = deferred(false, conn, two_lines);
         assert!(
             text.contains(
                 "conn{peer=\"unix\" listener=\"/run/app.sock\"}:request{method=GET path=/a b?q=\u{fffd}}: \
@@ -444,7 +537,7 @@ mod tests {
         tracing::dispatcher::with_default(&dispatch, || {
             let conn = conn();
             {
-                let scope = LogScope::deferred(Arc::clone(&conn), Bytes::from_static(METHOD), Bytes::from_static(PATH));
+                let scope = LogScope::deferred(conn.clone(), Bytes::from_static(METHOD), Bytes::from_static(PATH));
                 let _in = scope.enter();
                 tracing::info!("inside");
             }

@@ -26,6 +26,7 @@ use crate::connection::{self, Arrival, WorkerContext};
 use crate::control::{Message, ToMaster};
 use crate::lifecycle::{InFlight, RetireReason};
 use crate::listener::{self, BoundSocket};
+use crate::log_scope::ConnSpan;
 use crate::tls::SharedTickets;
 
 /// How the worker was asked to stop.
@@ -141,7 +142,7 @@ pub(crate) async fn run(
 /// A listening socket, with the name the log uses for it.
 struct Listening {
     fd: OwnedFd,
-    name: String,
+    name: Arc<str>,
     tls: bool,
     /// Whether ferrule bound it (a graceful stop takes its queue and closes it) or it was inherited from
     /// systemd or `fd://` (left alone: its queue belongs to the next instance).
@@ -154,13 +155,17 @@ struct Listening {
 
 impl Listening {
     /// The span of a connection from `peer` (none: a Unix socket's peer).
-    fn span_for(&self, peer: Option<std::net::SocketAddr>) -> Arc<tracing::Span> {
+    fn span_for(&self, peer: Option<std::net::SocketAddr>) -> ConnSpan {
         match peer {
-            Some(_) => Arc::new(connection::conn_span(peer, &self.name)),
-            None => Arc::clone(
+            // A TCP peer's own span, made only if a line is written for its connection.
+            Some(peer) => ConnSpan::Tcp {
+                peer,
+                listener: Arc::clone(&self.name),
+            },
+            None => ConnSpan::Made(Arc::clone(
                 self.unix_span
                     .get_or_init(|| Arc::new(connection::conn_span(None, &self.name))),
-            ),
+            )),
         }
     }
 }
@@ -208,7 +213,7 @@ impl Acceptor {
                 };
                 Listening {
                     fd: b.fd,
-                    name,
+                    name: name.into(),
                     tls,
                     bound_by_ferrule,
                     unix_span: OnceLock::new(),
@@ -256,7 +261,7 @@ impl Acceptor {
                 taken += self.accept_queue(fd, name, *tls);
             }
             if let Err(error) = listener::stop_listening(fd) {
-                tracing::error!(%error, listener = name.as_str(), "cannot close the listening socket");
+                tracing::error!(%error, listener = &**name, "cannot close the listening socket");
             }
         }
         taken
@@ -458,13 +463,13 @@ impl AppThreadFeed {
             let tcp = peer.is_some();
             // No peek-and-run for TLS: the handshake and the request are read on the async side.
             if *tls {
-                acceptor.read_later_tls(socket, tracing::Span::clone(&span));
+                acceptor.read_later_tls(socket, span.span());
                 return Accepted::Handled;
             }
-            return match connection::read_if_whole(socket, tcp, Arc::clone(&span), &acceptor.ctx) {
+            return match connection::read_if_whole(socket, tcp, span.clone(), &acceptor.ctx) {
                 Arrival::Whole(request) => Accepted::Request(request),
                 Arrival::Pending(socket) => {
-                    acceptor.read_later(socket, tcp, tracing::Span::clone(&span));
+                    acceptor.read_later(socket, tcp, span.span());
                     Accepted::Handled
                 }
             };

@@ -18,7 +18,7 @@ use crate::connection::context::WorkerContext;
 use crate::connection::responder::Responder;
 use crate::connection::wire::Wire;
 use crate::listener;
-use crate::log_scope::LogScope;
+use crate::log_scope::{ConnSpan, LogScope};
 use crate::packet::{self, Decoded};
 
 /// How long an app thread that accepted a connection waits for its request before passing the connection to
@@ -41,7 +41,7 @@ pub(crate) enum Arrival {
 /// from a peek and make the request; otherwise hand the connection back untouched. Nothing is consumed until
 /// the response is complete (then the whole request is, in one read): a request seen whole takes one peek and
 /// one read, and an aborted response still closes with the request unread, so nginx sees a reset.
-pub(crate) fn read_if_whole(socket: Socket, tcp: bool, conn: Arc<tracing::Span>, ctx: &Arc<WorkerContext>) -> Arrival {
+pub(crate) fn read_if_whole(socket: Socket, tcp: bool, conn: ConnSpan, ctx: &Arc<WorkerContext>) -> Arrival {
     let started = Instant::now();
     let mut buf = Vec::with_capacity(INITIAL_PEEK);
     let mut n = peek(&socket, &mut buf);

@@ -31,12 +31,9 @@ pub(crate) enum ConnError {
     Io(#[from] io::Error),
 }
 
-/// The span of one connection.
+/// The span of one connection, made now.
 pub(crate) fn conn_span(peer: Option<SocketAddr>, listener: &str) -> tracing::Span {
-    match peer {
-        Some(addr) => tracing::info_span!("conn", peer = %addr, listener),
-        None => tracing::info_span!("conn", peer = "unix", listener),
-    }
+    log_scope::conn_span(peer, listener)
 }
 
 /// The span of one request, inside its connection's: its body is read, and the app runs, in it.
