@@ -98,6 +98,26 @@ impl BoundSocket {
         })
     }
 
+    /// The first step of a graceful stop: new connections are turned away while those already queued stay.
+    /// A Unix socket's file is removed (a connect then fails at once); a TCP socket this process bound drops
+    /// new handshakes (see [`drop_new_handshakes`]). Inherited sockets are left alone: their queue belongs to
+    /// the next instance.
+    pub(crate) fn refuse_new_connections(&self) {
+        match &self.spec {
+            SocketSpec::Unix(_) => self.remove_file(),
+            SocketSpec::Tcp(_) | SocketSpec::Tls(_) => {
+                if let Err(error) = drop_new_handshakes(self.fd.as_fd()) {
+                    tracing::warn!(
+                        address = %self.display_addr(),
+                        %error,
+                        "cannot turn new connections away before the stop; one arriving during the drain may be reset"
+                    );
+                }
+            }
+            SocketSpec::Fd(_) => {}
+        }
+    }
+
     /// Removes the Unix socket file if it still is the one this process created.
     pub(crate) fn remove_file(&self) {
         if let Some((path, ino)) = &self.unix_file {
@@ -114,6 +134,56 @@ impl BoundSocket {
             }
         }
     }
+}
+
+/// `SO_ATTACH_FILTER` (asm-generic/socket.h; the same on x86_64 and aarch64), which the libc crate leaves out
+/// for glibc targets.
+const SO_ATTACH_FILTER: libc::c_int = 26;
+
+/// Makes a listening TCP socket drop every incoming SYN (a socket filter, shared by every process holding the
+/// socket) and let every other segment through, so handshakes already under way complete and join the
+/// queue, and nothing new is queued. At a stop this closes the race between the workers' last accept and the
+/// last close of the socket, which resets what is queued: a connection that arrives then is not queued at
+/// all. Its client sends the SYN again a second later (TCP's initial retransmission time), finds the socket
+/// closed and is refused, and nginx tries another server, whatever the method, since nothing was sent.
+pub(crate) fn drop_new_handshakes(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // The filter sees the segment from its TCP header on; byte 13 holds the flags. SYN without ACK: drop
+    // (keep 0 bytes); anything else: keep it whole.
+    const TCP_FLAGS: u32 = 13;
+    const SYN: u32 = 0x02;
+    const ACK: u32 = 0x10;
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let mut program = [
+        op(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, TCP_FLAGS),
+        op(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K, 0, 0, SYN | ACK),
+        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, SYN),
+        op(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
+        op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `program`, which outlives the call (the kernel copies the program), and the
+    // length passed is the size of `fprog`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_FILTER,
+            (&raw const fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Connections waiting in a listening TCP socket's accept queue: Linux reports the queue's current length in
@@ -471,4 +541,58 @@ pub(crate) fn sendfile(socket: &Socket, file: &fs::File, offset: &mut u64, count
     }
     *offset = off as u64;
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Waits until a non-blocking connect has an outcome: `Some(Ok)` connected, `Some(Err)` refused or failed,
+    /// `None` still under way after `wait`.
+    fn outcome(client: &Socket, wait: Duration) -> Option<io::Result<()>> {
+        if !wait_ready(client.as_fd(), PollFlags::POLLOUT, wait).unwrap() {
+            return None;
+        }
+        Some(match client.take_error().unwrap() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        })
+    }
+
+    fn connect_now(addr: SocketAddr) -> Socket {
+        let client = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        client.set_nonblocking(true).unwrap();
+        match client.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => panic!("connect: {e}"),
+        }
+        client
+    }
+
+    #[test]
+    fn a_socket_that_drops_new_handshakes_keeps_its_queue_and_refuses_once_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let queued = TcpStream::connect(addr).unwrap();
+
+        drop_new_handshakes(listener.as_fd()).unwrap();
+        let late = connect_now(addr);
+        // Its SYN was dropped: not connected, not refused, and not queued.
+        assert!(outcome(&late, Duration::from_millis(300)).is_none());
+        let (first, _) = listener.accept().expect("the connection queued before stays");
+        assert_eq!(first.peer_addr().unwrap(), queued.local_addr().unwrap());
+        assert_eq!(listener.accept().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+
+        // Once the socket is closed, the SYN sent again (a second after the first) is refused.
+        drop(listener);
+        let started = Instant::now();
+        let refused = outcome(&late, Duration::from_secs(5)).expect("the retried SYN is answered");
+        assert_eq!(refused.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
 }

@@ -250,10 +250,11 @@ impl Acceptor {
     /// bound (if `take`), for the async side to read and the app threads (which now take only queued requests)
     /// to run, then closes this worker's copy of each socket. The last process to close a listening socket
     /// resets what is still queued on it, and nginx may not retry a POST it has sent; at a stop the master
-    /// closed its copies first, so the workers are the last. On a Unix socket the master removed the file
-    /// first, so nothing new arrives; on TCP, only a connection arriving between the last accept and the close
-    /// is lost. A worker replaced while the others serve on (a reload, recycling) takes a few connections it
-    /// serves itself. Bounded by the listen backlog. Returns how many connections were taken.
+    /// closed its copies first, so the workers are the last. The master also turned new connections away
+    /// first (`BoundSocket::refuse_new_connections`): on a Unix socket nothing new arrives; on TCP only a
+    /// handshake already under way then can join the queue after the last accept, and is lost. A worker
+    /// replaced while the others serve on (a reload, recycling) takes a few connections it serves itself.
+    /// Bounded by the listen backlog. Returns how many connections were taken.
     fn close_listeners(self: &Arc<Self>, take: bool) -> usize {
         let mut taken = 0;
         for Listening { fd, name, tls, .. } in self.listeners.iter().filter(|l| l.bound_by_ferrule) {

@@ -1,8 +1,8 @@
 //! The sockets the master binds, and the one place their files are removed: `Bound` owns every socket bound
 //! for the workers and for `--metrics`, and its drop removes the Unix socket files among them, so each way
 //! out of `master::run` (a stop, an error, a failed start-up step) cleans up without saying so. A graceful
-//! stop removes the files and closes the master's copies earlier, before the workers drain (`remove_files`,
-//! `close_own`).
+//! stop turns new connections away and closes the master's copies earlier, before the workers drain
+//! (`refuse_new_connections`, `close_own`).
 
 use crate::config::{Config, SocketSpec, systemd_fds};
 use crate::listener::{self, BoundSocket};
@@ -46,11 +46,12 @@ impl Bound {
         Ok(bound)
     }
 
-    /// The first step of a graceful stop: removes the Unix socket files this master made, so that a new
-    /// connection fails at once (nginx then tries another server, whatever the method) while the workers
-    /// still serve what is queued. A reload never does this: the sockets stay for the new workers.
-    pub(super) fn remove_files(&self) {
-        self.sockets.iter().for_each(BoundSocket::remove_file);
+    /// The first step of a graceful stop: turns new connections away from the sockets this master made while
+    /// the workers still serve what is queued: a Unix socket's file is removed, so a new connection fails at
+    /// once, and a TCP socket drops new handshakes, so its client is refused a second later (nginx then tries
+    /// another server, whatever the method). A reload never does this: the sockets stay for the new workers.
+    pub(super) fn refuse_new_connections(&self) {
+        self.sockets.iter().for_each(BoundSocket::refuse_new_connections);
     }
 
     /// Closes the master's copies of the sockets it bound itself, once no other process but the workers holds
