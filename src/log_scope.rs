@@ -31,71 +31,82 @@ use tracing_core::span::Current;
 /// deferred, so a `RUST_LOG` directive that names it keeps matching.
 const REQUEST_TARGET: &str = "ferrule::connection::read::open";
 
-static CONN_CALLSITE: DefaultCallsite = DefaultCallsite::new(&CONN_META);
-static CONN_META: Metadata<'static> = Metadata::new(
-    "conn",
-    REQUEST_TARGET,
-    Level::INFO,
-    Some(file!()),
-    Some(line!()),
-    Some(REQUEST_TARGET),
-    FieldSet::new(&["peer", "listener"], Identifier(&CONN_CALLSITE)),
-    Kind::SPAN,
-);
-
-static REQUEST_CALLSITE: DefaultCallsite = DefaultCallsite::new(&REQUEST_META);
-static REQUEST_META: Metadata<'static> = Metadata::new(
-    "request",
-    REQUEST_TARGET,
-    Level::INFO,
-    Some(file!()),
-    Some(line!()),
-    Some(REQUEST_TARGET),
-    FieldSet::new(&["method", "path"], Identifier(&REQUEST_CALLSITE)),
-    Kind::SPAN,
-);
-
-/// Registers the request span's callsite, so the log's filter has seen it (and made any matcher a directive
-/// on it needs). Only an atomic load after the first call. Called before a span may be made, and never from
-/// inside a call to the subscriber: registering looks up the current subscriber, which is not available there
-/// when the subscriber is a scoped one.
-fn register_request_callsite() {
-    REQUEST_CALLSITE.interest();
-    CONN_CALLSITE.interest();
+/// A span's callsite and metadata, as the span macros make them, for a span of two fields.
+macro_rules! span_site {
+    ($site:ident, $callsite:ident, $meta:ident, $name:literal, [$first:literal, $second:literal]) => {
+        static $callsite: DefaultCallsite = DefaultCallsite::new(&$meta);
+        static $meta: Metadata<'static> = Metadata::new(
+            $name,
+            REQUEST_TARGET,
+            Level::INFO,
+            Some(file!()),
+            Some(line!()),
+            Some(REQUEST_TARGET),
+            FieldSet::new(&[$first, $second], Identifier(&$callsite)),
+            Kind::SPAN,
+        );
+        static $site: SpanSite = SpanSite {
+            callsite: &$callsite,
+            meta: &$meta,
+        };
+    };
 }
 
-/// Whether a span of `callsite` is to be made, as the span macros decide it.
-fn wanted(callsite: &'static DefaultCallsite, meta: &'static Metadata<'static>, dispatch: &Dispatch) -> bool {
-    let interest = callsite.interest();
-    Level::INFO <= LevelFilter::current() && !interest.is_never() && (interest.is_always() || dispatch.enabled(meta))
+span_site!(CONN, CONN_CALLSITE, CONN_META, "conn", ["peer", "listener"]);
+span_site!(REQUEST, REQUEST_CALLSITE, REQUEST_META, "request", ["method", "path"]);
+
+/// Where the spans of one kind are made: their callsite and its metadata.
+struct SpanSite {
+    callsite: &'static DefaultCallsite,
+    meta: &'static Metadata<'static>,
+}
+
+impl SpanSite {
+    /// Makes a span with its two fields' values, inside `parent` (a root span without one), through
+    /// `dispatch`; disabled when the log's filter leaves it out, as the span macros decide it.
+    fn make(&self, parent: Option<&Span>, values: [&dyn tracing::Value; 2], dispatch: &Dispatch) -> Span {
+        let interest = self.callsite.interest();
+        let wanted = Level::INFO <= LevelFilter::current()
+            && !interest.is_never()
+            && (interest.is_always() || dispatch.enabled(self.meta));
+        let fields = self.meta.fields();
+        let mut names = fields.iter();
+        let (true, Some(first), Some(second)) = (wanted, names.next(), names.next()) else {
+            return Span::none();
+        };
+        let values = [(&first, Some(values[0])), (&second, Some(values[1]))];
+        Span::child_of_with(
+            parent.and_then(Span::id),
+            self.meta,
+            &fields.value_set(&values),
+            dispatch,
+        )
+    }
+}
+
+/// Registers the spans' callsites, so the log's filter has seen them (and made any matcher a directive on
+/// them needs). Only atomic loads after the first call. Called before a span may be made, and never from
+/// inside a call to the subscriber: registering looks up the current subscriber, which is not available there
+/// when the subscriber is a scoped one.
+fn register_callsites() {
+    REQUEST_CALLSITE.interest();
+    CONN_CALLSITE.interest();
 }
 
 /// Makes the span of one connection, `conn{peer=.. listener=..}` (a Unix socket's peer is `"unix"`), a root
 /// span, through `dispatch`.
 fn make_conn_span(peer: Option<SocketAddr>, listener: &str, dispatch: &Dispatch) -> Span {
-    if !wanted(&CONN_CALLSITE, &CONN_META, dispatch) {
-        return Span::none();
-    }
-    let fields = CONN_META.fields();
-    let mut names = fields.iter();
-    let (Some(peer_field), Some(listener_field)) = (names.next(), names.next()) else {
-        return Span::none();
-    };
     let tcp_peer = peer.map(display);
-    let peer_value: &dyn tracing::Value = match &tcp_peer {
+    let peer: &dyn tracing::Value = match &tcp_peer {
         Some(addr) => addr,
         None => &"unix",
     };
-    let values = [
-        (&peer_field, Some(peer_value)),
-        (&listener_field, Some(&listener as &dyn tracing::Value)),
-    ];
-    Span::new_root_with(&CONN_META, &fields.value_set(&values), dispatch)
+    CONN.make(None, [peer, &listener], dispatch)
 }
 
 /// Makes the span of one connection now.
 pub(crate) fn conn_span(peer: Option<SocketAddr>, listener: &str) -> Span {
-    register_request_callsite();
+    register_callsites();
     tracing::dispatcher::get_default(|dispatch| make_conn_span(peer, listener, dispatch))
 }
 
@@ -110,10 +121,8 @@ pub(crate) enum ConnSpan {
 impl ConnSpan {
     /// The span, made now if it was not (for a connection that is read on the async side, in its span).
     pub(crate) fn span(&self) -> Span {
-        match self {
-            ConnSpan::Made(span) => Span::clone(span),
-            ConnSpan::Tcp { peer, listener } => conn_span(Some(*peer), listener),
-        }
+        register_callsites();
+        tracing::dispatcher::get_default(|dispatch| self.make(dispatch))
     }
 
     fn make(&self, dispatch: &Dispatch) -> Span {
@@ -124,31 +133,16 @@ impl ConnSpan {
     }
 }
 
-/// Makes the span of one request, `request{method=.. path=..}`, inside `parent`, through `dispatch`; disabled
-/// when the log's filter leaves it out, as the span macros do.
+/// Makes the span of one request, `request{method=.. path=..}`, inside `parent`, through `dispatch`.
 fn make_request_span(parent: &Span, method: &[u8], path: &[u8], dispatch: &Dispatch) -> Span {
-    if !wanted(&REQUEST_CALLSITE, &REQUEST_META, dispatch) {
-        return Span::none();
-    }
-    let fields = REQUEST_META.fields();
-    let mut names = fields.iter();
-    let (Some(method_field), Some(path_field)) = (names.next(), names.next()) else {
-        return Span::none();
-    };
     let method = String::from_utf8_lossy(method);
     let path = String::from_utf8_lossy(path);
-    let (method, path) = (display(&method), display(&path));
-    let values = [
-        (&method_field, Some(&method as &dyn tracing::Value)),
-        (&path_field, Some(&path as &dyn tracing::Value)),
-    ];
-    let values = fields.value_set(&values);
-    Span::child_of_with(parent, &REQUEST_META, &values, dispatch)
+    REQUEST.make(Some(parent), [&display(&method), &display(&path)], dispatch)
 }
 
 /// Makes the span of one request now, inside `parent` (a request read on the async side, which runs in it).
 pub(crate) fn request_span(parent: &Span, method: &[u8], path: &[u8]) -> Span {
-    register_request_callsite();
+    register_callsites();
     tracing::dispatcher::get_default(|dispatch| make_request_span(parent, method, path, dispatch))
 }
 
@@ -183,7 +177,7 @@ impl LogScope {
 
     /// The request span `request{method=.. path=..}` inside `parent`, made only when needed.
     pub(crate) fn deferred(parent: ConnSpan, method: Bytes, path: Bytes) -> LogScope {
-        register_request_callsite();
+        register_callsites();
         LogScope(Scope::Deferred(Deferred { parent, method, path }))
     }
 

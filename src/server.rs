@@ -26,7 +26,7 @@ use crate::connection::{self, Arrival, WorkerContext};
 use crate::control::{Message, ToMaster};
 use crate::lifecycle::{InFlight, RetireReason};
 use crate::listener::{self, BoundSocket};
-use crate::log_scope::ConnSpan;
+use crate::log_scope::{self, ConnSpan};
 use crate::tls::SharedTickets;
 
 /// How the worker was asked to stop.
@@ -164,7 +164,7 @@ impl Listening {
             },
             None => ConnSpan::Made(Arc::clone(
                 self.unix_span
-                    .get_or_init(|| Arc::new(connection::conn_span(None, &self.name))),
+                    .get_or_init(|| Arc::new(log_scope::conn_span(None, &self.name))),
             )),
         }
     }
@@ -284,7 +284,7 @@ impl Acceptor {
             if !self.allowed(peer, name) {
                 continue;
             }
-            let span = connection::conn_span(peer, name);
+            let span = log_scope::conn_span(peer, name);
             if tls {
                 self.read_later_tls(socket, span);
             } else {

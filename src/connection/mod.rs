@@ -25,7 +25,7 @@ mod wire;
 use std::sync::Arc;
 
 pub(crate) use context::WorkerContext;
-pub(crate) use read::{Arrival, conn_span, read_if_whole, read_pending, read_pending_tls};
+pub(crate) use read::{Arrival, read_if_whole, read_pending, read_pending_tls};
 
 /// Answers the requests that run past `--timeout`, for the life of the worker (returns at once without one).
 pub(crate) async fn watch_timeouts(ctx: Arc<WorkerContext>) {

@@ -20,5 +20,4 @@ mod transport;
 
 pub(crate) use fast::{Arrival, read_if_whole};
 pub(crate) use handshake::read_pending_tls;
-pub(crate) use open::conn_span;
 pub(crate) use pending::read_pending;

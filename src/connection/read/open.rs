@@ -1,15 +1,13 @@
 //! What both read paths share: a decoded request packet made into an environ (the one decode, then
-//! [`Environ::from_vars`]), the spans of a connection and of a request, and why a connection yields no request.
+//! [`Environ::from_vars`]) and why a connection yields no request.
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::connection::access::RequestInfo;
 use crate::environ::{Environ, EnvironError};
-use crate::log_scope;
 use crate::packet::{PacketError, Var};
 
 /// First look at a connection: a typical nginx packet (about 1 KiB of vars) fits with room to spare.
@@ -29,16 +27,6 @@ pub(crate) enum ConnError {
     Spool(io::Error),
     #[error("{0}")]
     Io(#[from] io::Error),
-}
-
-/// The span of one connection, made now.
-pub(crate) fn conn_span(peer: Option<SocketAddr>, listener: &str) -> tracing::Span {
-    log_scope::conn_span(peer, listener)
-}
-
-/// The span of one request, inside its connection's: its body is read, and the app runs, in it.
-pub(super) fn request_span(environ: &Environ) -> tracing::Span {
-    log_scope::request_span(&tracing::Span::current(), &environ.method, &environ.log_path)
 }
 
 /// Says once per worker that requests arrive without `REQUEST_METHOD`, which almost always means a `location`

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::Instrument;
 
 use super::body::{consume, read_body};
-use super::open::{ConnError, INITIAL_PEEK, Opening, open, request_span, warn_about_defaults};
+use super::open::{ConnError, INITIAL_PEEK, Opening, open, warn_about_defaults};
 use super::transport::{Transport, held};
 use crate::app::Request;
 use crate::config::Config;
@@ -21,7 +21,7 @@ use crate::connection::responder::Responder;
 use crate::connection::wire::is_disconnect;
 use crate::environ::{Environ, EnvironError};
 use crate::listener::Stream;
-use crate::log_scope::LogScope;
+use crate::log_scope::{self, LogScope};
 use crate::packet::{self, Decoded, Var};
 
 /// After the server answers a request it refused, it reads and drops what the peer still sends for at most
@@ -118,7 +118,8 @@ async fn read_request<T: Transport>(
     if let Some(request) = body_over_limit(&head.environ, config) {
         return refuse(&mut transport, ctx, 413, &request, started).await.map(|()| None);
     }
-    let span = request_span(&head.environ);
+    // The request's span, inside its connection's: its body is read, and the app runs, in it.
+    let span = log_scope::request_span(&tracing::Span::current(), &head.environ.method, &head.environ.log_path);
     read_rest(transport, head, ctx, started, deadline)
         .instrument(span)
         .await
