@@ -125,12 +125,19 @@ fn adaptive_workers_follow_the_load_through_a_sighup_and_back() {
         "the oldest worker stays: {retired:?} of {new_generation:?}"
     );
 
-    let text = scrape(&metrics);
-    for sample in [
+    // A retired worker leaves /proc's live children when it exits, a moment before the master reaps it and
+    // counts it gone: scrape until the master has caught up (bounded).
+    let samples = [
         "ferrule_worker_scalings_total{direction=\"up\"} 3\n",
         "ferrule_worker_scalings_total{direction=\"down\"} 3\n",
         "ferrule_workers 1\n",
-    ] {
+    ];
+    let mut text = String::new();
+    poll_until(LOG_WAIT, || {
+        text = scrape(&metrics);
+        samples.iter().all(|sample| text.contains(sample))
+    });
+    for sample in samples {
         assert!(text.contains(sample), "no {sample:?} in\n{text}");
     }
 }
