@@ -15,11 +15,18 @@ pub enum UrlScheme {
 }
 
 /// The request as the app will see it, before conversion to Python objects.
+///
+/// Its keys and values are mostly ranges of the packet they were decoded from, which it holds: building it
+/// takes no reference count per var, and the vars it looks at itself are found by position, not by a scan.
 #[derive(Debug, Clone)]
 pub struct Environ {
+    /// The buffer the packet was decoded from.
+    packet: Bytes,
     /// CGI vars in the order nginx sent them: repeated headers joined, `HTTP_CONTENT_*` twins removed and
     /// fallbacks (`SCRIPT_NAME`, `SERVER_NAME`, ...) appended.
-    pub vars: Vec<(Bytes, Bytes)>,
+    vars: Vec<(Text, Text)>,
+    /// Where each of the [`Known`] keys is in `vars`.
+    known: [Option<u16>; Known::COUNT],
     pub url_scheme: UrlScheme,
     /// Length of the body that follows the vars (`CONTENT_LENGTH`, empty or missing = 0).
     pub content_length: u64,
@@ -29,6 +36,80 @@ pub struct Environ {
     pub method_defaulted: bool,
     /// What the access log shows: `REQUEST_URI`, else `PATH_INFO?QUERY_STRING`.
     pub log_path: Bytes,
+}
+
+/// A key or a value of the environ: a range of the packet, or bytes of its own (a joined header, a fallback).
+#[derive(Debug, Clone)]
+enum Text {
+    /// `packet[start..start + len]`.
+    At {
+        start: u32,
+        len: u32,
+    },
+    Static(&'static [u8]),
+    Own(Bytes),
+}
+
+/// The vars the environ builder reads or fills in itself, found by position instead of by a scan.
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    RequestMethod,
+    ContentLength,
+    ContentType,
+    UwsgiScheme,
+    Https,
+    RequestScheme,
+    ScriptName,
+    RequestUri,
+    PathInfo,
+    QueryString,
+    ServerProtocol,
+    HttpHost,
+    ServerName,
+    ServerPort,
+}
+
+impl Known {
+    const COUNT: usize = 14;
+
+    fn of(key: &[u8]) -> Option<Known> {
+        Some(match key {
+            b"REQUEST_METHOD" => Known::RequestMethod,
+            b"CONTENT_LENGTH" => Known::ContentLength,
+            b"CONTENT_TYPE" => Known::ContentType,
+            b"UWSGI_SCHEME" => Known::UwsgiScheme,
+            b"HTTPS" => Known::Https,
+            b"REQUEST_SCHEME" => Known::RequestScheme,
+            b"SCRIPT_NAME" => Known::ScriptName,
+            b"REQUEST_URI" => Known::RequestUri,
+            b"PATH_INFO" => Known::PathInfo,
+            b"QUERY_STRING" => Known::QueryString,
+            b"SERVER_PROTOCOL" => Known::ServerProtocol,
+            b"HTTP_HOST" => Known::HttpHost,
+            b"SERVER_NAME" => Known::ServerName,
+            b"SERVER_PORT" => Known::ServerPort,
+            _ => return None,
+        })
+    }
+
+    fn key(self) -> &'static [u8] {
+        match self {
+            Known::RequestMethod => b"REQUEST_METHOD",
+            Known::ContentLength => b"CONTENT_LENGTH",
+            Known::ContentType => b"CONTENT_TYPE",
+            Known::UwsgiScheme => b"UWSGI_SCHEME",
+            Known::Https => b"HTTPS",
+            Known::RequestScheme => b"REQUEST_SCHEME",
+            Known::ScriptName => b"SCRIPT_NAME",
+            Known::RequestUri => b"REQUEST_URI",
+            Known::PathInfo => b"PATH_INFO",
+            Known::QueryString => b"QUERY_STRING",
+            Known::ServerProtocol => b"SERVER_PROTOCOL",
+            Known::HttpHost => b"HTTP_HOST",
+            Known::ServerName => b"SERVER_NAME",
+            Known::ServerPort => b"SERVER_PORT",
+        }
+    }
 }
 
 /// Why the vars do not make a request the app can be called with.
@@ -42,48 +123,90 @@ pub enum EnvironError {
     ConflictingContentLength(String, String),
 }
 
-/// Above this many vars, repeated keys are found through a hash map instead of a scan, so a hostile block of
-/// thousands of tiny vars costs linear time, while a typical nginx packet (about 20 vars) skips the hashing.
+/// Above this many vars, repeated keys are found through a hash map, so a hostile block of thousands of tiny
+/// vars costs linear time; a typical nginx packet (about 20 vars) is checked against a small bit set of the
+/// keys seen so far, which needs a scan only when two keys share a bit.
 const SCAN_LIMIT: usize = 32;
 
 impl Environ {
+    /// The vars in order, as (key, value).
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> + '_ {
+        self.vars.iter().map(|(k, v)| (self.text(k), self.text(v)))
+    }
+
     /// The value of a var, if present.
-    pub fn get(&self, key: &[u8]) -> Option<&Bytes> {
-        self.vars.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        if let Some(known) = Known::of(key) {
+            return self.known(known);
+        }
+        self.vars
+            .iter()
+            .find(|(k, _)| self.text(k) == key)
+            .map(|(_, v)| self.text(v))
+    }
+
+    /// The value of a var as its own `Bytes` (sharing the packet's buffer), if present.
+    pub fn get_shared(&self, key: &[u8]) -> Option<Bytes> {
+        let at = self.vars.iter().position(|(k, _)| self.text(k) == key)?;
+        Some(self.shared(&self.vars[at].1))
+    }
+
+    fn text<'a>(&'a self, t: &'a Text) -> &'a [u8] {
+        match t {
+            Text::At { start, len } => &self.packet[*start as usize..(*start + *len) as usize],
+            Text::Static(s) => s,
+            Text::Own(b) => b,
+        }
+    }
+
+    fn shared(&self, t: &Text) -> Bytes {
+        match t {
+            Text::At { start, len } => self.packet.slice(*start as usize..(*start + *len) as usize),
+            Text::Static(s) => Bytes::from_static(s),
+            Text::Own(b) => b.clone(),
+        }
+    }
+
+    fn known(&self, known: Known) -> Option<&[u8]> {
+        let at = self.known[known as usize]?;
+        Some(self.text(&self.vars[usize::from(at)].1))
+    }
+
+    fn known_shared(&self, known: Known) -> Option<Bytes> {
+        let at = self.known[known as usize]?;
+        Some(self.shared(&self.vars[usize::from(at)].1))
     }
 
     /// Builds the environ from a packet's vars. `buf` is the buffer the vars borrow from, so keys and values are
-    /// shared with it instead of copied.
+    /// ranges of it instead of copies.
     pub fn from_vars(buf: &Bytes, vars: &[Var<'_>]) -> Result<Environ, EnvironError> {
-        let Merged {
-            vars: merged,
-            http_content_type,
-        } = merge_vars(buf, vars)?;
         let mut env = Environ {
-            vars: merged,
+            packet: buf.clone(),
+            vars: Vec::with_capacity(vars.len() + 4),
+            known: [None; Known::COUNT],
             url_scheme: UrlScheme::Http,
             content_length: 0,
             method: Bytes::new(),
             method_defaulted: false,
             log_path: Bytes::new(),
         };
-        env.method = match env.get(b"REQUEST_METHOD") {
-            Some(m) if !m.is_empty() => m.clone(),
+        let http_content_type = env.merge_vars(vars)?;
+        env.method = match env.known_shared(Known::RequestMethod) {
+            Some(m) if !m.is_empty() => m,
             // nginx's own tests of uwsgi backends set a few params and no method; uWSGI calls the app and
             // gunicorn takes GET. An empty method, or no vars at all, is no request.
             None if !vars.is_empty() => {
-                let get = Bytes::from_static(b"GET");
-                env.vars.push((Bytes::from_static(b"REQUEST_METHOD"), get.clone()));
+                env.set(Known::RequestMethod, Text::Static(b"GET"));
                 env.method_defaulted = true;
-                get
+                Bytes::from_static(b"GET")
             }
             _ => return Err(EnvironError::MissingMethod),
         };
-        env.content_length = parse_content_length(env.get(b"CONTENT_LENGTH").map(|v| &v[..]))?;
+        env.content_length = parse_content_length(env.known(Known::ContentLength))?;
         env.url_scheme = url_scheme(&env);
-        if env.get(b"CONTENT_TYPE").is_none() {
+        if env.known(Known::ContentType).is_none() {
             if let Some(ct) = http_content_type {
-                env.vars.push((Bytes::from_static(b"CONTENT_TYPE"), buf.slice_ref(ct)));
+                env.set(Known::ContentType, ct);
             }
         }
         env.apply_fallbacks();
@@ -91,15 +214,41 @@ impl Environ {
         Ok(env)
     }
 
+    /// `s` as a range of the packet, or a copy when it is not part of it (a part of a value of the environ's own).
+    fn at(&self, s: &[u8]) -> Text {
+        let base = self.packet.as_ptr() as usize;
+        let offset = (s.as_ptr() as usize).wrapping_sub(base);
+        match (u32::try_from(offset), u32::try_from(s.len())) {
+            (Ok(start), Ok(len)) if offset + s.len() <= self.packet.len() => Text::At { start, len },
+            _ => Text::Own(Bytes::copy_from_slice(s)),
+        }
+    }
+
+    /// Appends a var, noting where a known one is.
+    fn push(&mut self, key: Text, value: Text) {
+        if let Some(known) = Known::of(self.text(&key)) {
+            self.known[known as usize] = u16::try_from(self.vars.len()).ok();
+        }
+        self.vars.push((key, value));
+    }
+
+    /// Sets a known var: replaced where it is, else appended.
+    fn set(&mut self, known: Known, value: Text) {
+        match self.known[known as usize] {
+            Some(at) => self.vars[usize::from(at)].1 = value,
+            None => self.push(Text::Static(known.key()), value),
+        }
+    }
+
     /// What the access log shows: `REQUEST_URI`, else `SCRIPT_NAME` + `PATH_INFO` + `?QUERY_STRING`.
     fn path_for_log(&self) -> Bytes {
-        match self.get(b"REQUEST_URI") {
-            Some(uri) if !uri.is_empty() => uri.clone(),
+        match self.known_shared(Known::RequestUri) {
+            Some(uri) if !uri.is_empty() => uri,
             _ => {
                 let mut p = BytesMut::new();
-                p.extend_from_slice(self.get(b"SCRIPT_NAME").map_or(&b""[..], |v| v));
-                p.extend_from_slice(self.get(b"PATH_INFO").map_or(&b""[..], |v| v));
-                if let Some(q) = self.get(b"QUERY_STRING").filter(|q| !q.is_empty()) {
+                p.extend_from_slice(self.known(Known::ScriptName).unwrap_or_default());
+                p.extend_from_slice(self.known(Known::PathInfo).unwrap_or_default());
+                if let Some(q) = self.known(Known::QueryString).filter(|q| !q.is_empty()) {
                     p.extend_from_slice(b"?");
                     p.extend_from_slice(q);
                 }
@@ -108,131 +257,138 @@ impl Environ {
         }
     }
 
-    fn set(&mut self, key: &'static [u8], value: Bytes) {
-        match self.vars.iter_mut().find(|(k, _)| k == key) {
-            Some(slot) => slot.1 = value,
-            None => self.vars.push((Bytes::from_static(key), value)),
-        }
-    }
-
     /// Fills in what PEP 3333 requires and a bare uwsgi client may leave out.
     fn apply_fallbacks(&mut self) {
         // SCRIPT_NAME is always present; "/" means the root, which PEP 3333 spells as "".
-        match self.get(b"SCRIPT_NAME").map(|v| &v[..]) {
-            None | Some(b"/") => self.set(b"SCRIPT_NAME", Bytes::new()),
+        match self.known(Known::ScriptName) {
+            None | Some(b"/") => self.set(Known::ScriptName, Text::Static(b"")),
             Some(_) => {}
         }
-        let uri = self.get(b"REQUEST_URI").cloned();
-        let (uri_path, uri_query) = match &uri {
-            Some(u) => match u.iter().position(|&b| b == b'?') {
-                Some(q) => (u.slice(..q), Some(u.slice(q + 1..))),
-                None => (u.clone(), None),
-            },
-            None => (Bytes::new(), None),
-        };
-        if self.get(b"PATH_INFO").is_none() {
-            let script = self.get(b"SCRIPT_NAME").cloned().unwrap_or_default();
-            let decoded = percent_decode(&uri_path);
-            let path = match decoded.strip_prefix(&script[..]) {
-                Some(rest) if !script.is_empty() => rest.to_vec(),
-                _ => decoded,
+        if self.known(Known::PathInfo).is_none() || self.known(Known::QueryString).is_none() {
+            let uri = self.known(Known::RequestUri).unwrap_or_default();
+            let (uri_path, uri_query) = match uri.iter().position(|&b| b == b'?') {
+                Some(q) => (&uri[..q], Some(&uri[q + 1..])),
+                None => (uri, None),
             };
-            let path = if path.is_empty() && script.is_empty() {
-                b"/".to_vec()
-            } else {
-                path
-            };
-            self.set(b"PATH_INFO", Bytes::from(path));
-        }
-        if self.get(b"QUERY_STRING").is_none() {
-            self.set(b"QUERY_STRING", uri_query.unwrap_or_default());
-        }
-        if self.get(b"SERVER_PROTOCOL").is_none_or(|v| v.is_empty()) {
-            self.set(b"SERVER_PROTOCOL", Bytes::from_static(b"HTTP/1.1"));
-        }
-        let host = self.get(b"HTTP_HOST").cloned().unwrap_or_default();
-        let (host_name, host_port) = split_host(&host);
-        if self.get(b"SERVER_NAME").is_none_or(|v| v.is_empty()) {
-            let name = if host_name.is_empty() {
-                Bytes::from_static(b"localhost")
-            } else {
-                host.slice_ref(host_name)
-            };
-            self.set(b"SERVER_NAME", name);
-        }
-        if self.get(b"SERVER_PORT").is_none_or(|v| v.is_empty()) {
-            let port = match host_port {
-                Some(p) => host.slice_ref(p),
-                None if self.url_scheme == UrlScheme::Https => Bytes::from_static(b"443"),
-                None => Bytes::from_static(b"80"),
-            };
-            self.set(b"SERVER_PORT", port);
-        }
-    }
-}
-
-/// The vars in the order nginx sent them, each key once: repeated headers joined, a repeated param's later
-/// value kept, `HTTP_CONTENT_LENGTH` dropped; `HTTP_CONTENT_TYPE` is returned aside (PEP 3333: CONTENT_TYPE and
-/// CONTENT_LENGTH have no HTTP_ twins), for when the packet has no `CONTENT_TYPE`.
-fn merge_vars<'v>(buf: &Bytes, vars: &[Var<'v>]) -> Result<Merged<'v>, EnvironError> {
-    let mut out: Vec<(Bytes, Bytes)> = Vec::with_capacity(vars.len() + 4);
-    let mut index: Option<HashMap<&[u8], usize>> =
-        (vars.len() > SCAN_LIMIT).then(|| HashMap::with_capacity(vars.len()));
-    let mut http_content_type: Option<&[u8]> = None;
-    for var in vars {
-        match var.key {
-            b"HTTP_CONTENT_LENGTH" => continue,
-            b"HTTP_CONTENT_TYPE" => {
-                http_content_type = Some(var.value);
-                continue;
-            }
-            _ => {}
-        }
-        let existing = match &index {
-            Some(map) => map.get(var.key).copied(),
-            None => out.iter().position(|(k, _)| k == var.key),
-        };
-        match existing {
-            // A client cannot send Host twice (nginx refuses it), so a repeated HTTP_HOST comes from the
-            // configuration: `uwsgi_param HTTP_HOST ...;` after `include uwsgi_params;` overrides it.
-            Some(at) if var.key == b"HTTP_HOST" => out[at].1 = buf.slice_ref(var.value),
-            // The length decides where the body ends: two different ones cannot both be honoured.
-            Some(at) if var.key == b"CONTENT_LENGTH" && out[at].1 != var.value => {
-                return Err(EnvironError::ConflictingContentLength(
-                    String::from_utf8_lossy(&out[at].1).into_owned(),
-                    String::from_utf8_lossy(var.value).into_owned(),
-                ));
-            }
-            // Older nginx sends a repeated request header as repeated vars; uWSGI keeps only one of them.
-            Some(at) if var.key.starts_with(b"HTTP_") => {
-                let sep: &[u8] = if var.key == b"HTTP_COOKIE" { b"; " } else { b", " };
-                let old = &out[at].1;
-                let mut joined = BytesMut::with_capacity(old.len() + sep.len() + var.value.len());
-                joined.extend_from_slice(old);
-                joined.extend_from_slice(sep);
-                joined.extend_from_slice(var.value);
-                out[at].1 = joined.freeze();
-            }
-            // A param set twice in the nginx config: the later one wins, as nginx's own order suggests.
-            Some(at) => out[at].1 = buf.slice_ref(var.value),
-            None => {
-                if let Some(map) = &mut index {
-                    map.insert(var.key, out.len());
+            let query = uri_query.map_or(Text::Static(b""), |q| self.at(q));
+            let path = self.known(Known::PathInfo).is_none().then(|| {
+                let script = self.known(Known::ScriptName).unwrap_or_default();
+                let decoded = percent_decode(uri_path);
+                let path = match decoded.strip_prefix(script) {
+                    Some(rest) if !script.is_empty() => rest.to_vec(),
+                    _ => decoded,
+                };
+                if path.is_empty() && script.is_empty() {
+                    Text::Static(b"/")
+                } else {
+                    Text::Own(Bytes::from(path))
                 }
-                out.push((buf.slice_ref(var.key), buf.slice_ref(var.value)));
+            });
+            if let Some(path) = path {
+                self.set(Known::PathInfo, path);
+            }
+            if self.known(Known::QueryString).is_none() {
+                self.set(Known::QueryString, query);
             }
         }
+        if self.known(Known::ServerProtocol).is_none_or(<[u8]>::is_empty) {
+            self.set(Known::ServerProtocol, Text::Static(b"HTTP/1.1"));
+        }
+        let host = self.known(Known::HttpHost).unwrap_or_default();
+        let (host_name, host_port) = split_host(host);
+        let name = if host_name.is_empty() {
+            Text::Static(b"localhost")
+        } else {
+            self.at(host_name)
+        };
+        let port = match host_port {
+            Some(p) => self.at(p),
+            None if self.url_scheme == UrlScheme::Https => Text::Static(b"443"),
+            None => Text::Static(b"80"),
+        };
+        if self.known(Known::ServerName).is_none_or(<[u8]>::is_empty) {
+            self.set(Known::ServerName, name);
+        }
+        if self.known(Known::ServerPort).is_none_or(<[u8]>::is_empty) {
+            self.set(Known::ServerPort, port);
+        }
     }
-    Ok(Merged {
-        vars: out,
-        http_content_type,
-    })
+
+    /// Appends the vars in the order nginx sent them, each key once: repeated headers joined, a repeated
+    /// param's later value kept, `HTTP_CONTENT_LENGTH` dropped; `HTTP_CONTENT_TYPE` is returned aside (PEP
+    /// 3333: CONTENT_TYPE and CONTENT_LENGTH have no HTTP_ twins), for when the packet has no `CONTENT_TYPE`.
+    fn merge_vars(&mut self, vars: &[Var<'_>]) -> Result<Option<Text>, EnvironError> {
+        let mut index: Option<HashMap<&[u8], usize>> =
+            (vars.len() > SCAN_LIMIT).then(|| HashMap::with_capacity(vars.len()));
+        let mut seen = KeyBits::default();
+        let mut http_content_type = None;
+        for var in vars {
+            match var.key {
+                b"HTTP_CONTENT_LENGTH" => continue,
+                b"HTTP_CONTENT_TYPE" => {
+                    http_content_type = Some(self.at(var.value));
+                    continue;
+                }
+                _ => {}
+            }
+            let existing = match &index {
+                Some(map) => map.get(var.key).copied(),
+                None if seen.insert(var.key) => None,
+                None => self.vars.iter().position(|(k, _)| self.text(k) == var.key),
+            };
+            match existing {
+                // A client cannot send Host twice (nginx refuses it), so a repeated HTTP_HOST comes from the
+                // configuration: `uwsgi_param HTTP_HOST ...;` after `include uwsgi_params;` overrides it.
+                Some(at) if var.key == b"HTTP_HOST" => self.vars[at].1 = self.at(var.value),
+                // The length decides where the body ends: two different ones cannot both be honoured.
+                Some(at) if var.key == b"CONTENT_LENGTH" && self.text(&self.vars[at].1) != var.value => {
+                    return Err(EnvironError::ConflictingContentLength(
+                        String::from_utf8_lossy(self.text(&self.vars[at].1)).into_owned(),
+                        String::from_utf8_lossy(var.value).into_owned(),
+                    ));
+                }
+                // Older nginx sends a repeated request header as repeated vars; uWSGI keeps only one of them.
+                Some(at) if var.key.starts_with(b"HTTP_") => {
+                    let sep: &[u8] = if var.key == b"HTTP_COOKIE" { b"; " } else { b", " };
+                    let old = self.text(&self.vars[at].1);
+                    let mut joined = BytesMut::with_capacity(old.len() + sep.len() + var.value.len());
+                    joined.extend_from_slice(old);
+                    joined.extend_from_slice(sep);
+                    joined.extend_from_slice(var.value);
+                    self.vars[at].1 = Text::Own(joined.freeze());
+                }
+                // A param set twice in the nginx config: the later one wins, as nginx's own order suggests.
+                Some(at) => self.vars[at].1 = self.at(var.value),
+                None => {
+                    if let Some(map) = &mut index {
+                        map.insert(var.key, self.vars.len());
+                    }
+                    let (key, value) = (self.at(var.key), self.at(var.value));
+                    self.push(key, value);
+                }
+            }
+        }
+        Ok(http_content_type)
+    }
 }
 
-/// What [`merge_vars`] makes of a packet's vars.
-struct Merged<'v> {
-    vars: Vec<(Bytes, Bytes)>,
-    http_content_type: Option<&'v [u8]>,
+/// A small bit set of the keys seen so far, by a hash of their length and last bytes: a key whose bit is
+/// clear is certainly new, so only a key whose bit was already set is looked for among the others.
+#[derive(Default)]
+struct KeyBits([u64; 4]);
+
+impl KeyBits {
+    /// Marks `key` seen; true if its bit was clear (the key is certainly new).
+    fn insert(&mut self, key: &[u8]) -> bool {
+        let tail = key.len().min(8);
+        let mut last = [0u8; 8];
+        last[..tail].copy_from_slice(&key[key.len() - tail..]);
+        let h = (u64::from_le_bytes(last) ^ key.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56;
+        let (word, bit) = ((h >> 6) as usize, 1u64 << (h & 63));
+        let new = self.0[word] & bit == 0;
+        self.0[word] |= bit;
+        new
+    }
 }
 
 /// `CONTENT_LENGTH`: empty or missing is 0; anything but plain decimal digits fitting a u64 is refused.
@@ -262,16 +418,16 @@ fn url_scheme(env: &Environ) -> UrlScheme {
             None
         }
     };
-    if let Some(s) = env.get(b"UWSGI_SCHEME").and_then(|v| scheme_of(v)) {
+    if let Some(s) = env.known(Known::UwsgiScheme).and_then(scheme_of) {
         return s;
     }
-    if let Some(v) = env.get(b"HTTPS") {
-        if v.eq_ignore_ascii_case(b"on") || &v[..] == b"1" {
+    if let Some(v) = env.known(Known::Https) {
+        if v.eq_ignore_ascii_case(b"on") || v == b"1" {
             return UrlScheme::Https;
         }
     }
-    env.get(b"REQUEST_SCHEME")
-        .and_then(|v| scheme_of(v))
+    env.known(Known::RequestScheme)
+        .and_then(scheme_of)
         .unwrap_or(UrlScheme::Http)
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use std::net::SocketAddr;
 
+use bytes::BytesMut;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -347,7 +348,7 @@ pub(crate) fn stop_listening(listener: &OwnedFd) -> io::Result<()> {
 
 /// Peeks at the bytes queued in a non-blocking socket without consuming them (`WouldBlock`: none yet), into
 /// the spare capacity of `buf`, whose length becomes what was peeked. No zeroing of the buffer first.
-pub(crate) fn peek_now(socket: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
+pub(crate) fn peek_now(socket: &Socket, buf: &mut BytesMut) -> io::Result<usize> {
     buf.clear();
     let n = socket.peek(buf.spare_capacity_mut())?;
     // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity, and `n` is at most its length.

@@ -164,7 +164,7 @@ impl<'py> ThreadContext<'py> {
 
     fn environ_dict(&self, py: Python<'py>, environ: &Environ, body: Body) -> PyResult<Bound<'py, PyDict>> {
         let env = self.base.copy()?;
-        for (at, (key, value)) in environ.vars.iter().enumerate() {
+        for (at, (key, value)) in environ.iter().enumerate() {
             env.set_item(self.key_at(py, at, key)?, latin1(py, value)?)?;
         }
         let scheme = match environ.url_scheme {
@@ -178,7 +178,7 @@ impl<'py> ThreadContext<'py> {
 
     /// The key at position `at` of this request's vars: the last request's key at the same place when it is the
     /// same, else [`Self::key`], which then takes that place.
-    fn key_at(&self, py: Python<'py>, at: usize, key: &Bytes) -> PyResult<Bound<'py, PyString>> {
+    fn key_at(&self, py: Python<'py>, at: usize, key: &[u8]) -> PyResult<Bound<'py, PyString>> {
         let mut by_position = self.by_position.borrow_mut();
         if let Some((known, k)) = by_position.get(at) {
             if known == key {
@@ -197,7 +197,7 @@ impl<'py> ThreadContext<'py> {
     }
 
     /// Environ keys repeat on every request: keep them as ready Python strings.
-    fn key(&self, py: Python<'py>, key: &Bytes) -> PyResult<Bound<'py, PyString>> {
+    fn key(&self, py: Python<'py>, key: &[u8]) -> PyResult<Bound<'py, PyString>> {
         let mut keys = self.keys.borrow_mut();
         if let Some(k) = keys.get(key) {
             return Ok(k.bind(py).clone());

@@ -49,7 +49,7 @@ impl RequestInfo {
 
     /// `details` (request id, remote address) are looked up only when the access log will show them.
     pub(crate) fn of(environ: &Environ, details: bool) -> RequestInfo {
-        let get = |key: &[u8]| if details { environ.get(key).cloned() } else { None };
+        let get = |key: &[u8]| if details { environ.get_shared(key) } else { None };
         RequestInfo {
             method: environ.method.clone(),
             path: environ.log_path.clone(),

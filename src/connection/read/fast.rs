@@ -2,11 +2,12 @@
 //! queued (nearly every request nginx forwards: it writes the request right after connecting) decodes it from
 //! a peek and runs it on the spot, with no hand-off between threads and no event loop.
 
+use std::cell::Cell;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use nix::poll::PollFlags;
 use socket2::Socket;
 
@@ -43,7 +44,7 @@ pub(crate) enum Arrival {
 /// one read, and an aborted response still closes with the request unread, so nginx sees a reset.
 pub(crate) fn read_if_whole(socket: Socket, tcp: bool, conn: ConnSpan, ctx: &Arc<WorkerContext>) -> Arrival {
     let started = Instant::now();
-    let mut buf = Vec::with_capacity(INITIAL_PEEK);
+    let mut buf = PEEK_BUFFER.take();
     let mut n = peek(&socket, &mut buf);
     if n.is_none() {
         // nginx writes the request right after connect() returns, so it is usually microseconds away: let
@@ -59,10 +60,11 @@ pub(crate) fn read_if_whole(socket: Socket, tcp: bool, conn: ConnSpan, ctx: &Arc
     {
         n = peek(&socket, &mut buf);
     }
+    let seen = buf.split().freeze();
+    PEEK_BUFFER.set(buf);
     if n.is_none() {
         return Arrival::Pending(socket);
     }
-    let seen = Bytes::from(buf);
     let config = &ctx.config;
     let Ok(Decoded::Request { packet, len }) = packet::decode(&seen, config.limits.max_vars_size) else {
         return Arrival::Pending(socket);
@@ -94,9 +96,18 @@ pub(crate) fn read_if_whole(socket: Socket, tcp: bool, conn: ConnSpan, ctx: &Arc
     })
 }
 
-/// Peeks at what is queued, without waiting, into `buf`'s spare capacity (which it then holds); `None` when
-/// nothing is queued (or the peer already closed).
-fn peek(socket: &Socket, buf: &mut Vec<u8>) -> Option<usize> {
+thread_local! {
+    /// The app thread's buffer for peeks. What a request was decoded from is split off it, and the next peek
+    /// reuses the same memory once that request has let go of it, so a request takes no allocation for its
+    /// packet (a request still holding it when the next one comes gets a new buffer instead).
+    static PEEK_BUFFER: Cell<BytesMut> = Cell::new(BytesMut::new());
+}
+
+/// Peeks at what is queued, without waiting, into `buf` (emptied first, with room for at least
+/// [`INITIAL_PEEK`] bytes), which then holds it; `None` when nothing is queued (or the peer already closed).
+fn peek(socket: &Socket, buf: &mut BytesMut) -> Option<usize> {
+    buf.clear();
+    buf.reserve(INITIAL_PEEK);
     match listener::peek_now(socket, buf) {
         Ok(0) | Err(_) => None,
         Ok(n) => Some(n),
