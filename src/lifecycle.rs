@@ -134,6 +134,9 @@ fn random_u64() -> u64 {
 #[derive(Default)]
 pub(crate) struct InFlight {
     count: AtomicUsize,
+    /// Callers of [`InFlight::emptied`] now: a guard that brings the count to zero wakes them only if there are
+    /// any, so the request path does not take the notifier's lock for nobody.
+    waiting: AtomicUsize,
     emptied: Notify,
 }
 
@@ -153,10 +156,13 @@ impl InFlight {
 
     /// Resolves once the count is zero (at once if it is).
     pub(crate) async fn emptied(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         loop {
             let notified = self.emptied.notified();
             tokio::pin!(notified);
-            // Registered before the count is read, so a guard dropped in between still wakes this.
+            // Registered (and counted as waiting) before the count is read, so a guard dropped in between
+            // still wakes this: with both orders SeqCst, either the guard sees the waiter or this sees zero.
             notified.as_mut().enable();
             if self.count() == 0 {
                 return;
@@ -168,9 +174,18 @@ impl InFlight {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.waiting.load(Ordering::SeqCst) > 0 {
             self.0.emptied.notify_waiters();
         }
+    }
+}
+
+/// A caller of [`InFlight::emptied`], counted out when it returns or is cancelled.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
