@@ -467,9 +467,9 @@ impl AppThreadFeed {
                 acceptor.read_later_tls(socket, span.span());
                 return Accepted::Handled;
             }
-            return match connection::read_if_whole(socket, tcp, span.clone(), &acceptor.ctx) {
+            return match connection::read_if_whole(socket, tcp, span, &acceptor.ctx) {
                 Arrival::Whole(request) => Accepted::Request(request),
-                Arrival::Pending(socket) => {
+                Arrival::Pending(socket, span) => {
                     acceptor.read_later(socket, tcp, span.span());
                     Accepted::Handled
                 }

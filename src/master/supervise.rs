@@ -601,8 +601,8 @@ impl<'s> Master<'s> {
     }
 
     /// A graceful stop, before the workers are told: new connections are turned away first (the socket files
-    /// go, a TCP socket drops new handshakes), so that nginx tries another server; then the zygotes exit and the master closes its own copies of the
-    /// sockets it bound, so that the workers hold them last. Each worker takes every connection still queued
+    /// go, a TCP socket drops new handshakes), so that nginx tries another server; then the zygotes exit and
+    /// the master closes its own copies of the sockets it bound, so that the workers hold them last. Each worker takes every connection still queued
     /// before it closes its copy (see `server`), and the last close of a listening socket resets whatever is
     /// queued on it: done the other way round, the master's exit would reset what arrived during the drain.
     async fn release_sockets(&mut self) {

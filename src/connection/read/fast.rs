@@ -34,8 +34,8 @@ pub(crate) enum Arrival {
     /// The whole request was there: run it.
     Whole(Request),
     /// Not (yet) a request this thread can run: nothing was consumed; the async side
-    /// ([`read_pending`](super::read_pending)) takes it from here.
-    Pending(Socket),
+    /// ([`read_pending`](super::read_pending)) takes it from here, in the connection's span.
+    Pending(Socket, ConnSpan),
 }
 
 /// On the app thread that accepted the connection: if the whole request is queued in the socket, decode it
@@ -63,22 +63,22 @@ pub(crate) fn read_if_whole(socket: Socket, tcp: bool, conn: ConnSpan, ctx: &Arc
     let seen = buf.split().freeze();
     PEEK_BUFFER.set(buf);
     if n.is_none() {
-        return Arrival::Pending(socket);
+        return Arrival::Pending(socket, conn);
     }
     let config = &ctx.config;
     let Ok(Decoded::Request { packet, len }) = packet::decode(&seen, config.limits.max_vars_size) else {
-        return Arrival::Pending(socket);
+        return Arrival::Pending(socket, conn);
     };
     let Opening::Request { environ, packet_len } = open(&seen, &packet.vars, len) else {
-        return Arrival::Pending(socket);
+        return Arrival::Pending(socket, conn);
     };
     let body_len = environ.content_length;
     if body_len > config.limits.body_buffer_size || config.limits.max_body_size.is_some_and(|limit| body_len > limit) {
-        return Arrival::Pending(socket);
+        return Arrival::Pending(socket, conn);
     }
     let total = usize::try_from(body_len).ok().and_then(|b| packet_len.checked_add(b));
     let Some(total) = total.filter(|&total| total <= seen.len()) else {
-        return Arrival::Pending(socket);
+        return Arrival::Pending(socket, conn);
     };
     ctx.metrics.received(total as u64);
     warn_about_defaults(&environ);
@@ -103,10 +103,9 @@ thread_local! {
     static PEEK_BUFFER: Cell<BytesMut> = Cell::new(BytesMut::new());
 }
 
-/// Peeks at what is queued, without waiting, into `buf` (emptied first, with room for at least
-/// [`INITIAL_PEEK`] bytes), which then holds it; `None` when nothing is queued (or the peer already closed).
+/// Peeks at what is queued, without waiting, into `buf` (with room for at least [`INITIAL_PEEK`] bytes; what
+/// it held is replaced), which then holds it; `None` when nothing is queued (or the peer already closed).
 fn peek(socket: &Socket, buf: &mut BytesMut) -> Option<usize> {
-    buf.clear();
     buf.reserve(INITIAL_PEEK);
     match listener::peek_now(socket, buf) {
         Ok(0) | Err(_) => None,
